@@ -1,0 +1,56 @@
+"""rstmdb-storage: durable state-machine instances in one LMDB environment fed by a
+CRC32C-checked write-ahead log.
+
+Example::
+
+    from rstmdb_storage import Instance, Storage
+
+    with Storage.open("/var/lib/rstmdb") as storage:
+        storage.put_instance(Instance(id="order-1", machine="order", version=1,
+                                      state="pending", ctx={"total": 99.5}))
+        print(storage.get_instance("order-1"))
+"""
+
+from .config import FsyncPolicy, StorageConfig
+from .errors import (
+    ConfigError,
+    ConflictError,
+    CorruptionError,
+    DecodeError,
+    InstanceNotFoundError,
+    InvalidInputError,
+    InvalidTypeError,
+    NotFoundError,
+    RecordTooLargeError,
+    StorageClosedError,
+    StorageError,
+    StorageFailedError,
+    StorageFullError,
+    WalGapError,
+)
+from .model import Instance
+from .storage import Batch, Storage
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Batch",
+    "ConfigError",
+    "ConflictError",
+    "CorruptionError",
+    "DecodeError",
+    "FsyncPolicy",
+    "Instance",
+    "InstanceNotFoundError",
+    "InvalidInputError",
+    "InvalidTypeError",
+    "NotFoundError",
+    "RecordTooLargeError",
+    "Storage",
+    "StorageClosedError",
+    "StorageConfig",
+    "StorageError",
+    "StorageFailedError",
+    "StorageFullError",
+    "WalGapError",
+]

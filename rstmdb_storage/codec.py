@@ -1,0 +1,177 @@
+"""How values are stored in LMDB: a checksummed envelope around CBOR.
+
+Every value in every sub-database is an *envelope*::
+
+    offset  size  field
+    ------  ----  ------------------------------------------------------------------
+    0       4     crc32c   CRC-32C (Castagnoli), little-endian, over the key's bytes
+                           followed by bytes 4..end of the envelope
+    4       1     version  envelope format version, ENVELOPE_VERSION (1)
+    5       n     payload  depends on the sub-database
+
+Covering the key means a value moved under another key fails its check as surely as a flipped bit.
+
+An *instance* value (sub-database ``instances``, key = the id in UTF-8) has this payload::
+
+    offset  size  field
+    ------  ----  ------------------------------------------------------------------
+    5       8     last_wal_offset  u64 LE: WAL sequence number of the latest write
+    13      8     created_at       u64 LE: Unix milliseconds
+    21      8     updated_at       u64 LE: Unix milliseconds
+    29      n     body             CBOR array, positional (smaller and faster to decode than a
+                                   map): [machine, version, state, ctx, metadata, status,
+                                   last_event_id]
+
+The body is encoded once, when the write is made, and the very same bytes travel in the WAL
+record and land in LMDB: applying a record (on the write path or in replay) never re-encodes.
+
+Decoding is strict. The length is capped before decoding; indefinite-length items, duplicate map
+keys, nesting deeper than ``MAX_DECODE_DEPTH`` and semantic tags other than bignums (2, 3) are
+refused with :class:`~rstmdb_storage.errors.DecodeError`: cbor2 would otherwise turn tag 35 into a
+compiled regular expression, tag 36 into an e-mail message and tag 4 into a Decimal of any
+exponent.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import cbor2
+from crc32c import crc32c
+
+from .config import MAX_DECODE_DEPTH, MAX_VALUE_BYTES
+from .errors import CorruptionError, DecodeError, InvalidInputError, RecordTooLargeError
+from .model import Instance
+
+ENVELOPE_VERSION = 1
+ENVELOPE_HEADER = struct.Struct("<IB")  # crc32c, version
+ENVELOPE_HEADER_SIZE = ENVELOPE_HEADER.size  # 5
+
+INSTANCE_FIXED = struct.Struct("<QQQ")  # last_wal_offset, created_at, updated_at
+INSTANCE_BODY_OFFSET = ENVELOPE_HEADER_SIZE + INSTANCE_FIXED.size  # 29
+INSTANCE_BODY_FIELDS = 7
+
+# Semantic tags cbor2 may decode: only bignums, which it emits for ints beyond 64 bits.
+ALLOWED_TAGS = frozenset({2, 3})
+# Tags cbor2 decodes by itself unless told otherwise; each is refused explicitly.
+_BUILTIN_TAGS = (0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 1004, 55799)
+
+
+def _refuse_tag(decoder: Any, tag: Any = None) -> Any:
+    number = tag.tag if tag is not None else "builtin"
+    raise DecodeError(f"CBOR semantic tag {number} is not allowed in stored data")
+
+
+_REFUSED_TAGS = {number: _refuse_tag for number in _BUILTIN_TAGS}
+
+
+def cbor_dumps(value: Any, where: str) -> bytes:
+    """Encode *value* (already checked to be plain data) as CBOR."""
+    try:
+        return cbor2.dumps(value)
+    except (cbor2.CBOREncodeError, UnicodeEncodeError, OverflowError) as exc:
+        raise InvalidInputError(f"{where}: cannot be encoded as CBOR ({exc})") from None
+
+
+def cbor_loads(data: bytes | memoryview, where: str, max_size: int = MAX_VALUE_BYTES) -> Any:
+    """Decode CBOR from bytes the store wrote, refusing anything it would not have written."""
+    if len(data) > max_size:
+        raise DecodeError(f"{where}: {len(data)} bytes of CBOR, more than the {max_size} allowed")
+    try:
+        return cbor2.loads(
+            data,
+            max_depth=MAX_DECODE_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_REFUSED_TAGS,
+        )
+    except DecodeError:
+        raise
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, DecodeError) else exc
+        raise DecodeError(f"{where}: bad CBOR ({cause})") from None
+
+
+# --- the envelope -------------------------------------------------------------------------------
+
+
+def seal(key: bytes, payload: bytes) -> bytes:
+    """Wrap *payload* in an envelope whose checksum covers *key* too."""
+    tail = bytes((ENVELOPE_VERSION,)) + payload
+    return crc32c(tail, crc32c(key)).to_bytes(4, "little") + tail
+
+
+def unseal(key: bytes, raw: bytes, db: str) -> bytes:
+    """Check an envelope and return its payload; raise :class:`CorruptionError` if it fails."""
+    _check_envelope(key, raw, db)
+    return raw[ENVELOPE_HEADER_SIZE:]
+
+
+def _check_envelope(key: bytes, raw: bytes, db: str) -> None:
+    if len(raw) < ENVELOPE_HEADER_SIZE:
+        raise CorruptionError(
+            f"{db}[{key!r}]: value of {len(raw)} bytes is shorter than its header", key=key
+        )
+    stored, version = ENVELOPE_HEADER.unpack_from(raw)
+    computed = crc32c(memoryview(raw)[4:], crc32c(key))
+    if stored != computed:
+        raise CorruptionError(
+            f"{db}[{key!r}]: CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})",
+            key=key,
+        )
+    if version != ENVELOPE_VERSION:
+        raise CorruptionError(f"{db}[{key!r}]: unknown envelope version {version}", key=key)
+
+
+# --- instances ----------------------------------------------------------------------------------
+
+
+def encode_instance_body(inst: Instance, max_size: int) -> bytes:
+    """The CBOR body of an (already checked) instance; raise if larger than *max_size*."""
+    body = cbor_dumps(
+        [
+            inst.machine,
+            inst.version,
+            inst.state,
+            inst.ctx,
+            inst.metadata,
+            inst.status,
+            inst.last_event_id,
+        ],
+        f"instance {inst.id!r}",
+    )
+    if len(body) > max_size:
+        raise RecordTooLargeError(
+            f"instance {inst.id!r}: {len(body)} bytes encoded, more than max_instance_size "
+            f"({max_size})"
+        )
+    return body
+
+
+def encode_instance_value(
+    key: bytes, seq: int, created_at: int, updated_at: int, body: bytes
+) -> bytes:
+    return seal(key, INSTANCE_FIXED.pack(seq, created_at, updated_at) + body)
+
+
+def instance_times(key: bytes, raw: bytes) -> tuple[int, int, int]:
+    """(last_wal_offset, created_at, updated_at) of a stored instance, checksum verified."""
+    _check_envelope(key, raw, "instances")
+    return INSTANCE_FIXED.unpack_from(raw, ENVELOPE_HEADER_SIZE)
+
+
+def decode_instance(key: bytes, raw: bytes) -> Instance:
+    """Decode a stored instance value, verifying its checksum first."""
+    stored = int.from_bytes(raw[:4], "little")
+    if len(raw) < INSTANCE_BODY_OFFSET or stored != crc32c(raw[4:], crc32c(key)):
+        _check_envelope(key, raw, "instances")  # raises with the details
+        raise CorruptionError(f"instances[{key!r}]: value too short", key=key)
+    if raw[4] != ENVELOPE_VERSION:
+        raise CorruptionError(f"instances[{key!r}]: unknown envelope version {raw[4]}", key=key)
+    seq, created_at, updated_at = INSTANCE_FIXED.unpack_from(raw, ENVELOPE_HEADER_SIZE)
+    body = cbor_loads(raw[INSTANCE_BODY_OFFSET:], f"instances[{key!r}]")
+    if type(body) is not list or len(body) != INSTANCE_BODY_FIELDS:
+        raise DecodeError(f"instances[{key!r}]: body is not a {INSTANCE_BODY_FIELDS}-field array")
+    return Instance(key.decode(), *body, seq, created_at, updated_at)

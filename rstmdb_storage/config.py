@@ -1,0 +1,184 @@
+"""Configuration: :class:`StorageConfig`, :class:`FsyncPolicy`, and the names and limits that
+every module agrees on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+# Directories inside a data directory (the seed's layout).
+WAL_DIR = "wal"
+SNAPSHOTS_DIR = "snapshots"
+INDEXES_DIR = "indexes"
+
+# Named sub-databases of the LMDB environment. The index and manifest names are reserved now so
+# that a store created today already has them when the indexes and snapshots arrive.
+DB_META = b"meta"
+DB_INSTANCES = b"instances"
+DB_STATE_INDEX = b"idx_state"
+DB_METADATA_INDEX = b"idx_metadata"
+DB_TIME_INDEX = b"idx_time"
+DB_SNAPSHOTS = b"snapshots"
+DB_MACHINES = b"machines"
+DB_IDEMPOTENCY = b"idempotency"
+ALL_DATABASES = (
+    DB_META,
+    DB_INSTANCES,
+    DB_STATE_INDEX,
+    DB_METADATA_INDEX,
+    DB_TIME_INDEX,
+    DB_SNAPSHOTS,
+    DB_MACHINES,
+    DB_IDEMPOTENCY,
+)
+
+# Hard limits of the on-disk format. Decoding refuses anything larger *before* decoding it, so a
+# corrupt length field or hostile bytes cannot make the store allocate without bound.
+MAX_ID_BYTES = 255  # LMDB keys are at most 511 bytes; ids stay well inside that
+MAX_VALUE_BYTES = 16 * MiB  # one stored instance
+MAX_RECORD_BYTES = 256 * MiB  # one WAL record (a batch)
+MAX_DECODE_DEPTH = 64  # nesting of ctx/metadata containers
+
+FsyncMode = Literal["every_write", "every_n", "every_ms", "never"]
+
+
+@dataclass(frozen=True, slots=True)
+class FsyncPolicy:
+    """When the WAL is flushed to stable storage with ``fdatasync``.
+
+    ============================ =================================================================
+    policy                       what a power loss (or kernel crash) can lose
+    ============================ =================================================================
+    ``FsyncPolicy.every_write()`` nothing acknowledged: a write returns only after its WAL record
+                                  is on disk (the default)
+    ``FsyncPolicy.every_n(n)``    up to the last ``n - 1`` writes of each process
+    ``FsyncPolicy.every_ms(ms)``  writes made since the last sync; a sync happens at the first
+                                  write ``ms`` or more after the previous one, and at close
+    ``FsyncPolicy.never()``       everything since the last checkpoint or close
+    ============================ =================================================================
+
+    A killed *process* (``kill -9``) loses nothing under any policy: the record is in the page
+    cache before the write returns. Under every policy except ``every_write`` a change can be
+    visible to readers before its WAL record is durable.
+
+    Example::
+
+        StorageConfig(data_dir="/var/lib/rstmdb", fsync_policy=FsyncPolicy.every_ms(50))
+    """
+
+    mode: FsyncMode = "every_write"
+    value: int = 0  # writes for ``every_n``, milliseconds for ``every_ms``
+
+    @classmethod
+    def every_write(cls) -> FsyncPolicy:
+        return cls("every_write")
+
+    @classmethod
+    def every_n(cls, n: int) -> FsyncPolicy:
+        return cls("every_n", n)
+
+    @classmethod
+    def every_ms(cls, ms: int) -> FsyncPolicy:
+        return cls("every_ms", ms)
+
+    @classmethod
+    def never(cls) -> FsyncPolicy:
+        return cls("never")
+
+    def validate(self) -> None:
+        if self.mode not in ("every_write", "every_n", "every_ms", "never"):
+            raise ConfigError(f"fsync_policy: unknown mode {self.mode!r}")
+        if self.mode in ("every_n", "every_ms") and (
+            not isinstance(self.value, int) or isinstance(self.value, bool) or self.value < 1
+        ):
+            raise ConfigError(f"fsync_policy: {self.mode} needs a positive int, got {self.value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class StorageConfig:
+    """Settings of one :class:`~rstmdb_storage.Storage`; every field but ``data_dir`` has a
+    default.
+
+    Example::
+
+        config = StorageConfig(data_dir="/var/lib/rstmdb", snapshot_interval=10_000)
+        with Storage.open(config) as storage:
+            ...
+    """
+
+    data_dir: str | os.PathLike[str]
+    #: changes between automatic snapshots (0 = never automatic)
+    snapshot_interval: int = 10_000
+    #: WAL segments kept before compaction forces a snapshot
+    max_wal_segments: int = 10
+    #: delete WAL segments covered by snapshots automatically
+    compaction_enabled: bool = True
+    #: size at which a WAL segment is sealed and a new one started; preallocated on creation
+    wal_segment_size: int = 64 * MiB
+    #: when WAL writes are flushed to disk; see :class:`FsyncPolicy` for what each can lose
+    fsync_policy: FsyncPolicy = dataclasses.field(default_factory=FsyncPolicy.every_write)
+    #: initial LMDB map size; the map grows by itself when it fills
+    map_size: int = 1 * GiB
+    #: largest encoded instance accepted by a write
+    max_instance_size: int = 1 * MiB
+    #: largest WAL record (an instance or a whole batch) accepted by a write
+    max_record_size: int = 64 * MiB
+    #: reader slots in the LMDB lock file, shared by every process (cheap; size for
+    #: worker processes x threads)
+    max_readers: int = 1024
+    #: how often LMDB is flushed to disk (a checkpoint); the WAL covers writes in between
+    checkpoint_interval_ms: int = 1000
+    #: permission bits of the files and directories the store creates (private by default)
+    file_mode: int = 0o600
+
+    @property
+    def path(self) -> Path:
+        return Path(os.fspath(self.data_dir))
+
+    def validate(self) -> None:
+        """Check every field; raise :class:`ConfigError` naming the first bad one."""
+        if not isinstance(self.data_dir, (str, os.PathLike)) or not os.fspath(self.data_dir):
+            raise ConfigError(f"data_dir: need a non-empty path, got {self.data_dir!r}")
+        _check_int("snapshot_interval", self.snapshot_interval, minimum=0)
+        _check_int("max_wal_segments", self.max_wal_segments, minimum=1)
+        if not isinstance(self.compaction_enabled, bool):
+            raise ConfigError(f"compaction_enabled: need a bool, got {self.compaction_enabled!r}")
+        _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB)
+        if not isinstance(self.fsync_policy, FsyncPolicy):
+            raise ConfigError(
+                f"fsync_policy: need an FsyncPolicy (e.g. FsyncPolicy.every_write()), "
+                f"got {self.fsync_policy!r}"
+            )
+        self.fsync_policy.validate()
+        _check_int("map_size", self.map_size, minimum=1 * MiB)
+        _check_int(
+            "max_instance_size", self.max_instance_size, minimum=1 * KiB, maximum=MAX_VALUE_BYTES
+        )
+        _check_int(
+            "max_record_size",
+            self.max_record_size,
+            minimum=self.max_instance_size,
+            maximum=MAX_RECORD_BYTES,
+        )
+        _check_int("max_readers", self.max_readers, minimum=1)
+        _check_int("checkpoint_interval_ms", self.checkpoint_interval_ms, minimum=1)
+        _check_int("file_mode", self.file_mode, minimum=0o400, maximum=0o777)
+
+
+def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{name}: need an int, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}: must be at most {maximum}, got {value}")

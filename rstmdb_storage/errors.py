@@ -1,0 +1,113 @@
+"""Every error the store raises, in one place.
+
+All of them derive from :class:`StorageError`, so ``except StorageError`` catches anything the store
+itself decided to raise. Errors about the caller's input also derive from the matching built-in
+(``ValueError`` or ``TypeError``) so that code written against plain Python keeps working.
+
+Messages carry where the problem is: a file and byte offset, a key, the expected and the computed
+checksum.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of every error raised by rstmdb-storage."""
+
+
+# --- the caller's input -------------------------------------------------------------------------
+
+
+class InvalidInputError(StorageError, ValueError):
+    """Raised when a value has the right type but is not acceptable (empty id, too long, …).
+
+    Nothing is written when this is raised.
+    """
+
+
+class InvalidTypeError(StorageError, TypeError):
+    """Raised when a value has the wrong type (an id that is not a str, a ctx that is not a dict…).
+
+    Nothing is written when this is raised.
+    """
+
+
+class RecordTooLargeError(InvalidInputError):
+    """Raised when an encoded instance or WAL record would exceed the configured size limit."""
+
+
+class ConfigError(StorageError, ValueError):
+    """Raised when a :class:`~rstmdb_storage.StorageConfig` field is invalid, or disagrees with
+    the setting stored in the data directory by whoever created it."""
+
+
+# --- what is (not) there ------------------------------------------------------------------------
+
+
+class NotFoundError(StorageError, KeyError):
+    """Raised when an operation needs something that does not exist."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; we want a sentence.
+        return str(self.args[0]) if self.args else ""
+
+
+class InstanceNotFoundError(NotFoundError):
+    """Raised when deleting or updating an instance id that is not stored."""
+
+
+class ConflictError(StorageError):
+    """Raised when a conditional write finds the stored state is not the one the caller read."""
+
+
+# --- what is on disk ----------------------------------------------------------------------------
+
+
+class CorruptionError(StorageError):
+    """Raised when stored bytes fail their checksum or break the on-disk format.
+
+    The message names the file and byte offset, or the sub-database and key. Corrupt data is
+    never returned to the caller.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        path: str | None = None,
+        offset: int | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.path = path
+        self.offset = offset
+        self.key = key
+
+
+class WalGapError(CorruptionError):
+    """Raised when WAL sequence numbers that the store needs are missing."""
+
+
+class DecodeError(CorruptionError):
+    """Raised when bytes pass their checksum but are not a value the store writes (hostile or
+    foreign CBOR: indefinite lengths, duplicate keys, unknown tags, too deep or too large)."""
+
+
+# --- the machine --------------------------------------------------------------------------------
+
+
+class StorageFullError(StorageError):
+    """Raised when the disk or the LMDB map cannot take a write. The write was not acknowledged
+    and nothing of it is visible; the store keeps working once space is freed."""
+
+
+class StorageFailedError(StorageError):
+    """Raised for every write after an fsync/fdatasync failed.
+
+    After a failed sync the kernel may have dropped the dirty pages and marked them clean, so a
+    retry could report success for data that is gone ("fsyncgate"). The store therefore stops
+    accepting writes until it is closed and opened again, which replays the WAL from disk.
+    """
+
+
+class StorageClosedError(StorageError):
+    """Raised when a closed :class:`~rstmdb_storage.Storage` is used."""

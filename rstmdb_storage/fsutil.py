@@ -1,0 +1,69 @@
+"""Small file-system helpers shared by the WAL, the LMDB store and snapshots.
+
+A created, renamed or deleted file is only durable once its directory is synced (etcd #6368);
+every file that replaces another goes through a temporary name, fsync, rename, directory fsync.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+
+from .errors import StorageError, StorageFullError
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make the entries of directory *path* durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_dir(path: Path, mode: int) -> None:
+    """Create *path* (and its parents) private to the owner if missing; sync the parent."""
+    if path.is_dir():
+        return
+    path.mkdir(mode=_dir_mode(mode), parents=True, exist_ok=True)
+    fsync_dir(path.parent)
+
+
+def _dir_mode(file_mode: int) -> int:
+    # A directory needs the execute bit wherever its files are readable.
+    return file_mode | ((file_mode & 0o444) >> 2)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace *path* with *data*: temporary name, fsync, rename, directory fsync."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        write_all(fd, data, 0, str(tmp))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def write_all(fd: int, data: bytes, offset: int, path: str) -> None:
+    """``pwrite`` all of *data* at *offset*; a full disk is a :class:`StorageFullError`."""
+    view = memoryview(data)
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            if written <= 0:
+                raise StorageError(f"{path}: pwrite wrote nothing at offset {offset}")
+            view = view[written:]
+            offset += written
+    except OSError as exc:
+        raise os_error(exc, f"writing {path} at offset {offset}") from exc
+
+
+def os_error(exc: OSError, doing: str) -> StorageError:
+    """A typed error for an OSError met while *doing* something."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StorageFullError(f"disk full while {doing}: {exc.strerror}")
+    return StorageError(f"{exc.strerror or exc} while {doing}")

@@ -1,0 +1,168 @@
+"""The data model: :class:`Instance`, and the checks a write applies to it before anything is
+encoded or written.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import MAX_DECODE_DEPTH, MAX_ID_BYTES
+from .errors import InvalidInputError, InvalidTypeError
+
+STATUS_ACTIVE = "active"
+STATUS_DELETED = "deleted"
+STATUSES = (STATUS_ACTIVE, STATUS_DELETED)
+
+#: metadata label values that the metadata index can order
+MetadataValue = str | int | float | bool
+
+
+@dataclass(slots=True)
+class Instance:
+    """One state-machine instance, as rstmdb's core has it.
+
+    ``last_wal_offset`` is the WAL sequence number of the instance's latest write; the store sets
+    it (whatever the caller passes is replaced). ``created_at`` and ``updated_at`` are Unix
+    milliseconds; left as ``None`` the store fills them (``created_at`` keeps the stored
+    instance's value on an update).
+
+    Example::
+
+        inst = Instance(id="order-1", machine="order", version=1, state="pending",
+                        ctx={"total": 99.5}, metadata={"customer": "alice"})
+        seq = storage.put_instance(inst)
+    """
+
+    id: str
+    machine: str
+    version: int
+    state: str
+    ctx: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, MetadataValue] = field(default_factory=dict)
+    status: str = STATUS_ACTIVE
+    last_event_id: str | None = None
+    last_wal_offset: int | None = None
+    created_at: int | None = None
+    updated_at: int | None = None
+
+
+def check_instance(inst: object) -> Instance:
+    """Raise :class:`InvalidTypeError`/:class:`InvalidInputError` unless *inst* is an
+    :class:`Instance` the store can keep; return it."""
+    if not isinstance(inst, Instance):
+        raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
+    check_id(inst.id)
+    _check_name("machine", inst.machine)
+    _check_int("version", inst.version)
+    _check_name("state", inst.state)
+    if not isinstance(inst.ctx, dict):
+        raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(inst.ctx)}")
+    check_plain_value(inst.ctx, f"ctx of {inst.id!r}")
+    _check_metadata(inst)
+    if inst.status not in STATUSES:
+        raise InvalidInputError(
+            f"status of {inst.id!r}: expected one of {STATUSES}, got {inst.status!r}"
+        )
+    if inst.last_event_id is not None and not isinstance(inst.last_event_id, str):
+        raise InvalidTypeError(
+            f"last_event_id of {inst.id!r}: expected str or None, got {_tn(inst.last_event_id)}"
+        )
+    for name in ("created_at", "updated_at"):
+        value = getattr(inst, name)
+        if value is not None:
+            _check_int(name, value)
+    return inst
+
+
+def check_id(instance_id: object) -> str:
+    """Return *instance_id* if it is a usable instance id, else raise."""
+    if not isinstance(instance_id, str):
+        raise InvalidTypeError(f"instance id: expected str, got {_tn(instance_id)}")
+    _check_text("instance id", instance_id)
+    return instance_id
+
+
+def check_plain_value(value: Any, where: str, depth: int = 0) -> None:
+    """Accept only JSON-like values (None, bool, int, float, str, bytes, lists and str-keyed
+    dicts), nested at most ``MAX_DECODE_DEPTH - 2`` deep.
+
+    cbor2 would happily encode datetimes, Decimals, sets or regular expressions as semantic
+    tags; the decoder refuses those tags, so the encoder must never produce them.
+    """
+    if depth > MAX_DECODE_DEPTH - 2:
+        raise InvalidInputError(f"{where}: nested deeper than {MAX_DECODE_DEPTH - 2} levels")
+    kind = type(value)
+    if value is None or kind in (bool, int, str, bytes):
+        return
+    if kind is float:
+        return
+    if kind is dict:
+        for key, item in value.items():
+            if type(key) is not str:
+                raise InvalidTypeError(f"{where}: dict keys must be str, got {_tn(key)}")
+            check_plain_value(item, where, depth + 1)
+        return
+    if kind in (list, tuple):
+        for item in value:
+            check_plain_value(item, where, depth + 1)
+        return
+    raise InvalidTypeError(
+        f"{where}: {_tn(value)} cannot be stored (use None, bool, int, float, str, bytes, "
+        f"list or dict)"
+    )
+
+
+def _check_metadata(inst: Instance) -> None:
+    if not isinstance(inst.metadata, dict):
+        raise InvalidTypeError(
+            f"metadata of {inst.id!r}: expected a dict, got {_tn(inst.metadata)}"
+        )
+    for key, value in inst.metadata.items():
+        if not isinstance(key, str):
+            raise InvalidTypeError(f"metadata of {inst.id!r}: keys must be str, got {_tn(key)}")
+        _check_text(f"metadata key of {inst.id!r}", key)
+        if type(value) not in (str, int, float, bool):
+            raise InvalidTypeError(
+                f"metadata {key!r} of {inst.id!r}: expected str, int, float or bool, "
+                f"got {_tn(value)}"
+            )
+        if type(value) is float and math.isnan(value):
+            raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: NaN cannot be indexed")
+        if type(value) is int and not -(2**63) <= value < 2**63:
+            raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: int outside 64 bits")
+        if type(value) is str and len(value.encode()) > MAX_ID_BYTES:
+            raise InvalidInputError(
+                f"metadata {key!r} of {inst.id!r}: value longer than {MAX_ID_BYTES} bytes"
+            )
+
+
+def _check_name(what: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidTypeError(f"{what}: expected str, got {_tn(value)}")
+    _check_text(what, value)
+
+
+def _check_text(what: str, value: str) -> None:
+    if not value:
+        raise InvalidInputError(f"{what}: must not be empty")
+    if "\x00" in value:
+        raise InvalidInputError(f"{what}: must not contain NUL characters")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"{what}: not valid Unicode text ({exc.reason})") from None
+    if size > MAX_ID_BYTES:
+        raise InvalidInputError(f"{what}: {size} bytes in UTF-8, at most {MAX_ID_BYTES} allowed")
+
+
+def _check_int(what: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidTypeError(f"{what}: expected int, got {_tn(value)}")
+    if not 0 <= value < 2**63:
+        raise InvalidInputError(f"{what}: must be between 0 and 2**63 - 1, got {value}")
+
+
+def _tn(value: object) -> str:
+    return type(value).__name__

@@ -1,0 +1,463 @@
+"""``Storage``: the front door.
+
+The write path, for one put, a delete or a whole batch:
+
+1. check and encode the input (outside any lock: bad input raises before anything is written);
+2. take the write lock (a thread lock, then LMDB's cross-process write transaction);
+3. read the WAL tail from meta and apply any record past it that a crashed writer left behind;
+4. append the record at the tail, and ``fdatasync`` it (under the default policy);
+5. apply it to LMDB and store the new tail in the same transaction, then commit.
+
+A change is therefore never visible before its WAL record is written (and, by default, durable),
+and the LMDB transaction that applies it records its sequence number, so opening the store
+replays exactly the records LMDB has not seen. LMDB itself runs with ``sync=False``; it is
+flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after the WAL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import lmdb
+
+from .apply import apply_changes
+from .codec import cbor_dumps, decode_instance, encode_instance_body
+from .config import INDEXES_DIR, MAX_ID_BYTES, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .errors import (
+    CorruptionError,
+    InstanceNotFoundError,
+    RecordTooLargeError,
+    StorageClosedError,
+)
+from .fsutil import make_dir
+from .model import Instance, check_id, check_instance
+from .store import env as lmdb_env
+from .store.meta import Checkpoint, Meta
+from .wal import TornTailRepair, Wal, WalRecord, WalTail
+from .wal.decoder import decode_changes
+from .wal.format import CHANGE_DELETE, CHANGE_PUT, SEGMENT_HEADER_SIZE
+
+log = logging.getLogger("rstmdb_storage")
+
+#: records applied per LMDB transaction when replaying (bounds a transaction's dirty pages)
+REPLAY_CHUNK = 2000
+
+
+class Storage:
+    """A data directory of state-machine instances, open in this process.
+
+    Open with :meth:`open`; use as a context manager or call :meth:`close`. One ``Storage`` may
+    be shared by threads; any number of processes may open the same directory.
+
+    Example::
+
+        with Storage.open("/var/lib/rstmdb") as storage:
+            seq = storage.put_instance(Instance(id="order-1", machine="order", version=1,
+                                                state="pending"))
+            assert storage.get_instance("order-1").last_wal_offset == seq
+    """
+
+    def __init__(self, config: StorageConfig, env: lmdb_env.LmdbEnvironment, wal: Wal) -> None:
+        self.config = config
+        self._env = env
+        self._wal = wal
+        self._meta = Meta(env.meta)
+        self._closed = False
+        self._last_checkpoint = time.monotonic()
+        self._boot_id = _boot_id()
+
+    # --- opening and closing --------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, config: StorageConfig | str | os.PathLike[str]) -> Storage:
+        """Open (creating if needed) the store in ``config.data_dir`` and replay the WAL
+        records LMDB has not applied yet.
+
+        :param config: a :class:`StorageConfig`, or a path for all defaults
+        :raises ConfigError: a config field is invalid
+        :raises CorruptionError: the WAL or LMDB fails its checks (never silently skipped)
+        """
+        if not isinstance(config, StorageConfig):
+            config = StorageConfig(data_dir=config)
+        config.validate()
+        root = config.path
+        make_dir(root, config.file_mode)
+        for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
+            make_dir(root / name, config.file_mode)
+        env = lmdb_env.acquire(config)
+        try:
+            wal = _open_wal(config, env)
+            storage = cls(config, env, wal)
+        except BaseException:
+            lmdb_env.release(env)
+            raise
+        try:
+            storage._replay(strict=True)
+        except BaseException:
+            storage.close()
+            raise
+        return storage
+
+    def close(self) -> None:
+        """Sync what this process wrote, checkpoint LMDB, and release the files. Idempotent."""
+        if self._closed:
+            return
+        try:
+            if not self._env.stale and self._wal.usable:
+                self._checkpoint()
+        finally:
+            self._closed = True
+            try:
+                self._wal.close()
+            finally:
+                lmdb_env.release(self._env)
+
+    def __enter__(self) -> Storage:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def get_instance(self, instance_id: str) -> Instance | None:
+        """The instance stored under *instance_id*, or None.
+
+        :raises InvalidInputError: the id is empty or too long
+        :raises CorruptionError: the stored value fails its checksum
+        """
+        if type(instance_id) is not str or not 0 < len(instance_id) <= MAX_ID_BYTES:
+            check_id(instance_id)  # raises the precise error, or accepts a long Unicode id
+        key = instance_id.encode()
+        env = self._live_env()
+        try:
+            with env.env.begin(db=env.instances) as txn:
+                raw = txn.get(key)
+        except lmdb.Error:
+            raw = self._read_with_retry(lambda txn: txn.get(key, db=self._env.instances))
+        return None if raw is None else decode_instance(key, raw)
+
+    @property
+    def applied_seq(self) -> int:
+        """The sequence number of the newest WAL record applied to LMDB."""
+        return self._read_with_retry(lambda txn: self._meta.tail(txn).applied_seq)
+
+    def count_instances(self) -> int:
+        """How many instances are stored."""
+        return self._read_with_retry(lambda txn: txn.stat(self._env.instances)["entries"])
+
+    def iter_instances(self) -> Iterator[Instance]:
+        """Every stored instance, in id order (UTF-8 byte order), read in short transactions."""
+        after: bytes | None = None
+        while True:
+            page = self._read_with_retry(
+                lambda txn, after=after: _instances_page(txn, self._env, after)
+            )
+            yield from (decode_instance(key, raw) for key, raw in page)
+            if len(page) < _PAGE:
+                return
+            after = page[-1][0]
+
+    def read_wal(self, from_seq: int = 1, limit: int | None = None) -> Iterator[WalRecord]:
+        """WAL records from sequence *from_seq* on, at most *limit* of them, up to the newest
+        applied one. Each :class:`WalRecord` has ``seq``, ``timestamp_ms`` and ``payload``;
+        :func:`rstmdb_storage.wal.decoder.decode_changes` decodes the payload.
+
+        :raises WalGapError: segments holding the sequence numbers asked for are gone
+        """
+        until = self.applied_seq
+        if limit is not None:
+            until = min(until, from_seq + limit - 1)
+        yield from self._wal.records(from_seq, until)
+
+    @property
+    def torn_tail_repairs(self) -> list[TornTailRepair]:
+        """Torn WAL tails this process cut while opening or writing (each copied aside first)."""
+        return list(self._wal.repairs)
+
+    # --- writing --------------------------------------------------------------------------------
+
+    def put_instance(self, instance: Instance) -> int:
+        """Store *instance* (insert or replace); return the WAL sequence number of the write.
+
+        :raises InvalidInputError, InvalidTypeError: the instance is not storable; nothing
+            is written
+        :raises StorageFailedError: an earlier fsync failed; reopen the store
+        """
+        return self._commit([self._put_change(instance)], None)
+
+    def delete_instance(self, instance_id: str) -> int:
+        """Delete the instance stored under *instance_id*; return the WAL sequence number.
+
+        :raises InstanceNotFoundError: nothing is stored under that id; nothing is written
+        """
+        check_id(instance_id)
+        return self._commit([[CHANGE_DELETE, instance_id]], _require_present({instance_id}))
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[Batch]:
+        """Group puts and deletes into one WAL record and one LMDB transaction: all or nothing.
+
+        Nothing is written if the block raises. After the block, ``batch.seq`` is the sequence
+        number of the record (None if the batch was empty).
+
+        Example::
+
+            with storage.batch() as batch:
+                batch.put_instance(order)
+                batch.delete_instance("order-0")
+        """
+        batch = Batch(self)
+        yield batch
+        if batch.changes:
+            batch.seq = self._commit(batch.changes, _require_present(batch.deleted_ids()))
+
+    def _put_change(self, instance: Instance) -> list[Any]:
+        check_instance(instance)
+        body = encode_instance_body(instance, self.config.max_instance_size)
+        return [CHANGE_PUT, instance.id, instance.created_at, instance.updated_at, body]
+
+    def _commit(
+        self, changes: list[list[Any]], check: Callable[[Any, Any, list[list[Any]]], None] | None
+    ) -> int:
+        payload = cbor_dumps(changes, "WAL record")
+        if len(payload) > self.config.max_record_size:
+            raise RecordTooLargeError(
+                f"WAL record of {len(payload)} bytes is larger than max_record_size "
+                f"({self.config.max_record_size})"
+            )
+        env = self._live_env()
+        with env.write_mutex:
+            self._wal.check_usable()
+            seq = self._write_locked(env, changes, payload, check)
+            self._maybe_checkpoint()
+        return seq
+
+    def _write_locked(
+        self,
+        env: lmdb_env.LmdbEnvironment,
+        changes: list[list[Any]],
+        payload: bytes,
+        check: Callable[..., None] | None,
+    ) -> int:
+        written: int | None = None
+        growths = 0
+        while True:
+            try:
+                with env.begin_write() as txn:
+                    tail, caught_up = self._apply_pending(txn, self._meta.tail(txn))
+                    if not caught_up:
+                        continue  # commit this chunk of replay, then go on
+                    if written is not None:
+                        return written  # the catch-up above applied our record
+                    if check is not None:
+                        check(txn, env.instances, changes)
+                    timestamp_ms = time.time_ns() // 1_000_000
+                    new_tail = self._wal.append(tail, timestamp_ms, payload)
+                    written = tail.next_seq
+                    if self._wal.sync_due():
+                        self._wal.sync()
+                    apply_changes(txn, env.instances, written, timestamp_ms, changes)
+                    self._meta.write_tail(txn, new_tail)
+                return written
+            except lmdb.MapFullError:
+                # The transaction was aborted; if our record was appended it waits at the WAL
+                # tail, and the catch-up of the next attempt applies it.
+                growths += 1
+                env.grow(growths)
+
+    def _apply_pending(
+        self, txn: Any, tail: WalTail, strict: bool = False, limit: int = REPLAY_CHUNK
+    ) -> tuple[WalTail, bool]:
+        """Apply WAL records past *tail* (left by a writer that crashed before its commit, or
+        by LMDB losing commits). Returns the new tail and whether the log end was reached."""
+        start, applied = tail, 0
+        while applied < limit:
+            step = self._wal.next_record(tail, strict)
+            if step is None:
+                break
+            record, tail = step
+            if record is not None:
+                where = f"WAL record {record.seq} in segment {tail.segment}"
+                changes = decode_changes(record.payload, where)
+                apply_changes(txn, self._env.instances, record.seq, record.timestamp_ms, changes)
+                self._wal.mark_unsynced(tail.segment)
+                applied += 1
+        if tail != start:
+            self._wal.sync()  # what becomes visible must be durable first
+            self._meta.write_tail(txn, tail)
+        return tail, applied < limit
+
+    def _replay(self, strict: bool) -> int:
+        """Apply every WAL record LMDB has not seen; return how many."""
+        env = self._live_env()
+        replayed = 0
+        with env.write_mutex:
+            while True:
+                with env.begin_write() as txn:
+                    before = self._meta.tail(txn)
+                    tail, done = self._apply_pending(txn, before, strict)
+                replayed += tail.next_seq - before.next_seq
+                strict = False  # the end of the log was checked once, in the first pass
+                if done:
+                    break
+        if replayed:
+            log.info("replayed %d WAL records into %s", replayed, self.config.path)
+        return replayed
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def _maybe_checkpoint(self) -> None:
+        elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
+        if elapsed_ms >= self.config.checkpoint_interval_ms:
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Flush LMDB, after the WAL it must never get ahead of."""
+        env = self._live_env()
+        with env.write_mutex:
+            self._wal.sync()
+            with env.begin_write() as txn:
+                applied = self._meta.tail(txn).applied_seq
+                self._meta.write_checkpoint(txn, Checkpoint(applied, self._boot_id))
+            env.sync()
+            self._last_checkpoint = time.monotonic()
+
+    # --- plumbing -------------------------------------------------------------------------------
+
+    def _live_env(self) -> lmdb_env.LmdbEnvironment:
+        env = self._env
+        if env.stale or self._closed:
+            if self._closed:
+                raise StorageClosedError(f"storage at {self.config.path} is closed")
+            env = self._env = lmdb_env.acquire(self.config)  # forked: our own handle
+            self._meta = Meta(env.meta)
+        return env
+
+    def _read_with_retry(self, read: Callable[[Any], Any]) -> Any:
+        for attempt in range(3):
+            env = self._live_env()
+            try:
+                with env.read() as txn:
+                    return read(txn)
+            except lmdb.Error:
+                # Another thread's set_mapsize invalidates open transactions (py-lmdb #475).
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+
+class Batch:
+    """Changes collected by :meth:`Storage.batch`, committed together when the block ends."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self.changes: list[list[Any]] = []
+        #: the sequence number of the batch's WAL record, once committed
+        self.seq: int | None = None
+
+    def put_instance(self, instance: Instance) -> None:
+        """Add a put; the instance is checked and encoded now (bad input raises here)."""
+        self.changes.append(self._storage._put_change(instance))
+
+    def delete_instance(self, instance_id: str) -> None:
+        """Add a delete; the instance must exist when the batch commits (or be put earlier in
+        the batch), else the whole batch raises :class:`InstanceNotFoundError`."""
+        check_id(instance_id)
+        self.changes.append([CHANGE_DELETE, instance_id])
+
+    def deleted_ids(self) -> set[str]:
+        return {change[1] for change in self.changes if change[0] == CHANGE_DELETE}
+
+    def __len__(self) -> int:
+        return len(self.changes)
+
+
+def _require_present(ids: set[str]) -> Callable[[Any, Any, list[list[Any]]], None] | None:
+    """A check that every delete in a change list finds its instance, in order."""
+    if not ids:
+        return None
+
+    def check(txn: Any, instances_db: Any, changes: list[list[Any]]) -> None:
+        present: dict[str, bool] = {}
+        for kind, instance_id, *_ in changes:
+            exists = present.get(instance_id)
+            if exists is None:
+                exists = txn.get(instance_id.encode(), db=instances_db) is not None
+            if kind == CHANGE_DELETE and not exists:
+                raise InstanceNotFoundError(f"no instance {instance_id!r} to delete")
+            present[instance_id] = kind == CHANGE_PUT
+
+    return check
+
+
+_PAGE = 512
+
+
+def _instances_page(
+    txn: Any, env: lmdb_env.LmdbEnvironment, after: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    cursor = txn.cursor(db=env.instances)
+    found = cursor.set_range(after) if after is not None else cursor.first()
+    page: list[tuple[bytes, bytes]] = []
+    while found and len(page) < _PAGE:
+        key = cursor.key()
+        if key != after:
+            page.append((key, cursor.value()))
+        found = cursor.next()
+    return page
+
+
+def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:
+    """The WAL of the store, creating the store (meta and first segment) if it is new."""
+    wal_dir = config.path / WAL_DIR
+    meta = Meta(env.meta)
+    with env.write_mutex, env.begin_write() as txn:
+        if meta.exists(txn):
+            meta.check_format(txn)
+            return _wal(config, meta.store_id(txn))
+        store_id, tail = _adopt_or_create(config, wal_dir)
+        wal = _wal(config, store_id)
+        if tail is None:
+            tail = wal.start()
+        meta.create(txn, store_id, tail)
+        return wal
+
+
+def _adopt_or_create(config: StorageConfig, wal_dir: Path) -> tuple[bytes, WalTail | None]:
+    """A new store gets a random id. A WAL without LMDB (``indexes/`` lost, or a crash while
+    the store was being created) is adopted and replayed from its first record."""
+    probe = Wal(wal_dir, b"", config.wal_segment_size, config.fsync_policy, config.file_mode)
+    ids = probe.segment_ids()
+    if not ids:
+        return os.urandom(16), None
+    if ids[0] != 1:
+        raise CorruptionError(
+            f"{config.path / INDEXES_DIR} holds no store, and the WAL in {wal_dir} starts at "
+            f"sequence {ids[0]}: the records before it are only in a snapshot",
+            path=str(wal_dir),
+        )
+    return probe.segment_store_id(ids[0]), WalTail(1, SEGMENT_HEADER_SIZE, 1)
+
+
+def _wal(config: StorageConfig, store_id: bytes) -> Wal:
+    return Wal(
+        config.path / WAL_DIR,
+        store_id,
+        config.wal_segment_size,
+        config.fsync_policy,
+        config.file_mode,
+    )
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"

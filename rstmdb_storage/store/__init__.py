@@ -1,0 +1,1 @@
+"""The LMDB side of the store: the environment, its meta table."""

@@ -1,0 +1,199 @@
+"""The LMDB environment of a data directory, shared by everything in one process.
+
+LMDB allows one open environment per path per process (py-lmdb #412), forbids using it after
+``fork()`` (lmdb.h, "Caveats"), and can fail to open while another process opens or closes it at
+the same moment (py-lmdb #289, #309, #340). So:
+
+* one :class:`LmdbEnvironment` per data directory per process, reference-counted and shared by
+  every :class:`~rstmdb_storage.Storage` on it, keyed by the directory's real path;
+* after a fork the child marks every inherited environment *stale* (``os.register_at_fork``);
+  the next use closes the inherited handle and opens a fresh one, while the parent carries on;
+  no read transaction is cached (``max_spare_txns=0``), so none can cross a fork;
+* opening happens under an exclusive ``flock`` on ``indexes/open.lock``, retried with a short
+  backoff on "Invalid argument";
+* ``sync=False``: the WAL carries durability, LMDB is flushed at checkpoints (see
+  :mod:`rstmdb_storage.storage`); ``writemap`` is never used (a full disk then kills the process
+  with SIGBUS instead of raising);
+* the map grows geometrically when full, and adopts a size grown by another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lmdb
+
+from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, StorageConfig
+from ..errors import StorageError, StorageFullError
+from ..fsutil import make_dir
+
+OPEN_LOCK_NAME = "open.lock"
+MAX_DATABASES = 16
+_OPEN_ATTEMPTS = 8
+_MAP_GROWTH_ATTEMPTS = 24
+
+_registry: dict[str, LmdbEnvironment] = {}
+_registry_lock = threading.Lock()
+
+
+class LmdbEnvironment:
+    """One open LMDB environment and its named sub-databases."""
+
+    def __init__(self, path: Path, config: StorageConfig) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.stale = False
+        self.refs = 0
+        #: LMDB write transactions are bound to a thread; this serialises ours in-process
+        #: (LMDB's own mutex serialises processes).
+        self.write_mutex = threading.Lock()
+        self.env, self.dbs = _open(path, config)
+        self.instances = self.dbs[DB_INSTANCES]
+        self.meta = self.dbs[DB_META]
+
+    # --- transactions ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A short read transaction; adopts a map grown by another process."""
+        txn = self._begin(write=False)
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def begin_write(self) -> lmdb.Transaction:
+        """Begin a write transaction; the caller holds :attr:`write_mutex`."""
+        return self._begin(write=True)
+
+    def _begin(self, write: bool) -> lmdb.Transaction:
+        for _ in range(_OPEN_ATTEMPTS):
+            try:
+                return self.env.begin(write=write)
+            except lmdb.MapResizedError:
+                self.adopt_map_size()
+            except lmdb.ReadersFullError:
+                self.env.reader_check()  # slots of killed processes
+        return self.env.begin(write=write)
+
+    def adopt_map_size(self) -> None:
+        """Adopt the map size another process grew the environment to."""
+        self.env.set_mapsize(0)
+
+    def grow(self, attempt: int) -> None:
+        """Double the map size after a ``MapFullError`` aborted a write (attempt 1, 2, …).
+        Call holding :attr:`write_mutex` with no transaction open in this thread."""
+        current = self.env.info()["map_size"]
+        if attempt > _MAP_GROWTH_ATTEMPTS:
+            raise StorageFullError(
+                f"{self.path}: the LMDB map is full at {current} bytes and doubling it "
+                f"{_MAP_GROWTH_ATTEMPTS} times did not make room for the write"
+            )
+        try:
+            self.env.set_mapsize(current * 2)
+        except lmdb.Error as exc:
+            raise StorageFullError(
+                f"{self.path}: could not grow the LMDB map beyond {current} bytes ({exc})"
+            ) from exc
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def acquire(config: StorageConfig) -> LmdbEnvironment:
+    """The environment of *config*'s data directory in this process, opened if needed."""
+    path = config.path / "indexes"
+    make_dir(path, config.file_mode)
+    key = os.path.realpath(path)
+    with _registry_lock:
+        env = _registry.get(key)
+        if env is None or env.stale:
+            if env is not None:
+                _drop_inherited(env)
+            env = LmdbEnvironment(path, config)
+            _registry[key] = env
+        env.refs += 1
+        return env
+
+
+def release(env: LmdbEnvironment) -> None:
+    """Drop one reference; close the environment when nobody in this process uses it."""
+    with _registry_lock:
+        env.refs -= 1
+        if env.refs > 0 or env.stale:
+            return
+        key = os.path.realpath(env.path)
+        if _registry.get(key) is env:
+            del _registry[key]
+    env.close()
+
+
+def _drop_inherited(env: LmdbEnvironment) -> None:
+    # Closing the inherited handle in the child is what lets py-lmdb open the path again; LMDB's
+    # close only clears reader slots owned by the *calling* pid, so the parent is unaffected.
+    with contextlib.suppress(lmdb.Error):
+        env.close()
+
+
+def _after_fork_in_child() -> None:
+    global _registry_lock
+    _registry_lock = threading.Lock()  # another thread may have held it at fork time
+    for env in _registry.values():
+        env.stale = True
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[bytes, object]]:
+    lock_path = path / OPEN_LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, config.file_mode)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for attempt in range(_OPEN_ATTEMPTS):
+            try:
+                return _open_unlocked(path, config)
+            except lmdb.InvalidParameterError:
+                if attempt == _OPEN_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.005 * 2**attempt)  # lmdb.h: opening races another open/close
+        raise StorageError(f"{path}: could not open the LMDB environment")
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _open_unlocked(
+    path: Path, config: StorageConfig
+) -> tuple[lmdb.Environment, dict[bytes, object]]:
+    env = lmdb.open(
+        str(path),
+        map_size=config.map_size,
+        subdir=True,
+        max_dbs=MAX_DATABASES,
+        max_readers=config.max_readers,
+        max_spare_txns=0,
+        sync=False,
+        metasync=False,
+        writemap=False,
+        readahead=False,
+        lock=True,
+        create=True,
+        mode=config.file_mode,
+    )
+    try:
+        env.reader_check()
+        with env.begin(write=True) as txn:
+            dbs = {name: env.open_db(name, txn=txn, create=True) for name in ALL_DATABASES}
+    except BaseException:
+        env.close()
+        raise
+    return env, dbs

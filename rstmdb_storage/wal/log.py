@@ -1,0 +1,334 @@
+"""The write-ahead log of one data directory: appending, rotation, sync policies, and reading.
+
+The WAL keeps no position of its own. Where the next record goes (:class:`WalTail`) is shared
+by every process writing the directory and lives in LMDB's meta table; callers read it and store
+the new one inside the LMDB write transaction that also applies the record, which is what
+serialises appends across processes and keeps sequence numbers gap-free.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+from crc32c import crc32c
+
+from ..config import FsyncPolicy
+from ..errors import CorruptionError, StorageFailedError, WalGapError
+from .decoder import (
+    BadRecord,
+    WalRecord,
+    decode_record,
+    decode_segment_header,
+    find_later_record,
+    is_zero,
+)
+from .encoder import encode_record, encode_seal
+from .format import (
+    RECORD_CHANGES,
+    RECORD_SEAL,
+    SEAL_PAYLOAD,
+    SEAL_RECORD_SIZE,
+    SEGMENT_HEADER_SIZE,
+    SEGMENT_SUFFIX,
+    parse_segment_name,
+    segment_name,
+)
+from .repair import TornTailRepair, cut_torn_tail
+from .segment import WalSegment
+
+
+class WalTail(NamedTuple):
+    """Where the next record is appended, and the sequence number it will carry."""
+
+    segment: int  # first sequence number (and name) of the segment being appended to
+    offset: int  # byte offset of the next record in that segment
+    next_seq: int
+
+    @property
+    def applied_seq(self) -> int:
+        return self.next_seq - 1
+
+
+class Wal:
+    """The segments under ``<data_dir>/wal/``, as seen by this process."""
+
+    def __init__(
+        self,
+        directory: Path,
+        store_id: bytes,
+        segment_size: int,
+        policy: FsyncPolicy,
+        file_mode: int,
+    ) -> None:
+        self.directory = directory
+        self.store_id = store_id
+        self.segment_size = segment_size
+        self.policy = policy
+        self.file_mode = file_mode
+        #: torn tails this process cut, oldest first
+        self.repairs: list[TornTailRepair] = []
+        self._segments: dict[int, WalSegment] = {}
+        self._unsynced: set[int] = set()
+        self._writes_since_sync = 0
+        self._last_sync = time.monotonic()
+        self._failed: OSError | None = None
+
+    # --- segments -------------------------------------------------------------------------------
+
+    def segment_ids(self) -> list[int]:
+        """First sequence numbers of the segment files present, in log order."""
+        ids = (parse_segment_name(p.name) for p in self.directory.glob("*" + SEGMENT_SUFFIX))
+        return sorted(i for i in ids if i is not None)
+
+    def segment_store_id(self, first_seq: int) -> bytes:
+        """The store id in the header of segment *first_seq* (to adopt a WAL without LMDB)."""
+        path = self.directory / segment_name(first_seq)
+        with open(path, "rb") as f:
+            return decode_segment_header(f.read(SEGMENT_HEADER_SIZE), str(path))[1]
+
+    def segment(self, first_seq: int) -> WalSegment:
+        segment = self._segments.get(first_seq)
+        if segment is None:
+            segment = WalSegment.open(self.directory, first_seq, self.store_id)
+            self._segments[first_seq] = segment
+        return segment
+
+    def start(self) -> WalTail:
+        """Create the first segment of a new store; return the tail of the empty log."""
+        self._create_segment(1)
+        return WalTail(1, SEGMENT_HEADER_SIZE, 1)
+
+    def _create_segment(self, first_seq: int) -> WalSegment:
+        segment = WalSegment.create(
+            self.directory, first_seq, self.store_id, self.segment_size, self.file_mode
+        )
+        self._segments[first_seq] = segment
+        return segment
+
+    # --- appending ------------------------------------------------------------------------------
+
+    def append(self, tail: WalTail, timestamp_ms: int, payload: bytes) -> WalTail:
+        """Write a CHANGES record with sequence ``tail.next_seq`` at *tail*; return the tail
+        after it. Seals the segment and starts a new one first when the record does not fit.
+        The caller must hold the store's write lock and sync according to the policy."""
+        self.check_usable()
+        frame = encode_record(tail.next_seq, timestamp_ms, RECORD_CHANGES, payload)
+        full = tail.offset + len(frame) + SEAL_RECORD_SIZE > self.segment_size
+        if full and tail.offset > SEGMENT_HEADER_SIZE:
+            tail = self._rotate(tail, timestamp_ms)
+        segment = self.segment(tail.segment)
+        segment.write(tail.offset, frame)
+        self._unsynced.add(segment.first_seq)
+        self._writes_since_sync += 1
+        return WalTail(tail.segment, tail.offset + len(frame), tail.next_seq + 1)
+
+    def _rotate(self, tail: WalTail, timestamp_ms: int) -> WalTail:
+        segment = self.segment(tail.segment)
+        records_crc = _crc_of(segment, SEGMENT_HEADER_SIZE, tail.offset)
+        segment.write(tail.offset, encode_seal(tail.applied_seq, timestamp_ms, records_crc))
+        self._sync_segment(segment)  # a sealed segment is immutable and durable, whatever policy
+        self._create_segment(tail.next_seq)
+        return WalTail(tail.next_seq, SEGMENT_HEADER_SIZE, tail.next_seq)
+
+    # --- syncing --------------------------------------------------------------------------------
+
+    def sync_due(self) -> bool:
+        """Whether the policy wants the records appended so far synced now."""
+        mode = self.policy.mode
+        if mode == "every_write":
+            return True
+        if mode == "every_n":
+            return self._writes_since_sync >= self.policy.value
+        if mode == "every_ms":
+            return (time.monotonic() - self._last_sync) * 1000 >= self.policy.value
+        return False
+
+    def sync(self) -> None:
+        """``fdatasync`` every segment this process appended to since its last sync."""
+        for first_seq in sorted(self._unsynced):
+            self._sync_segment(self.segment(first_seq))
+        self._unsynced.clear()
+        self._writes_since_sync = 0
+        self._last_sync = time.monotonic()
+
+    def _sync_segment(self, segment: WalSegment) -> None:
+        self.check_usable()
+        try:
+            segment.sync()
+        except OSError as exc:
+            # Never retry: the kernel may already have dropped the pages it failed to write.
+            self._failed = exc
+            raise StorageFailedError(
+                f"fdatasync of {segment.path} failed ({exc.strerror}); writes are refused "
+                f"until the store is reopened"
+            ) from exc
+
+    def mark_unsynced(self, first_seq: int) -> None:
+        """Count records found in segment *first_seq* as unsynced: they were read past the
+        tail, written by a process that may have died before syncing them."""
+        self._unsynced.add(first_seq)
+
+    @property
+    def usable(self) -> bool:
+        return self._failed is None
+
+    def check_usable(self) -> None:
+        if self._failed is not None:
+            raise StorageFailedError(
+                f"an earlier WAL sync failed ({self._failed.strerror}); reopen the store"
+            )
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def next_record(
+        self, tail: WalTail, strict: bool = False
+    ) -> tuple[WalRecord | None, WalTail] | None:
+        """The record at *tail* that nobody has applied yet, and the tail after it.
+
+        Returns None at the end of the log. A seal moves on to the next segment, returning
+        ``(None, tail_in_next_segment)``, and completes a rotation a crash interrupted. A torn
+        tail is cut (see :mod:`.repair`); damage before good records raises
+        :class:`CorruptionError`. With *strict*, the end of the log must be zeros through to
+        the end of the segment, which catches a lost header in front of written bytes.
+        """
+        segment = self.segment(tail.segment)
+        found = decode_record(segment.read, tail.offset)
+        if found is None:
+            if strict and not is_zero(segment.read, tail.offset, segment.size()):
+                found = BadRecord(tail.offset, "zero header followed by data", tail.offset)
+            else:
+                return None
+        if isinstance(found, BadRecord):
+            self._cut_or_raise(segment, found, tail)
+            return None
+        if found.type == RECORD_SEAL:
+            if found.seq != tail.applied_seq:
+                raise _unexpected(segment, found, tail.applied_seq, "seal")
+            try:
+                self.segment(tail.next_seq)
+            except FileNotFoundError:
+                self._create_segment(tail.next_seq)  # the rotation a crash interrupted
+            return None, WalTail(tail.next_seq, SEGMENT_HEADER_SIZE, tail.next_seq)
+        if found.seq != tail.next_seq:
+            raise _unexpected(segment, found, tail.next_seq, "record")
+        return found, WalTail(tail.segment, found.end, found.seq + 1)
+
+    def _cut_or_raise(self, segment: WalSegment, bad: BadRecord, tail: WalTail) -> None:
+        where = f"{segment.path} at offset {bad.offset}"
+        if any(first > segment.first_seq for first in self.segment_ids()):
+            raise CorruptionError(
+                f"bad WAL record in {where}: {bad.reason}; later segments exist, so this is "
+                f"damage inside the log, not a torn tail",
+                path=str(segment.path),
+                offset=bad.offset,
+            )
+        later = find_later_record(segment.read, bad.offset + 8, segment.size(), tail.next_seq)
+        if later is not None:
+            raise CorruptionError(
+                f"bad WAL record in {where}: {bad.reason}; a good record follows at offset "
+                f"{later}, so this is damage inside the log, not a torn tail",
+                path=str(segment.path),
+                offset=bad.offset,
+            )
+        self.repairs.append(cut_torn_tail(segment, bad.offset, bad.reason))
+
+    def records(self, from_seq: int, until_seq: int) -> Iterator[WalRecord]:
+        """CHANGES records with ``from_seq <= seq <= until_seq``, in order.
+
+        Raises :class:`WalGapError` when the segments present do not hold *from_seq* or skip
+        sequence numbers, and :class:`CorruptionError` on any bad record before *until_seq*.
+        """
+        if from_seq > until_seq:
+            return
+        ids = self.segment_ids()
+        starts = [i for i in ids if i <= from_seq]
+        if not starts:
+            first = ids[0] if ids else None
+            raise WalGapError(
+                f"WAL in {self.directory} does not hold sequence {from_seq} "
+                f"(its first segment starts at {first})"
+            )
+        expected = starts[-1]
+        for first_seq in ids[ids.index(starts[-1]) :]:
+            if first_seq != expected:
+                raise WalGapError(
+                    f"WAL sequences {expected}..{first_seq - 1} are missing "
+                    f"(no segment holds them in {self.directory})"
+                )
+            for record in self._segment_records(self.segment(first_seq), expected):
+                if record.seq >= from_seq:
+                    yield record
+                if record.seq >= until_seq:
+                    return
+                expected = record.seq + 1
+        raise WalGapError(
+            f"WAL in {self.directory} ends at sequence {expected - 1}, but {until_seq} was expected"
+        )
+
+    def _segment_records(self, segment: WalSegment, first_seq: int) -> Iterator[WalRecord]:
+        offset, expected = SEGMENT_HEADER_SIZE, first_seq
+        while True:
+            found = decode_record(segment.read, offset)
+            if found is None:
+                return
+            if isinstance(found, BadRecord):
+                raise CorruptionError(
+                    f"bad WAL record in {segment.path} at offset {found.offset}: {found.reason}",
+                    path=str(segment.path),
+                    offset=found.offset,
+                )
+            if found.type == RECORD_SEAL:
+                _check_seal(segment, found)
+                return
+            if found.seq != expected:
+                raise _unexpected(segment, found, expected, "record")
+            yield found
+            offset, expected = found.end, found.seq + 1
+
+    def close(self) -> None:
+        """Sync what this process appended (unless a sync already failed) and close files."""
+        try:
+            if self._unsynced and self._failed is None:
+                self.sync()
+        finally:
+            for segment in self._segments.values():
+                segment.close()
+            self._segments.clear()
+
+
+def _crc_of(segment: WalSegment, start: int, end: int) -> int:
+    crc, position = 0, start
+    while position < end:
+        chunk = segment.read(position, min(1 << 20, end - position))
+        if not chunk:
+            break
+        crc = crc32c(chunk, crc)
+        position += len(chunk)
+    return crc
+
+
+def _check_seal(segment: WalSegment, seal: WalRecord) -> None:
+    (stored,) = SEAL_PAYLOAD.unpack(seal.payload)
+    computed = _crc_of(segment, SEGMENT_HEADER_SIZE, seal.offset)
+    if stored != computed:
+        raise CorruptionError(
+            f"{segment.path}: sealed segment CRC32C mismatch (stored {stored:#010x}, "
+            f"computed {computed:#010x})",
+            path=str(segment.path),
+            offset=seal.offset,
+        )
+
+
+def _unexpected(
+    segment: WalSegment, record: WalRecord, expected: int, what: str
+) -> CorruptionError:
+    error = WalGapError if record.seq > expected else CorruptionError
+    return error(
+        f"{segment.path} at offset {record.offset}: {what} has sequence {record.seq}, "
+        f"expected {expected}",
+        path=str(segment.path),
+        offset=record.offset,
+    )

@@ -1,0 +1,697 @@
+"""Benchmarks for rstmdb-storage, printed as ratios measured in one run.
+
+Each comparison times *ours* against *the other* (a ceiling built from the raw
+libraries, or SQLite) in the same run, alternating the two within every
+repetition, and reports the median rate of each over ``--repeats`` repetitions.
+Absolute rates move 20% or more between runs on a shared machine; the ratios
+are what the goals in SPEC.md ("Figures it must reach") are about.
+
+Run it from the repository root::
+
+    python scripts/bench.py            # full run (100k records for gets)
+    python scripts/bench.py --quick    # small counts, for CI smoke runs (< 60 s)
+
+The exit status is 1 when the package does not behave as the benchmark assumes
+(the problems are printed under the table), not when a goal is missed.
+
+To add a comparison, write a function ``compare_xxx(bench) -> (ours, other)``
+returning two rates in ops/s (use :func:`paired_medians`) and list it in
+:data:`COMPARISONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.metadata
+import os
+import platform
+import random
+import shutil
+import sqlite3
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import cbor2
+import crc32c
+import lmdb
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+BATCH_SIZE = 10_000
+"""Instances per ``storage.batch()`` (and rows per SQLite transaction)."""
+
+CREATED_MS = 1_767_225_600_000
+"""A fixed timestamp for the ceiling's and SQLite's records (2026-01-01)."""
+
+WAL_FRAME = struct.Struct("<IQI")
+"""The ceiling's stand-in for WAL framing: length, sequence, CRC32C."""
+
+
+# --------------------------------------------------------------------------
+# Settings and the dataset
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Counts for one run; ``--quick`` picks small ones."""
+
+    repeats: int
+    records: int
+    lookups: int
+    puts: int
+    batches: int
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Turn the command line into counts, filling what was not given."""
+    quick = args.quick
+    records = args.records or (10_000 if quick else 100_000)
+    return Settings(
+        repeats=args.repeats or (3 if quick else 5),
+        records=records,
+        lookups=args.lookups or (20_000 if quick else 100_000),
+        puts=args.puts or (500 if quick else 3_000),
+        batches=args.batches or (1 if quick else 3),
+    )
+
+
+def instance_id(prefix: str, i: int) -> str:
+    return f"{prefix}-{i:08d}"
+
+
+def instance_fields(iid: str, i: int) -> dict[str, Any]:
+    """The caller-supplied fields of one ~200-byte instance."""
+    return {
+        "id": iid,
+        "machine": "order",
+        "version": 1,
+        "state": ("pending", "paid", "shipped", "delivered")[i % 4],
+        "ctx": {
+            "total": 99.5 + i % 1000,
+            "items": i % 7 + 1,
+            "currency": "EUR",
+            "priority": i % 3,
+            "note": "leave at the back door, ring twice",
+        },
+        "metadata": {"customer": f"customer-{i % 5000:05d}", "region": "eu-west-1"},
+    }
+
+
+def record_array(fields: dict[str, Any], seq: int) -> list[Any]:
+    """All instance fields as a positional array: the ceiling's and SQLite's record.
+
+    The order is Instance's: id, machine, version, state, ctx, metadata,
+    status, last_event_id, last_wal_offset, created_at, updated_at.
+    """
+    return [
+        fields["id"],
+        fields["machine"],
+        fields["version"],
+        fields["state"],
+        fields["ctx"],
+        fields["metadata"],
+        "active",
+        None,
+        seq,
+        CREATED_MS,
+        CREATED_MS,
+    ]
+
+
+def encode_record(fields: dict[str, Any], seq: int) -> bytes:
+    """``cbor2.dumps`` of the record array (what SQLite stores)."""
+    return cbor2.dumps(record_array(fields, seq))
+
+
+def envelope(payload: bytes) -> bytes:
+    """CRC32C (4 bytes, little-endian) + payload (what the raw LMDB ceiling stores)."""
+    return crc32c.crc32c(payload).to_bytes(4, "little") + payload
+
+
+def make_instance(fields: dict[str, Any]) -> Any:
+    from rstmdb_storage import Instance
+
+    return Instance(**fields)
+
+
+# --------------------------------------------------------------------------
+# Timing
+# --------------------------------------------------------------------------
+
+
+def rate(ops: int, run: Callable[[], None]) -> float:
+    """Run ``run`` once and return ``ops`` per second of wall time."""
+    gc.collect()
+    start = time.perf_counter()
+    run()
+    elapsed = time.perf_counter() - start
+    return ops / elapsed
+
+
+def paired_medians(
+    ours: Callable[[], float], other: Callable[[], float], repeats: int
+) -> tuple[float, float]:
+    """Run both sides ``repeats`` times, alternating which goes first.
+
+    Each callable runs one repetition and returns its rate. Returns the two
+    median rates; running the pair back to back keeps the machine's drift
+    from favouring either side.
+    """
+    ours_rates: list[float] = []
+    other_rates: list[float] = []
+    for rep in range(repeats):
+        if rep % 2 == 0:
+            ours_rates.append(ours())
+            other_rates.append(other())
+        else:
+            other_rates.append(other())
+            ours_rates.append(ours())
+    return statistics.median(ours_rates), statistics.median(other_rates)
+
+
+# --------------------------------------------------------------------------
+# The contenders' stores
+# --------------------------------------------------------------------------
+
+
+def open_sqlite(path: Path) -> sqlite3.Connection:
+    """SQLite in WAL mode, ``synchronous=FULL``, autocommit; table (id, value)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("CREATE TABLE IF NOT EXISTS instances (id TEXT PRIMARY KEY, value BLOB)")
+    return conn
+
+
+def open_ceiling_env(path: Path, map_size: int) -> tuple[lmdb.Environment, Any]:
+    """A raw LMDB environment, as the store opens its own, with one sub-database."""
+    env = lmdb.open(str(path), subdir=True, max_dbs=4, sync=False, map_size=map_size)
+    return env, env.open_db(b"instances")
+
+
+def open_ours(path: Path, durable: bool = True) -> Any:
+    """Our store in ``path``: the default fsync policy (every write), or none."""
+    from rstmdb_storage import Storage, StorageConfig
+
+    if durable:
+        return Storage.open(StorageConfig(data_dir=str(path)))
+    from rstmdb_storage import FsyncPolicy
+
+    return Storage.open(StorageConfig(data_dir=str(path), fsync_policy=FsyncPolicy.never()))
+
+
+def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
+    for start in range(0, len(seq), size):
+        yield seq[start : start + size]
+
+
+class Bench:
+    """Working directory, counts, and the stores shared by several comparisons.
+
+    Stores are built lazily on first use and closed by :meth:`close`.
+    """
+
+    def __init__(self, workdir: Path, settings: Settings) -> None:
+        self.workdir = workdir
+        self.settings = settings
+        self._closers: list[Callable[[], None]] = []
+        rng = random.Random(20260101)
+        n = settings.records
+        self.lookup_ids = [instance_id("order", rng.randrange(n)) for _ in range(settings.lookups)]
+
+    def path(self, name: str) -> Path:
+        p = self.workdir / name
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def on_close(self, closer: Callable[[], None]) -> None:
+        self._closers.append(closer)
+
+    def close(self) -> list[str]:
+        """Close every store, newest first; return what went wrong."""
+        problems = []
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception as exc:
+                problems.append(f"closing: {exc!r}")
+        return problems
+
+    def dataset(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        for i in range(self.settings.records):
+            yield i, instance_fields(instance_id("order", i), i)
+
+    @cached_property
+    def ours_loaded(self) -> Any:
+        """Our store holding ``records`` instances, loaded in batches."""
+        storage = open_ours(self.path("ours-get"))
+        self.on_close(storage.close)
+        for part in chunks(list(self.dataset()), BATCH_SIZE):
+            with storage.batch() as b:
+                for _, fields in part:
+                    b.put_instance(make_instance(fields))
+        return storage
+
+    @cached_property
+    def ceiling_loaded(self) -> tuple[lmdb.Environment, Any]:
+        """Raw LMDB holding the same records as ``crc32c + cbor2 array``."""
+        env, db = open_ceiling_env(self.path("ceiling-get"), map_size=1 << 32)
+        self.on_close(env.close)
+        with env.begin(write=True, db=db) as txn:
+            for i, fields in self.dataset():
+                txn.put(fields["id"].encode(), envelope(encode_record(fields, i + 1)))
+        return env, db
+
+    @cached_property
+    def sqlite_loaded(self) -> sqlite3.Connection:
+        """SQLite holding the same records, cbor2-encoded."""
+        conn = open_sqlite(self.path("sqlite-get") / "bench.sqlite")
+        self.on_close(conn.close)
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO instances (id, value) VALUES (?, ?)",
+            ((f["id"], encode_record(f, i + 1)) for i, f in self.dataset()),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return conn
+
+
+# --------------------------------------------------------------------------
+# One repetition of each contender
+# --------------------------------------------------------------------------
+
+
+def run_ours_gets(storage: Any, ids: list[str]) -> float:
+    get = storage.get_instance
+
+    def run() -> None:
+        for iid in ids:
+            get(iid)
+
+    return rate(len(ids), run)
+
+
+def run_ceiling_gets(env: lmdb.Environment, db: Any, ids: list[str]) -> float:
+    keys = [iid.encode() for iid in ids]
+    begin, crc, loads = env.begin, crc32c.crc32c, cbor2.loads
+
+    def run() -> None:
+        for key in keys:
+            with begin(db=db) as txn:
+                raw = txn.get(key)
+            if int.from_bytes(raw[:4], "little") != crc(raw[4:]):
+                raise RuntimeError(f"ceiling: CRC mismatch for {key!r}")
+            loads(raw[4:])
+
+    return rate(len(keys), run)
+
+
+def run_sqlite_gets(conn: sqlite3.Connection, ids: list[str]) -> float:
+    execute, loads = conn.execute, cbor2.loads
+    sql = "SELECT value FROM instances WHERE id = ?"
+
+    def run() -> None:
+        for iid in ids:
+            loads(execute(sql, (iid,)).fetchone()[0])
+
+    return rate(len(ids), run)
+
+
+class Counter:
+    """Hands out fresh id ranges so that every repetition inserts new instances."""
+
+    def __init__(self) -> None:
+        self.next = 0
+
+    def take(self, n: int) -> range:
+        start = self.next
+        self.next += n
+        return range(start, start + n)
+
+
+def fresh_fields(counter: Counter, prefix: str, n: int) -> list[dict[str, Any]]:
+    return [instance_fields(instance_id(prefix, i), i) for i in counter.take(n)]
+
+
+# --------------------------------------------------------------------------
+# Comparisons: each returns (ours ops/s, other ops/s)
+# --------------------------------------------------------------------------
+
+
+def compare_get_vs_ceiling(bench: Bench) -> tuple[float, float]:
+    """``get_instance`` against raw lmdb get + crc32c + cbor2.loads."""
+    storage = bench.ours_loaded
+    env, db = bench.ceiling_loaded
+    ids = bench.lookup_ids
+    return paired_medians(
+        lambda: run_ours_gets(storage, ids),
+        lambda: run_ceiling_gets(env, db, ids),
+        bench.settings.repeats,
+    )
+
+
+def compare_get_vs_sqlite(bench: Bench) -> tuple[float, float]:
+    """``get_instance`` against SQLite SELECT by primary key + cbor2.loads."""
+    storage = bench.ours_loaded
+    conn = bench.sqlite_loaded
+    ids = bench.lookup_ids
+    return paired_medians(
+        lambda: run_ours_gets(storage, ids),
+        lambda: run_sqlite_gets(conn, ids),
+        bench.settings.repeats,
+    )
+
+
+def ours_durable_puts(bench: Bench, name: str) -> Callable[[], float]:
+    """A fresh store in ``name``; each call runs one repetition of single durable puts."""
+    storage = open_ours(bench.path(name))
+    bench.on_close(storage.close)
+    counter = Counter()
+
+    def one_rep() -> float:
+        insts = [make_instance(f) for f in fresh_fields(counter, "put", bench.settings.puts)]
+        put = storage.put_instance
+
+        def run() -> None:
+            for inst in insts:
+                put(inst)
+
+        return rate(len(insts), run)
+
+    return one_rep
+
+
+def compare_put_vs_sqlite(bench: Bench) -> tuple[float, float]:
+    """Durable ``put_instance`` against SQLite FULL/WAL autocommit INSERT OR REPLACE."""
+    conn = open_sqlite(bench.path("sqlite-put") / "bench.sqlite")
+    bench.on_close(conn.close)
+    counter = Counter()
+    sql = "INSERT OR REPLACE INTO instances (id, value) VALUES (?, ?)"
+
+    def sqlite_rep() -> float:
+        fields = fresh_fields(counter, "put", bench.settings.puts)
+        rows = [(f["id"], encode_record(f, i)) for i, f in enumerate(fields)]
+        execute = conn.execute
+
+        def run() -> None:
+            for row in rows:
+                execute(sql, row)
+
+        return rate(len(rows), run)
+
+    return paired_medians(
+        ours_durable_puts(bench, "ours-put-1"), sqlite_rep, bench.settings.repeats
+    )
+
+
+def compare_put_vs_fdatasync(bench: Bench) -> tuple[float, float]:
+    """Durable ``put_instance`` against pwrite + fdatasync on a preallocated file."""
+    directory = bench.path("ceiling-put")
+    counter = Counter()
+
+    def ceiling_rep() -> float:
+        fields = fresh_fields(counter, "put", bench.settings.puts)
+        records = []
+        for seq, f in enumerate(fields, start=1):
+            value = envelope(encode_record(f, seq))
+            records.append(WAL_FRAME.pack(len(value), seq, crc32c.crc32c(value)) + value)
+        path = directory / f"segment-{counter.next:012d}"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, sum(map(len, records)) + (1 << 20))
+            os.fsync(fd)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            os.fsync(dir_fd)
+            os.close(dir_fd)
+            pwrite, fdatasync = os.pwrite, os.fdatasync
+
+            def run() -> None:
+                offset = 0
+                for rec in records:
+                    offset += pwrite(fd, rec, offset)
+                    fdatasync(fd)
+
+            return rate(len(records), run)
+        finally:
+            os.close(fd)
+            path.unlink()
+
+    return paired_medians(
+        ours_durable_puts(bench, "ours-put-2"), ceiling_rep, bench.settings.repeats
+    )
+
+
+def compare_batch_vs_sqlite(bench: Bench) -> tuple[float, float]:
+    """10k instances per ``storage.batch()`` against 10k rows per SQLite transaction.
+
+    Both sides start from Python objects: ours from Instances, SQLite from the
+    field values, which it cbor2-encodes inside the timed transaction.
+    """
+    storage = open_ours(bench.path("ours-batch"))
+    bench.on_close(storage.close)
+    conn = open_sqlite(bench.path("sqlite-batch") / "bench.sqlite")
+    bench.on_close(conn.close)
+    n = BATCH_SIZE * bench.settings.batches
+    ours_counter, sqlite_counter = Counter(), Counter()
+
+    def ours_rep() -> float:
+        insts = [make_instance(f) for f in fresh_fields(ours_counter, "batch", n)]
+
+        def run() -> None:
+            for part in chunks(insts, BATCH_SIZE):
+                with storage.batch() as b:
+                    put = b.put_instance
+                    for inst in part:
+                        put(inst)
+
+        return rate(n, run)
+
+    def sqlite_rep() -> float:
+        fields = fresh_fields(sqlite_counter, "batch", n)
+        sql = "INSERT OR REPLACE INTO instances (id, value) VALUES (?, ?)"
+
+        def run() -> None:
+            for part in chunks(fields, BATCH_SIZE):
+                conn.execute("BEGIN")
+                conn.executemany(sql, ((f["id"], encode_record(f, 0)) for f in part))
+                conn.execute("COMMIT")
+
+        return rate(n, run)
+
+    return paired_medians(ours_rep, sqlite_rep, bench.settings.repeats)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    what: str
+    against: str
+    goal: float
+    run: Callable[[Bench], tuple[float, float]] = field(repr=False)
+
+
+COMPARISONS: list[Comparison] = [
+    Comparison("get_instance", "raw lmdb+crc32c+cbor2 (ceiling)", 0.7, compare_get_vs_ceiling),
+    Comparison("get_instance", "SQLite WAL, SELECT by pk", 3.0, compare_get_vs_sqlite),
+    Comparison("durable put_instance", "SQLite FULL/WAL autocommit", 1.5, compare_put_vs_sqlite),
+    Comparison("durable put_instance", "pwrite+fdatasync (ceiling)", 0.7, compare_put_vs_fdatasync),
+    Comparison("batch of 10k puts", "SQLite FULL/WAL, 1 txn", 3.0, compare_batch_vs_sqlite),
+]
+
+
+# --------------------------------------------------------------------------
+# Checks, facts and the table
+# --------------------------------------------------------------------------
+
+
+def check_api(bench: Bench) -> list[str]:
+    """Cheap checks, on a small store of its own, that the package behaves as assumed here."""
+    from rstmdb_storage import Storage, StorageConfig
+
+    problems: list[str] = []
+    path = bench.path("ours-check")
+    with Storage.open(StorageConfig(data_dir=str(path))) as storage:
+        fields = [instance_fields(instance_id("check", i), i) for i in range(3)]
+        seqs = [storage.put_instance(make_instance(f)) for f in fields[:2]]
+        if not all(isinstance(seq, int) for seq in seqs) or seqs[0] >= seqs[1]:
+            problems.append(f"put_instance returned {seqs!r}, not increasing ints")
+        got = storage.get_instance(fields[0]["id"])
+        if got is None:
+            problems.append("get_instance returned None for an instance just put")
+        else:
+            for name, value in fields[0].items():
+                if getattr(got, name, None) != value:
+                    problems.append(f"get_instance: {name} is {getattr(got, name, None)!r}")
+        if storage.get_instance("no-such-id") is not None:
+            problems.append("get_instance of an absent id did not return None")
+        with storage.batch() as b:
+            b.put_instance(make_instance(fields[2]))
+            b.delete_instance(fields[1]["id"])
+        if storage.get_instance(fields[2]["id"]) is None:
+            problems.append("batch: put_instance not visible after the batch")
+        if storage.get_instance(fields[1]["id"]) is not None:
+            problems.append("batch: delete_instance did not delete")
+    return problems
+
+
+def filesystem_of(path: Path) -> str:
+    """The mount point and type holding ``path``, from /proc/mounts."""
+    best = ("?", "?")
+    try:
+        with open("/proc/mounts") as mounts:
+            for line in mounts:
+                _, mount_point, fs_type, *_ = line.split()
+                if str(path).startswith(mount_point) and len(mount_point) >= len(best[0]):
+                    best = (mount_point, fs_type)
+    except OSError:
+        pass
+    return f"{best[1]} (mounted on {best[0]})"
+
+
+def version_of(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
+
+
+def package_facts() -> str:
+    import rstmdb_storage
+
+    version = getattr(rstmdb_storage, "__version__", None) or version_of("rstmdb-storage")
+    return f"{version} from {Path(rstmdb_storage.__file__ or '?').parent}"
+
+
+def machine_facts(workdir: Path, settings: Settings) -> list[tuple[str, str]]:
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    return [
+        ("python", f"{platform.python_implementation()} {platform.python_version()}"),
+        ("platform", platform.platform()),
+        ("cores", f"{cores} ({usable} usable)"),
+        ("lmdb", f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}"),
+        ("cbor2", version_of("cbor2")),
+        ("crc32c", f"{version_of('crc32c')} (hardware: {crc32c.hardware_based})"),
+        ("sqlite", sqlite3.sqlite_version),
+        ("rstmdb-storage", package_facts()),
+        ("work dir", f"{workdir} on {filesystem_of(workdir)}"),
+        ("record", f"{len(encode_record(instance_fields(instance_id('order', 0), 0), 1))} bytes"),
+        (
+            "counts",
+            f"repeats={settings.repeats} records={settings.records} "
+            f"lookups={settings.lookups} puts={settings.puts} "
+            f"batches={settings.batches}x{BATCH_SIZE}",
+        ),
+    ]
+
+
+def print_table(rows: list[tuple[Comparison, float, float]]) -> None:
+    header = ("what", "against", "ours ops/s", "other ops/s", "ratio", "goal", "met?")
+    lines = [header]
+    for comp, ours, other in rows:
+        ratio = ours / other
+        lines.append(
+            (
+                comp.what,
+                comp.against,
+                f"{ours:,.0f}",
+                f"{other:,.0f}",
+                f"{ratio:.2f}",
+                f">= {comp.goal:g}",
+                "yes" if ratio >= comp.goal else "NO",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    right = {2, 3, 4}
+    for n, line in enumerate(lines):
+        cells = [
+            c.rjust(w) if i in right else c.ljust(w)
+            for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip())
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for CI smoke runs")
+    parser.add_argument("--repeats", type=int, help="repetitions per side (default 5, quick 3)")
+    parser.add_argument("--records", type=int, help="instances in the get stores (default 100k)")
+    parser.add_argument("--lookups", type=int, help="random gets per repetition")
+    parser.add_argument("--puts", type=int, help="durable single puts per repetition")
+    parser.add_argument("--batches", type=int, help=f"batches of {BATCH_SIZE} per repetition")
+    parser.add_argument(
+        "--tmp-dir",
+        type=Path,
+        default=REPO_ROOT,
+        help="where to create the temporary directory (a real disk, not tmpfs; "
+        "default: the repository root)",
+    )
+    parser.add_argument(
+        "--only", metavar="TEXT", help="run only comparisons whose name contains TEXT"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # progress lines interleave with tracebacks
+    settings = settings_from(args)
+    comparisons = [
+        c for c in COMPARISONS if not args.only or args.only in f"{c.what} vs {c.against}"
+    ]
+    workdir = Path(tempfile.mkdtemp(prefix=".bench-", dir=args.tmp_dir))
+    bench = Bench(workdir, settings)
+    problems: list[str] = []
+    try:
+        for name, value in machine_facts(workdir, settings):
+            print(f"{name:>15}: {value}")
+        if "tmpfs" in filesystem_of(workdir):
+            print("warning: the work dir is on tmpfs; fsync figures mean nothing there")
+        print()
+        started = time.perf_counter()
+        try:
+            problems += check_api(bench)
+        except Exception as exc:
+            traceback.print_exc()
+            problems.append(f"API check: {exc!r}")
+        rows = []
+        for comp in comparisons:
+            t0 = time.perf_counter()
+            try:
+                ours, other = comp.run(bench)
+            except Exception as exc:  # report it and go on with the other comparisons
+                traceback.print_exc()
+                problems.append(f"{comp.what} vs {comp.against}: {exc!r}")
+                continue
+            rows.append((comp, ours, other))
+            took = time.perf_counter() - t0
+            print(f"  {comp.what} vs {comp.against}: {ours / other:.2f} ({took:.1f} s)")
+        print()
+        took = time.perf_counter() - started
+        print(f"medians of {settings.repeats} repetitions, in {took:.0f} s")
+        print_table(rows)
+    finally:
+        problems += bench.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+    for problem in problems:
+        print(f"problem: {problem}")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
