@@ -164,14 +164,28 @@ def instance_times(key: bytes, raw: bytes) -> tuple[int, int, int]:
 
 def decode_instance(key: bytes, raw: bytes) -> Instance:
     """Decode a stored instance value, verifying its checksum first."""
-    stored = int.from_bytes(raw[:4], "little")
-    if len(raw) < INSTANCE_BODY_OFFSET or stored != crc32c(raw[4:], crc32c(key)):
+    # The hot path of every lookup: checks inlined, cbor2 called directly.
+    if (
+        len(raw) < INSTANCE_BODY_OFFSET
+        or raw[4] != ENVELOPE_VERSION
+        or int.from_bytes(raw[:4], "little") != crc32c(raw[4:], crc32c(key))
+    ):
         _check_envelope(key, raw, "instances")  # raises with the details
         raise CorruptionError(f"instances[{key!r}]: value too short", key=key)
-    if raw[4] != ENVELOPE_VERSION:
-        raise CorruptionError(f"instances[{key!r}]: unknown envelope version {raw[4]}", key=key)
-    seq, created_at, updated_at = INSTANCE_FIXED.unpack_from(raw, ENVELOPE_HEADER_SIZE)
-    body = cbor_loads(raw[INSTANCE_BODY_OFFSET:], f"instances[{key!r}]")
+    try:
+        body = cbor2.loads(
+            raw[INSTANCE_BODY_OFFSET:],
+            max_depth=MAX_DECODE_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            tag_hook=_refuse_tag,
+            semantic_decoders=_REFUSED_TAGS,
+        )
+    except Exception:
+        body = cbor_loads(raw[INSTANCE_BODY_OFFSET:], f"instances[{key!r}]")  # raises
     if type(body) is not list or len(body) != INSTANCE_BODY_FIELDS:
         raise DecodeError(f"instances[{key!r}]: body is not a {INSTANCE_BODY_FIELDS}-field array")
-    return Instance(key.decode(), *body, seq, created_at, updated_at)
+    return Instance(key.decode(), *body, *_unpack_fixed(raw, ENVELOPE_HEADER_SIZE))
+
+
+_unpack_fixed = INSTANCE_FIXED.unpack_from

@@ -70,6 +70,13 @@ class Meta:
                 key=KEY_FORMAT_VERSION,
             )
 
+    def check_all(self, txn) -> None:
+        """Raise :class:`CorruptionError` unless every meta value is present and intact."""
+        self.check_format(txn)
+        self.store_id(txn)
+        self.tail(txn)
+        self.checkpoint(txn)
+
     def store_id(self, txn) -> bytes:
         payload = self._get(txn, KEY_STORE_ID)
         if payload is None or len(payload) != 16:

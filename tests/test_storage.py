@@ -1,0 +1,272 @@
+"""The front door: puts, gets, deletes, batches, reopening, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from rstmdb_storage import (
+    ConfigError,
+    FsyncPolicy,
+    Instance,
+    InstanceNotFoundError,
+    InvalidInputError,
+    InvalidTypeError,
+    RecordTooLargeError,
+    Storage,
+    StorageClosedError,
+    StorageConfig,
+    StorageError,
+)
+
+
+def order(instance_id: str, state: str = "pending", **fields: object) -> Instance:
+    return Instance(id=instance_id, machine="order", version=1, state=state, **fields)
+
+
+def wal_bytes(data_dir: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted((data_dir / "wal").glob("*.wal")))
+
+
+def test_put_then_get_returns_what_was_stored(storage: Storage) -> None:
+    inst = order("order-1", ctx={"total": 99.5, "items": [1, 2]}, metadata={"customer": "alice"})
+    seq = storage.put_instance(inst)
+    got = storage.get_instance("order-1")
+    assert got is not None
+    assert (got.machine, got.version, got.state) == ("order", 1, "pending")
+    assert got.ctx == {"total": 99.5, "items": [1, 2]}
+    assert got.metadata == {"customer": "alice"}
+    assert got.last_wal_offset == seq
+    assert got.created_at == got.updated_at and got.created_at > 1_600_000_000_000
+
+
+def test_get_of_absent_id_is_none(storage: Storage) -> None:
+    assert storage.get_instance("nobody") is None
+
+
+def test_sequence_numbers_are_gap_free_and_increasing(storage: Storage) -> None:
+    seqs = [storage.put_instance(order(f"o{i}")) for i in range(50)]
+    assert seqs == list(range(1, 51))
+    assert storage.applied_seq == 50
+    assert [record.seq for record in storage.read_wal()] == seqs
+
+
+def test_update_keeps_created_at_and_moves_updated_at(storage: Storage) -> None:
+    storage.put_instance(order("o", created_at=1000, updated_at=1000))
+    storage.put_instance(order("o", state="paid"))
+    got = storage.get_instance("o")
+    assert got is not None and got.state == "paid"
+    assert got.created_at == 1000 and got.updated_at > 1000
+
+
+def test_caller_timestamps_are_kept(storage: Storage) -> None:
+    storage.put_instance(order("o", created_at=5, updated_at=7))
+    got = storage.get_instance("o")
+    assert got is not None and (got.created_at, got.updated_at) == (5, 7)
+
+
+def test_delete_removes_and_absent_delete_raises_without_writing(storage: Storage) -> None:
+    storage.put_instance(order("o"))
+    seq = storage.delete_instance("o")
+    assert storage.get_instance("o") is None
+    with pytest.raises(InstanceNotFoundError, match="'o'"):
+        storage.delete_instance("o")
+    assert storage.applied_seq == seq
+
+
+def test_batch_is_one_record_and_atomic(storage: Storage) -> None:
+    storage.put_instance(order("old"))
+    with storage.batch() as batch:
+        for i in range(10):
+            batch.put_instance(order(f"b{i}"))
+        batch.delete_instance("old")
+    assert batch.seq == 2 and storage.applied_seq == 2
+    assert storage.count_instances() == 10
+    assert all(storage.get_instance(f"b{i}").last_wal_offset == 2 for i in range(10))
+
+
+def test_batch_with_an_absent_delete_writes_nothing(storage: Storage, data_dir: Path) -> None:
+    before = wal_bytes(data_dir)
+    with pytest.raises(InstanceNotFoundError), storage.batch() as batch:
+        batch.put_instance(order("new"))
+        batch.delete_instance("missing")
+    assert storage.get_instance("new") is None
+    assert storage.applied_seq == 0
+    assert wal_bytes(data_dir) == before
+
+
+def test_batch_may_delete_what_it_put(storage: Storage) -> None:
+    with storage.batch() as batch:
+        batch.put_instance(order("tmp"))
+        batch.delete_instance("tmp")
+    assert storage.get_instance("tmp") is None and batch.seq == 1
+
+
+def test_batch_that_raises_writes_nothing(storage: Storage) -> None:
+    with pytest.raises(RuntimeError), storage.batch() as batch:
+        batch.put_instance(order("x"))
+        raise RuntimeError("caller changed its mind")
+    assert storage.get_instance("x") is None and storage.applied_seq == 0
+
+
+def test_empty_batch_writes_nothing(storage: Storage) -> None:
+    with storage.batch() as batch:
+        pass
+    assert batch.seq is None and storage.applied_seq == 0
+
+
+def test_reopen_keeps_everything_and_continues_the_sequence(config: StorageConfig) -> None:
+    with Storage.open(config) as storage:
+        for i in range(300):  # enough for several 64 KiB segments
+            storage.put_instance(order(f"o{i}", ctx={"pad": "x" * 300}))
+    assert len(list((config.path / "wal").glob("*.wal"))) > 1
+    with Storage.open(config) as storage:
+        assert storage.count_instances() == 300
+        assert storage.put_instance(order("next")) == 301
+        assert [r.seq for r in storage.read_wal(295)] == list(range(295, 302))
+
+
+def test_two_storage_objects_in_one_process_share_the_environment(
+    config: StorageConfig,
+) -> None:
+    with Storage.open(config) as first, Storage.open(config) as second:
+        first.put_instance(order("a"))
+        assert second.get_instance("a") is not None
+        assert second.put_instance(order("b")) == 2
+
+
+def test_read_wal_limit_and_window(storage: Storage) -> None:
+    for i in range(10):
+        storage.put_instance(order(f"o{i}"))
+    assert [r.seq for r in storage.read_wal(4, limit=3)] == [4, 5, 6]
+    assert list(storage.read_wal(11)) == []
+
+
+def test_iter_instances_pages_through_everything(storage: Storage) -> None:
+    with storage.batch() as batch:
+        for i in range(1200):
+            batch.put_instance(order(f"o{i:05d}"))
+    ids = [inst.id for inst in storage.iter_instances()]
+    assert ids == [f"o{i:05d}" for i in range(1200)]
+
+
+def test_map_grows_by_itself(data_dir: Path) -> None:
+    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024)
+    with Storage.open(config) as storage:
+        for chunk in range(8):
+            with storage.batch() as batch:
+                for i in range(100):
+                    batch.put_instance(order(f"o{chunk}-{i}", ctx={"pad": "x" * 2000}))
+        assert storage.count_instances() == 800
+    with Storage.open(config) as storage:
+        assert storage.get_instance("o7-99").ctx == {"pad": "x" * 2000}
+
+
+def test_files_are_private_to_the_owner(storage: Storage, data_dir: Path) -> None:
+    storage.put_instance(order("o"))
+    for path in [data_dir, *data_dir.rglob("*")]:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        assert mode & 0o077 == 0, f"{path} has mode {oct(mode)}"
+
+
+def test_closed_storage_refuses_use(config: StorageConfig) -> None:
+    storage = Storage.open(config)
+    storage.close()
+    storage.close()  # idempotent
+    with pytest.raises(StorageClosedError):
+        storage.put_instance(order("o"))
+
+
+@pytest.mark.parametrize(
+    "policy", [FsyncPolicy.every_n(3), FsyncPolicy.every_ms(5), FsyncPolicy.never()]
+)
+def test_every_fsync_policy_keeps_writes_across_reopen(data_dir: Path, policy: FsyncPolicy) -> None:
+    config = StorageConfig(data_dir=data_dir, fsync_policy=policy)
+    with Storage.open(config) as storage:
+        for i in range(10):
+            storage.put_instance(order(f"o{i}"))
+    with Storage.open(config) as storage:
+        assert storage.count_instances() == 10 and storage.applied_seq == 10
+
+
+# --- bad input: a clear, typed error, and nothing written ---------------------------------------
+
+
+BAD_INSTANCES = [
+    (lambda: {"id": "x"}, InvalidTypeError),
+    (lambda: order(""), InvalidInputError),
+    (lambda: order(7), InvalidTypeError),
+    (lambda: order("x" * 256), InvalidInputError),
+    (lambda: order("a\x00b"), InvalidInputError),
+    (lambda: Instance(id="x", machine="", version=1, state="s"), InvalidInputError),
+    (lambda: Instance(id="x", machine="m", version=-1, state="s"), InvalidInputError),
+    (lambda: Instance(id="x", machine="m", version=True, state="s"), InvalidTypeError),
+    (lambda: Instance(id="x", machine="m", version=1, state=None), InvalidTypeError),
+    (lambda: order("x", ctx=[1, 2]), InvalidTypeError),
+    (lambda: order("x", ctx={"when": datetime.datetime.now()}), InvalidTypeError),
+    (lambda: order("x", ctx={"s": {1, 2}}), InvalidTypeError),
+    (lambda: order("x", ctx={1: "non-str key"}), InvalidTypeError),
+    (lambda: order("x", ctx={"bad": "\ud800"}), InvalidInputError),
+    (lambda: order("x", metadata={"k": [1]}), InvalidTypeError),
+    (lambda: order("x", metadata={"k": float("nan")}), InvalidInputError),
+    (lambda: order("x", status="gone"), InvalidInputError),
+    (lambda: order("x", created_at="yesterday"), InvalidTypeError),
+    (lambda: order("x", ctx={"big": "x" * (2 * 1024 * 1024)}), RecordTooLargeError),
+]
+
+
+@pytest.mark.parametrize(("make", "error"), BAD_INSTANCES)
+def test_bad_input_raises_typed_error_and_writes_nothing(
+    storage: Storage, data_dir: Path, make, error: type[Exception]
+) -> None:
+    before = wal_bytes(data_dir)
+    with pytest.raises(error) as raised:
+        storage.put_instance(make())
+    assert isinstance(raised.value, StorageError)
+    assert isinstance(raised.value, (TypeError, ValueError))
+    with pytest.raises(error), storage.batch() as batch:
+        batch.put_instance(order("fine"))
+        batch.put_instance(make())
+    assert storage.applied_seq == 0
+    assert storage.count_instances() == 0
+    assert wal_bytes(data_dir) == before
+
+
+@pytest.mark.parametrize("bad_id", [None, 3, b"bytes", ""])
+def test_get_with_a_bad_id_raises(storage: Storage, bad_id: object) -> None:
+    with pytest.raises((InvalidTypeError, InvalidInputError)):
+        storage.get_instance(bad_id)  # type: ignore[arg-type]
+
+
+def test_deeply_nested_ctx_is_refused(storage: Storage) -> None:
+    ctx: dict = {}
+    inner = ctx
+    for _ in range(100):
+        inner["x"] = {}
+        inner = inner["x"]
+    with pytest.raises(InvalidInputError, match="nested"):
+        storage.put_instance(order("deep", ctx=ctx))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("snapshot_interval", -1),
+        ("max_wal_segments", 0),
+        ("compaction_enabled", "yes"),
+        ("wal_segment_size", 10),
+        ("fsync_policy", "always"),
+        ("fsync_policy", FsyncPolicy.every_n(0)),
+        ("map_size", 0),
+        ("max_instance_size", 10**12),
+    ],
+)
+def test_bad_config_names_the_field(data_dir: Path, field: str, value: object) -> None:
+    config = StorageConfig(data_dir=data_dir, **{field: value})
+    with pytest.raises(ConfigError, match=field):
+        Storage.open(config)
+    assert not data_dir.exists()
