@@ -96,6 +96,12 @@ class Wal:
             self._segments[first_seq] = segment
         return segment
 
+    def _forget(self, first_seq: int) -> None:
+        """Close a sealed segment this process no longer appends to (fds do not pile up)."""
+        segment = self._segments.pop(first_seq, None)
+        if segment is not None:
+            segment.close()
+
     def start(self) -> WalTail:
         """Create the first segment of a new store; return the tail of the empty log."""
         self._create_segment(1)
@@ -130,6 +136,8 @@ class Wal:
         records_crc = _crc_of(segment, SEGMENT_HEADER_SIZE, tail.offset)
         segment.write(tail.offset, encode_seal(tail.applied_seq, timestamp_ms, records_crc))
         self._sync_segment(segment)  # a sealed segment is immutable and durable, whatever policy
+        self._unsynced.discard(segment.first_seq)
+        self._forget(segment.first_seq)
         self._create_segment(tail.next_seq)
         return WalTail(tail.next_seq, SEGMENT_HEADER_SIZE, tail.next_seq)
 
@@ -207,6 +215,8 @@ class Wal:
         if found.type == RECORD_SEAL:
             if found.seq != tail.applied_seq:
                 raise _unexpected(segment, found, tail.applied_seq, "seal")
+            if segment.first_seq not in self._unsynced:
+                self._forget(segment.first_seq)
             try:
                 self.segment(tail.next_seq)
             except FileNotFoundError:
@@ -258,12 +268,16 @@ class Wal:
                     f"WAL sequences {expected}..{first_seq - 1} are missing "
                     f"(no segment holds them in {self.directory})"
                 )
-            for record in self._segment_records(self.segment(first_seq), expected):
-                if record.seq >= from_seq:
-                    yield record
-                if record.seq >= until_seq:
-                    return
-                expected = record.seq + 1
+            segment = WalSegment.open(self.directory, first_seq, self.store_id)
+            try:
+                for record in self._segment_records(segment, expected):
+                    if record.seq >= from_seq:
+                        yield record
+                    if record.seq >= until_seq:
+                        return
+                    expected = record.seq + 1
+            finally:
+                segment.close()
         raise WalGapError(
             f"WAL in {self.directory} ends at sequence {expected - 1}, but {until_seq} was expected"
         )

@@ -1,0 +1,118 @@
+"""Opening after trouble: checkpoints, a reboot with unflushed LMDB commits, a lost indexes/."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import lmdb
+import pytest
+
+from rstmdb_storage import CorruptionError, FsyncPolicy, Instance, Storage, StorageConfig
+from rstmdb_storage.store.meta import Checkpoint, Meta
+
+
+def order(instance_id: str, state: str = "pending") -> Instance:
+    return Instance(id=instance_id, machine="order", version=1, state=state, ctx={"pad": "p" * 200})
+
+
+def fill(config: StorageConfig, count: int) -> None:
+    with Storage.open(config) as storage:
+        for i in range(count):
+            storage.put_instance(order(f"o{i}"))
+
+
+def rewrite_lmdb(config: StorageConfig, change) -> None:
+    """Edit the LMDB environment behind the store's back, as damage or a reboot would."""
+    env = lmdb.open(str(config.path / "indexes"), max_dbs=16)
+    try:
+        with env.begin(write=True) as txn:
+            change(env, txn)
+    finally:
+        env.close()
+
+
+def pretend_reboot_before_checkpoint(env, txn) -> None:
+    Meta(env.open_db(b"meta", txn=txn)).write_checkpoint(txn, Checkpoint(0, "another-boot"))
+
+
+def flip_a_value(env, txn) -> None:
+    db = env.open_db(b"instances", txn=txn)
+    value = bytearray(txn.get(b"o3", db=db))
+    value[-1] ^= 0x01
+    txn.put(b"o3", bytes(value), db=db)
+
+
+def test_checkpoints_happen_while_writing(data_dir: Path) -> None:
+    config = StorageConfig(data_dir=data_dir, checkpoint_interval_ms=1)
+    with Storage.open(config) as storage:
+        for i in range(30):
+            storage.put_instance(order(f"o{i}"))
+        applied_at_checkpoint = storage._read_with_retry(
+            lambda txn: storage._meta.checkpoint(txn).applied_seq
+        )
+    assert applied_at_checkpoint > 0
+
+
+def test_close_records_a_checkpoint_of_everything(config: StorageConfig) -> None:
+    fill(config, 5)
+    with Storage.open(config) as storage:
+        checkpoint = storage._read_with_retry(storage._meta.checkpoint)
+        assert checkpoint.applied_seq == 5
+        assert checkpoint.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+
+def test_reboot_with_unflushed_commits_checks_lmdb_and_opens_when_sound(
+    config: StorageConfig,
+) -> None:
+    fill(config, 10)
+    rewrite_lmdb(config, pretend_reboot_before_checkpoint)
+    with Storage.open(config) as storage:
+        assert storage.count_instances() == 10 and storage.verify() == []
+
+
+def test_reboot_with_unflushed_commits_refuses_a_damaged_lmdb(config: StorageConfig) -> None:
+    fill(config, 10)
+    rewrite_lmdb(config, flip_a_value)
+    rewrite_lmdb(config, pretend_reboot_before_checkpoint)
+    with pytest.raises(CorruptionError, match="rebuild it from the WAL") as raised:
+        Storage.open(config)
+    assert "o3" in str(raised.value)
+
+
+def test_damage_without_a_reboot_is_found_on_read_and_by_verify(config: StorageConfig) -> None:
+    fill(config, 10)
+    rewrite_lmdb(config, flip_a_value)
+    with Storage.open(config) as storage:
+        with pytest.raises(CorruptionError, match="o3"):
+            storage.get_instance("o3")
+        assert [f.where for f in storage.verify()] == ["instances[b'o3']"]
+
+
+def test_lost_indexes_are_rebuilt_from_the_wal(config: StorageConfig) -> None:
+    fill(config, 400)  # several segments
+    with Storage.open(config) as storage:
+        storage.delete_instance("o7")
+        expected = {inst.id: inst for inst in storage.iter_instances()}
+    shutil.rmtree(config.path / "indexes")
+    with Storage.open(config) as storage:
+        assert {inst.id: inst for inst in storage.iter_instances()} == expected
+        assert storage.put_instance(order("next")) == 402
+
+
+def test_wal_file_descriptors_do_not_pile_up(data_dir: Path) -> None:
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    config = StorageConfig(
+        data_dir=data_dir, wal_segment_size=64 * 1024, fsync_policy=FsyncPolicy.never()
+    )
+    with Storage.open(config) as storage:
+        for i in range(50):
+            storage.put_instance(order(f"warm{i}"))
+        before = open_fds()
+        for i in range(1500):  # many 64 KiB segments
+            storage.put_instance(order(f"o{i}"))
+        assert len(storage.wal_segments()) > 5
+        assert open_fds() <= before + 1
