@@ -48,16 +48,26 @@ class Instance:
     updated_at: int | None = None
 
 
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+_LABEL_TYPES = frozenset({str, int, float, bool})
+# Text of at most this many characters is at most MAX_ID_BYTES bytes in UTF-8, whatever it holds.
+_SHORT_TEXT = MAX_ID_BYTES // 4
+
+
 def check_instance(inst: object) -> Instance:
     """Raise :class:`InvalidTypeError`/:class:`InvalidInputError` unless *inst* is an
-    :class:`Instance` the store can keep; return it."""
+    :class:`Instance` the store can keep; return it.
+
+    Text is checked for emptiness, NUL and length here; text that is not valid Unicode (lone
+    surrogates) is refused when it is encoded, still before anything is written.
+    """
     if not isinstance(inst, Instance):
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
     check_id(inst.id)
     _check_name("machine", inst.machine)
     _check_int("version", inst.version)
     _check_name("state", inst.state)
-    if not isinstance(inst.ctx, dict):
+    if type(inst.ctx) is not dict:
         raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(inst.ctx)}")
     check_plain_value(inst.ctx, f"ctx of {inst.id!r}")
     _check_metadata(inst)
@@ -65,14 +75,14 @@ def check_instance(inst: object) -> Instance:
         raise InvalidInputError(
             f"status of {inst.id!r}: expected one of {STATUSES}, got {inst.status!r}"
         )
-    if inst.last_event_id is not None and not isinstance(inst.last_event_id, str):
+    if inst.last_event_id is not None and type(inst.last_event_id) is not str:
         raise InvalidTypeError(
             f"last_event_id of {inst.id!r}: expected str or None, got {_tn(inst.last_event_id)}"
         )
-    for name in ("created_at", "updated_at"):
-        value = getattr(inst, name)
-        if value is not None:
-            _check_int(name, value)
+    if inst.created_at is not None:
+        _check_int("created_at", inst.created_at)
+    if inst.updated_at is not None:
+        _check_int("updated_at", inst.updated_at)
     return inst
 
 
@@ -81,6 +91,10 @@ def check_id(instance_id: object) -> str:
     if not isinstance(instance_id, str):
         raise InvalidTypeError(f"instance id: expected str, got {_tn(instance_id)}")
     _check_text("instance id", instance_id)
+    try:
+        instance_id.encode()  # the id becomes the LMDB key
+    except UnicodeEncodeError as exc:
+        raise InvalidInputError(f"instance id: not valid Unicode text ({exc.reason})") from None
     return instance_id
 
 
@@ -94,48 +108,46 @@ def check_plain_value(value: Any, where: str, depth: int = 0) -> None:
     if depth > MAX_DECODE_DEPTH - 2:
         raise InvalidInputError(f"{where}: nested deeper than {MAX_DECODE_DEPTH - 2} levels")
     kind = type(value)
-    if value is None or kind in (bool, int, str, bytes):
-        return
-    if kind is float:
+    if kind in _SCALARS:
         return
     if kind is dict:
         for key, item in value.items():
             if type(key) is not str:
                 raise InvalidTypeError(f"{where}: dict keys must be str, got {_tn(key)}")
-            check_plain_value(item, where, depth + 1)
-        return
-    if kind in (list, tuple):
+            if type(item) not in _SCALARS:  # only containers (or bad values) recurse
+                check_plain_value(item, where, depth + 1)
+    elif kind is list or kind is tuple:
         for item in value:
-            check_plain_value(item, where, depth + 1)
-        return
-    raise InvalidTypeError(
-        f"{where}: {_tn(value)} cannot be stored (use None, bool, int, float, str, bytes, "
-        f"list or dict)"
-    )
+            if type(item) not in _SCALARS:
+                check_plain_value(item, where, depth + 1)
+    else:
+        raise InvalidTypeError(
+            f"{where}: {_tn(value)} cannot be stored (use None, bool, int, float, str, bytes, "
+            f"list or dict)"
+        )
 
 
 def _check_metadata(inst: Instance) -> None:
-    if not isinstance(inst.metadata, dict):
+    if type(inst.metadata) is not dict:
         raise InvalidTypeError(
             f"metadata of {inst.id!r}: expected a dict, got {_tn(inst.metadata)}"
         )
     for key, value in inst.metadata.items():
-        if not isinstance(key, str):
+        if type(key) is not str:
             raise InvalidTypeError(f"metadata of {inst.id!r}: keys must be str, got {_tn(key)}")
         _check_text(f"metadata key of {inst.id!r}", key)
-        if type(value) not in (str, int, float, bool):
+        kind = type(value)
+        if kind not in _LABEL_TYPES:
             raise InvalidTypeError(
                 f"metadata {key!r} of {inst.id!r}: expected str, int, float or bool, "
                 f"got {_tn(value)}"
             )
-        if type(value) is float and math.isnan(value):
-            raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: NaN cannot be indexed")
-        if type(value) is int and not -(2**63) <= value < 2**63:
+        if kind is str:
+            _check_text(f"metadata {key!r} of {inst.id!r}", value, empty_ok=True)
+        elif kind is int and not -(2**63) <= value < 2**63:
             raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: int outside 64 bits")
-        if type(value) is str and len(value.encode()) > MAX_ID_BYTES:
-            raise InvalidInputError(
-                f"metadata {key!r} of {inst.id!r}: value longer than {MAX_ID_BYTES} bytes"
-            )
+        elif kind is float and math.isnan(value):
+            raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: NaN cannot be indexed")
 
 
 def _check_name(what: str, value: object) -> None:
@@ -144,21 +156,24 @@ def _check_name(what: str, value: object) -> None:
     _check_text(what, value)
 
 
-def _check_text(what: str, value: str) -> None:
-    if not value:
+def _check_text(what: str, value: str, empty_ok: bool = False) -> None:
+    if not value and not empty_ok:
         raise InvalidInputError(f"{what}: must not be empty")
     if "\x00" in value:
         raise InvalidInputError(f"{what}: must not contain NUL characters")
-    try:
-        size = len(value.encode("utf-8"))
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(f"{what}: not valid Unicode text ({exc.reason})") from None
-    if size > MAX_ID_BYTES:
-        raise InvalidInputError(f"{what}: {size} bytes in UTF-8, at most {MAX_ID_BYTES} allowed")
+    if len(value) > _SHORT_TEXT:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidInputError(f"{what}: not valid Unicode text ({exc.reason})") from None
+        if size > MAX_ID_BYTES:
+            raise InvalidInputError(
+                f"{what}: {size} bytes in UTF-8, at most {MAX_ID_BYTES} allowed"
+            )
 
 
 def _check_int(what: str, value: object) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
+    if type(value) is not int:
         raise InvalidTypeError(f"{what}: expected int, got {_tn(value)}")
     if not 0 <= value < 2**63:
         raise InvalidInputError(f"{what}: must be between 0 and 2**63 - 1, got {value}")
