@@ -62,8 +62,8 @@ class FsyncPolicy:
     ``FsyncPolicy.every_write()`` nothing acknowledged: a write returns only after its WAL record
                                   is on disk (the default)
     ``FsyncPolicy.every_n(n)``    up to the last ``n - 1`` writes of each process
-    ``FsyncPolicy.every_ms(ms)``  writes made since the last sync; a sync happens at the first
-                                  write ``ms`` or more after the previous one, and at close
+    ``FsyncPolicy.every_ms(ms)``  about the last ``ms`` milliseconds of writes: a background
+                                  thread syncs what was appended every ``ms``
     ``FsyncPolicy.never()``       everything since the last checkpoint or close
     ============================ =================================================================
 

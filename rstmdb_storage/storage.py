@@ -16,10 +16,13 @@ flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,7 @@ from .errors import (
     InstanceNotFoundError,
     RecordTooLargeError,
     StorageClosedError,
+    StorageError,
 )
 from .fsutil import make_dir
 from .model import Instance, check_id, check_instance
@@ -71,7 +75,9 @@ class Storage:
         self._meta = Meta(env.meta)
         self._closed = False
         self._last_checkpoint = time.monotonic()
+        self._dirty = False
         self._boot_id = _boot_id()
+        self._flusher = _Flusher(self)
 
     # --- opening and closing --------------------------------------------------------------------
 
@@ -110,8 +116,9 @@ class Storage:
         if self._closed:
             return
         try:
+            self._flusher.stop()
             if not self._env.stale and self._wal.usable:
-                self._checkpoint()
+                self.checkpoint()
         finally:
             self._closed = True
             try:
@@ -273,7 +280,9 @@ class Storage:
         with env.write_mutex:
             self._wal.check_usable()
             seq = self._write_locked(env, changes, payload, check)
-        self._maybe_checkpoint()
+            self._dirty = True
+        if self._flusher.pid != os.getpid():
+            self._flusher = _Flusher(self)  # forked: threads do not survive a fork
         return seq
 
     def _write_locked(
@@ -375,21 +384,45 @@ class Storage:
 
     # --- checkpoints ----------------------------------------------------------------------------
 
-    def _maybe_checkpoint(self) -> None:
-        elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
-        if elapsed_ms >= self.config.checkpoint_interval_ms:
-            self._checkpoint()
+    def checkpoint(self) -> int:
+        """Flush LMDB to disk now; return the applied sequence number the flush covers.
 
-    def _checkpoint(self) -> None:
-        """Flush LMDB, after the WAL it must never get ahead of."""
+        The store does this by itself every ``checkpoint_interval_ms`` (from a background
+        thread, when there were writes) and at close. The WAL segment being appended to is
+        synced first, so LMDB on disk never gets ahead of the WAL.
+        """
         env = self._live_env()
         with env.write_mutex:
+            applied = self._checkpoint_locked(env)
+        env.sync()  # outside the mutex: writers go on while the data file is flushed
+        return applied
+
+    def _checkpoint_locked(self, env: lmdb_env.LmdbEnvironment) -> int:
+        self._wal.check_usable()
+        with env.begin_write() as txn:
+            tail = self._meta.tail(txn)
+            # Syncing the tail segment also covers records other processes appended to it.
+            self._wal.mark_unsynced(tail.segment)
             self._wal.sync()
-            with env.begin_write() as txn:
-                applied = self._meta.tail(txn).applied_seq
-                self._meta.write_checkpoint(txn, Checkpoint(applied, self._boot_id))
-            env.sync()
-            self._last_checkpoint = time.monotonic()
+            self._meta.write_checkpoint(txn, Checkpoint(tail.applied_seq, self._boot_id))
+        self._dirty = False
+        self._last_checkpoint = time.monotonic()
+        return tail.applied_seq
+
+    def _background_flush(self) -> None:
+        """One pass of the flusher thread: the ``every_ms`` WAL sync, and a checkpoint when
+        one is due."""
+        env = self._env
+        if self._closed or env.stale:
+            return
+        with env.write_mutex:
+            if self._wal.has_unsynced and self._wal.sync_due():
+                self._wal.sync()
+            elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
+            if not (self._dirty and elapsed_ms >= self.config.checkpoint_interval_ms):
+                return
+            self._checkpoint_locked(env)
+        env.sync()
 
     # --- plumbing -------------------------------------------------------------------------------
 
@@ -413,6 +446,61 @@ class Storage:
                 if attempt == 2:
                     raise
         raise AssertionError("unreachable")
+
+
+class _Flusher:
+    """A daemon thread that syncs the WAL under ``FsyncPolicy.every_ms`` and checkpoints LMDB
+    every ``checkpoint_interval_ms`` while there are writes, so neither waits for the next
+    write to happen."""
+
+    def __init__(self, storage: Storage) -> None:
+        config = storage.config
+        interval_ms = config.checkpoint_interval_ms
+        if config.fsync_policy.mode == "every_ms":
+            interval_ms = min(interval_ms, config.fsync_policy.value)
+        self.pid = os.getpid()
+        self.passes = 0
+        #: notified after every pass, so that tests can wait for one instead of sleeping
+        self.passed = threading.Condition()
+        self._interval = interval_ms / 1000
+        self._stop = threading.Event()
+        self._storage = weakref.ref(storage)
+        self._thread = threading.Thread(target=self._run, name="rstmdb-flusher", daemon=True)
+        self._thread.start()
+        _flushers.add(self)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            storage = self._storage()
+            if storage is None:
+                return
+            try:
+                storage._background_flush()
+            except StorageError:
+                # A failed sync has already made the store fail-stop; writers will say so.
+                log.exception("background flush of %s failed", storage.config.path)
+                return
+            finally:
+                del storage
+            with self.passed:
+                self.passes += 1
+                self.passed.notify_all()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.pid == os.getpid() and self._thread is not threading.current_thread():
+            self._thread.join()
+        _flushers.discard(self)
+
+
+_flushers: weakref.WeakSet[_Flusher] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_flushers() -> None:
+    # Stop flushing before the interpreter tears down under a running daemon thread.
+    for flusher in list(_flushers):
+        flusher.stop()
 
 
 class Batch:

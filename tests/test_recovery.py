@@ -44,15 +44,40 @@ def flip_a_value(env, txn) -> None:
     txn.put(b"o3", bytes(value), db=db)
 
 
-def test_checkpoints_happen_while_writing(data_dir: Path) -> None:
-    config = StorageConfig(data_dir=data_dir, checkpoint_interval_ms=1)
+def checkpointed_seq(storage: Storage) -> int:
+    return storage._read_with_retry(storage._meta.checkpoint).applied_seq
+
+
+def test_checkpoint_flushes_and_records_the_applied_sequence(storage: Storage) -> None:
+    for i in range(3):
+        storage.put_instance(order(f"o{i}"))
+    assert storage.checkpoint() == 3
+    assert checkpointed_seq(storage) == 3
+
+
+def test_the_background_flusher_checkpoints_after_writes(data_dir: Path) -> None:
+    config = StorageConfig(data_dir=data_dir, checkpoint_interval_ms=5)
     with Storage.open(config) as storage:
         for i in range(30):
             storage.put_instance(order(f"o{i}"))
-        applied_at_checkpoint = storage._read_with_retry(
-            lambda txn: storage._meta.checkpoint(txn).applied_seq
-        )
-    assert applied_at_checkpoint > 0
+        flusher = storage._flusher
+        with flusher.passed:
+            assert flusher.passed.wait_for(lambda: checkpointed_seq(storage) == 30, timeout=30)
+
+
+def test_every_ms_policy_syncs_without_waiting_for_another_write(data_dir: Path) -> None:
+    config = StorageConfig(
+        data_dir=data_dir, fsync_policy=FsyncPolicy.every_ms(20), checkpoint_interval_ms=3_600_000
+    )
+    with Storage.open(config) as storage:
+        storage._wal._last_sync += 3600  # the write below is not due for a sync itself
+        storage.put_instance(order("o0"))
+        assert storage._wal.has_unsynced
+        storage._wal._last_sync -= 7200  # now it is: the flusher, not a write, must sync it
+        flusher = storage._flusher
+        with flusher.passed:
+            assert flusher.passed.wait_for(lambda: not storage._wal.has_unsynced, timeout=30)
+        assert checkpointed_seq(storage) == 0  # no checkpoint did it
 
 
 def test_close_records_a_checkpoint_of_everything(config: StorageConfig) -> None:

@@ -180,6 +180,10 @@ class Wal:
         self._unsynced.add(first_seq)
 
     @property
+    def has_unsynced(self) -> bool:
+        return bool(self._unsynced)
+
+    @property
     def usable(self) -> bool:
         return self._failed is None
 
