@@ -107,17 +107,21 @@ class Storage:
         try:
             storage._recover()
         except BaseException:
-            storage.close()
+            # No checkpoint: it would mark an environment that failed its check as sound.
+            storage._release(checkpoint=False)
             raise
         return storage
 
     def close(self) -> None:
         """Sync what this process wrote, checkpoint LMDB, and release the files. Idempotent."""
+        self._release(checkpoint=True)
+
+    def _release(self, checkpoint: bool) -> None:
         if self._closed:
             return
         try:
             self._flusher.stop()
-            if not self._env.stale and self._wal.usable:
+            if checkpoint and not self._env.stale and self._wal.usable:
                 self.checkpoint()
         finally:
             self._closed = True
