@@ -54,16 +54,45 @@ INSTANCE_BODY_FIELDS = 7
 
 # Semantic tags cbor2 may decode: only bignums, which it emits for ints beyond 64 bits.
 ALLOWED_TAGS = frozenset({2, 3})
-# Tags cbor2 decodes by itself unless told otherwise; each is refused explicitly.
-_BUILTIN_TAGS = (0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 100, 256, 258, 260, 261, 1004, 55799)
+# Tags cbor2 (6.3) decodes by itself unless told otherwise; each is refused explicitly, and a
+# test probes cbor2 for any tag it decodes that is missing here.
+BUILTIN_TAGS = (
+    0,
+    1,
+    4,
+    5,
+    25,
+    28,
+    29,
+    30,
+    35,
+    36,
+    37,
+    52,
+    54,
+    100,
+    256,
+    258,
+    260,
+    261,
+    1004,
+    43000,
+    55799,
+)
 
 
-def _refuse_tag(decoder: Any, tag: Any = None) -> Any:
-    number = tag.tag if tag is not None else "builtin"
-    raise DecodeError(f"CBOR semantic tag {number} is not allowed in stored data")
+def _refuser(number: int) -> Any:
+    def refuse(*_: Any) -> Any:
+        raise DecodeError(f"CBOR semantic tag {number} is not allowed in stored data")
+
+    return refuse
 
 
-_REFUSED_TAGS = {number: _refuse_tag for number in _BUILTIN_TAGS}
+def _refuse_unknown_tag(tag: cbor2.CBORTag, immutable: bool = False) -> Any:
+    raise DecodeError(f"CBOR semantic tag {tag.tag} is not allowed in stored data")
+
+
+_REFUSED_TAGS = {number: _refuser(number) for number in BUILTIN_TAGS}
 
 
 def cbor_dumps(value: Any, where: str) -> bytes:
@@ -84,7 +113,7 @@ def cbor_loads(data: bytes | memoryview, where: str, max_size: int = MAX_VALUE_B
             max_depth=MAX_DECODE_DEPTH,
             allow_indefinite=False,
             allow_duplicate_keys=False,
-            tag_hook=_refuse_tag,
+            tag_hook=_refuse_unknown_tag,
             semantic_decoders=_REFUSED_TAGS,
         )
     except DecodeError:
@@ -166,11 +195,13 @@ def decode_instance(key: bytes, raw: bytes) -> Instance:
     """Decode a stored instance value, verifying its checksum first."""
     # The hot path of every lookup: checks inlined, cbor2 called directly.
     if (
-        len(raw) < INSTANCE_BODY_OFFSET
+        not INSTANCE_BODY_OFFSET <= len(raw) <= _MAX_INSTANCE_VALUE
         or raw[4] != ENVELOPE_VERSION
         or int.from_bytes(raw[:4], "little") != crc32c(raw[4:], crc32c(key))
     ):
         _check_envelope(key, raw, "instances")  # raises with the details
+        if len(raw) > _MAX_INSTANCE_VALUE:
+            cbor_loads(raw[INSTANCE_BODY_OFFSET:], f"instances[{key!r}]")  # raises: too large
         raise CorruptionError(f"instances[{key!r}]: value too short", key=key)
     try:
         body = cbor2.loads(
@@ -178,7 +209,7 @@ def decode_instance(key: bytes, raw: bytes) -> Instance:
             max_depth=MAX_DECODE_DEPTH,
             allow_indefinite=False,
             allow_duplicate_keys=False,
-            tag_hook=_refuse_tag,
+            tag_hook=_refuse_unknown_tag,
             semantic_decoders=_REFUSED_TAGS,
         )
     except Exception:
@@ -189,3 +220,4 @@ def decode_instance(key: bytes, raw: bytes) -> Instance:
 
 
 _unpack_fixed = INSTANCE_FIXED.unpack_from
+_MAX_INSTANCE_VALUE = INSTANCE_BODY_OFFSET + MAX_VALUE_BYTES

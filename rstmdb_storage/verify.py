@@ -8,7 +8,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from .codec import decode_instance
-from .errors import CorruptionError
+from .errors import CorruptionError, InvalidInputError, InvalidTypeError
+from .model import check_instance
 from .wal import Wal
 
 
@@ -26,7 +27,8 @@ class Finding:
 def check_instances(
     pages: Iterable[list[tuple[bytes, bytes]]], applied_seq: int
 ) -> Iterator[Finding]:
-    """Every instance decodes, passes its CRC, and was written by an applied record."""
+    """Every instance decodes, passes its CRC, has fields a write would accept, and was
+    written by an applied record."""
     for page in pages:
         for key, raw in page:
             try:
@@ -34,6 +36,10 @@ def check_instances(
             except CorruptionError as exc:
                 yield Finding(f"instances[{key!r}]", str(exc))
                 continue
+            try:
+                check_instance(inst)  # the CRC passed; are the fields what a write allows?
+            except (InvalidInputError, InvalidTypeError) as exc:
+                yield Finding(f"instances[{key!r}]", f"stored fields are not valid: {exc}")
             if inst.last_wal_offset is None or inst.last_wal_offset > applied_seq:
                 yield Finding(
                     f"instances[{key!r}]",

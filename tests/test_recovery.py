@@ -142,3 +142,20 @@ def test_wal_file_descriptors_do_not_pile_up(data_dir: Path) -> None:
             storage.put_instance(order(f"o{i}"))
         assert len(storage.wal_segments()) > 5
         assert open_fds() <= before + 1
+
+
+def test_verify_reports_stored_fields_a_write_would_refuse(config: StorageConfig) -> None:
+    fill(config, 3)
+
+    def write_wrong_types(env, txn) -> None:
+        from rstmdb_storage.codec import cbor_dumps, encode_instance_value
+
+        body = cbor_dumps([5, "x", None, [1], 7, "zzz", 3], "test")  # valid CBOR, wrong types
+        db = env.open_db(b"instances", txn=txn)
+        txn.put(b"o1", encode_instance_value(b"o1", 1, 1, 1, body), db=db)
+
+    rewrite_lmdb(config, write_wrong_types)
+    with Storage.open(config) as storage:
+        findings = storage.verify()
+    assert [f.where for f in findings] == ["instances[b'o1']"]
+    assert "not valid" in findings[0].problem

@@ -102,14 +102,18 @@ def decode_record(read: Reader, offset: int) -> WalRecord | BadRecord | None:
             offset, f"implausible header (length {length}, type {record_type})", offset + 32
         )
     end = offset + RECORD_HEADER_SIZE + padded(length)
-    payload = read(offset + RECORD_HEADER_SIZE, length)
-    if len(payload) < length:
+    framed = read(offset + RECORD_HEADER_SIZE, end - offset - RECORD_HEADER_SIZE)
+    if len(framed) < length:
         return BadRecord(offset, "payload cut short by the end of the file", end)
+    payload = framed[:length]
     computed = crc32c(payload, crc32c(header[8:], crc32c(header[:4])))
     if computed != stored:
         return BadRecord(
             offset, f"CRC32C mismatch (stored {stored:#010x}, computed {computed:#010x})", end
         )
+    padding = framed[length:]
+    if padding.count(0) != len(padding):  # padding is outside the CRC, so check it is zero
+        return BadRecord(offset, "non-zero padding after the payload", end)
     return WalRecord(seq, timestamp_ms, record_type, payload, offset, end)
 
 

@@ -156,6 +156,7 @@ class Wal:
 
     def sync(self) -> None:
         """``fdatasync`` every segment this process appended to since its last sync."""
+        self.check_usable()
         for first_seq in sorted(self._unsynced):
             self._sync_segment(self.segment(first_seq))
         self._unsynced.clear()
@@ -224,6 +225,15 @@ class Wal:
             try:
                 self.segment(tail.next_seq)
             except FileNotFoundError:
+                later = [first for first in self.segment_ids() if first > tail.next_seq]
+                if later:
+                    raise WalGapError(
+                        f"WAL sequences {tail.next_seq}..{later[0] - 1} are missing: "
+                        f"{segment.path} is sealed at {tail.applied_seq} but no segment "
+                        f"starts at {tail.next_seq}",
+                        path=str(segment.path),
+                        offset=found.offset,
+                    ) from None
                 self._create_segment(tail.next_seq)  # the rotation a crash interrupted
             return None, WalTail(tail.next_seq, SEGMENT_HEADER_SIZE, tail.next_seq)
         if found.seq != tail.next_seq:
