@@ -626,6 +626,11 @@ def print_table(rows: list[tuple[Comparison, float, float]]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def default_tmp_dir() -> Path:
+    """The repository's parent when writable (same disk, outside git), else the repository."""
+    return REPO_ROOT.parent if os.access(REPO_ROOT.parent, os.W_OK) else REPO_ROOT
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small counts, for CI smoke runs")
@@ -637,9 +642,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--tmp-dir",
         type=Path,
-        default=REPO_ROOT,
+        default=default_tmp_dir(),
         help="where to create the temporary directory (a real disk, not tmpfs; "
-        "default: the repository root)",
+        "default: beside the repository, so that a killed run leaves nothing in the work tree)",
     )
     parser.add_argument(
         "--only", metavar="TEXT", help="run only comparisons whose name contains TEXT"
