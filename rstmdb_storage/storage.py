@@ -39,7 +39,7 @@ from .errors import (
     StorageClosedError,
     StorageError,
 )
-from .fsutil import make_dir
+from .fsutil import make_dir, os_error
 from .model import Instance, check_id, check_instance
 from .store import env as lmdb_env
 from .store.meta import Checkpoint, Meta
@@ -94,9 +94,12 @@ class Storage:
             config = StorageConfig(data_dir=config)
         config.validate()
         root = config.path
-        make_dir(root, config.file_mode)
-        for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
-            make_dir(root / name, config.file_mode)
+        try:
+            make_dir(root, config.file_mode)
+            for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
+                make_dir(root / name, config.file_mode)
+        except OSError as exc:
+            raise os_error(exc, f"creating the data directory {root}") from exc
         env = lmdb_env.acquire(config)
         try:
             wal = _open_wal(config, env)

@@ -159,3 +159,19 @@ def test_verify_reports_stored_fields_a_write_would_refuse(config: StorageConfig
         findings = storage.verify()
     assert [f.where for f in findings] == ["instances[b'o1']"]
     assert "not valid" in findings[0].problem
+
+
+def test_an_unreadable_lmdb_file_is_a_corruption_error_naming_it(data_dir: Path) -> None:
+    (data_dir / "indexes").mkdir(parents=True)
+    (data_dir / "indexes" / "data.mdb").write_bytes(b"not lmdb" * 4096)
+    with pytest.raises(CorruptionError, match="not a readable LMDB environment") as raised:
+        Storage.open(data_dir)
+    assert raised.value.path == str(data_dir / "indexes")
+
+
+def test_a_data_dir_that_is_a_file_is_a_storage_error(tmp_path: Path) -> None:
+    from rstmdb_storage import StorageError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StorageError, match="creating the data directory"):
+        Storage.open(tmp_path / "file")

@@ -30,7 +30,7 @@ from pathlib import Path
 import lmdb
 
 from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, StorageConfig
-from ..errors import StorageError, StorageFullError
+from ..errors import CorruptionError, StorageError, StorageFullError
 from ..fsutil import make_dir
 
 OPEN_LOCK_NAME = "open.lock"
@@ -167,6 +167,14 @@ def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[byt
                     raise
                 time.sleep(0.005 * 2**attempt)  # lmdb.h: opening races another open/close
         raise StorageError(f"{path}: could not open the LMDB environment")
+    except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as exc:
+        raise CorruptionError(
+            f"{path} is not a readable LMDB environment ({exc}); move it aside and open the "
+            f"store again to rebuild it from the WAL",
+            path=str(path),
+        ) from exc
+    except lmdb.Error as exc:
+        raise StorageError(f"{path}: cannot open the LMDB environment ({exc})") from exc
     finally:
         os.close(fd)  # closing releases the flock
 
