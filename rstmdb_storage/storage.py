@@ -50,6 +50,8 @@ from .wal.format import CHANGE_DELETE, CHANGE_PUT, SEGMENT_HEADER_SIZE
 
 log = logging.getLogger("rstmdb_storage")
 
+_RETRY = object()
+
 #: records applied per LMDB transaction when replaying (bounds a transaction's dirty pages)
 REPLAY_CHUNK = 2000
 
@@ -149,14 +151,27 @@ class Storage:
         """
         if type(instance_id) is not str or not 0 < len(instance_id) <= MAX_ID_BYTES:
             check_id(instance_id)  # raises the precise error, or accepts a long Unicode id
-        key = instance_id.encode()
+        try:
+            key = instance_id.encode()
+        except UnicodeEncodeError:
+            check_id(instance_id)  # raises InvalidInputError
+            raise
         env = self._env
         if env.stale or self._closed:
             env = self._live_env()
+        gate = env.gate  # ForkGate.enter/leave inlined: this is the hot path of every lookup
+        gate.active.append(None)
         try:
-            with env.env.begin(db=env.instances) as txn:
-                raw = txn.get(key)
+            if gate.closing:
+                raw = _RETRY  # a fork is waiting: let it go first
+            else:
+                with env.env.begin(db=env.instances) as txn:
+                    raw = txn.get(key)
         except lmdb.Error:
+            raw = _RETRY  # raced a map resize by another thread (py-lmdb #475)
+        finally:
+            gate.leave()
+        if raw is _RETRY:
             raw = self._read_with_retry(lambda txn: txn.get(key, db=self._env.instances))
         return None if raw is None else decode_instance(key, raw)
 

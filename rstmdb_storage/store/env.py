@@ -6,9 +6,10 @@ the same moment (py-lmdb #289, #309, #340). So:
 
 * one :class:`LmdbEnvironment` per data directory per process, reference-counted and shared by
   every :class:`~rstmdb_storage.Storage` on it, keyed by the directory's real path;
-* after a fork the child marks every inherited environment *stale* (``os.register_at_fork``);
-  the next use closes the inherited handle and opens a fresh one, while the parent carries on;
-  no read transaction is cached (``max_spare_txns=0``), so none can cross a fork;
+* around a fork, no LMDB call of ours is in flight (:class:`ForkGate`); the child marks every
+  inherited environment *stale*, and its next use closes the inherited handle and opens a
+  fresh one, while the parent carries on; no read transaction is cached
+  (``max_spare_txns=0``), so none can cross a fork;
 * opening happens under an exclusive ``flock`` on ``indexes/open.lock``, retried with a short
   backoff on "Invalid argument";
 * ``sync=False``: the WAL carries durability, LMDB is flushed at checkpoints (see
@@ -24,6 +25,7 @@ import fcntl
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -53,6 +55,8 @@ class LmdbEnvironment:
         #: LMDB write transactions are bound to a thread; this serialises ours in-process
         #: (LMDB's own mutex serialises processes).
         self.write_mutex = threading.Lock()
+        #: counts threads inside LMDB calls outside the write mutex (see :class:`ForkGate`)
+        self.gate = ForkGate()
         self.env, self.dbs = _open(path, config)
         self.instances = self.dbs[DB_INSTANCES]
         self.meta = self.dbs[DB_META]
@@ -62,11 +66,15 @@ class LmdbEnvironment:
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A short read transaction; adopts a map grown by another process."""
-        txn = self._begin(write=False)
+        self.gate.enter()
         try:
-            yield txn
+            txn = self._begin(write=False)
+            try:
+                yield txn
+            finally:
+                txn.abort()
         finally:
-            txn.abort()
+            self.gate.leave()
 
     def begin_write(self) -> lmdb.Transaction:
         """Begin a write transaction; the caller holds :attr:`write_mutex`."""
@@ -103,10 +111,59 @@ class LmdbEnvironment:
             ) from exc
 
     def sync(self) -> None:
-        self.env.sync(True)
+        self.gate.enter()
+        try:
+            self.env.sync(True)
+        finally:
+            self.gate.leave()
 
     def close(self) -> None:
         self.env.close()
+
+
+class ForkGate:
+    """Counts the threads inside LMDB calls so that ``fork()`` can wait until none is.
+
+    A forked child must close the environment it inherited before it can open its own, and
+    py-lmdb's ``close()`` waits for every LMDB call that was in flight when the parent forked:
+    those threads do not exist in the child, so it would wait forever. The before-fork hook
+    therefore takes every environment's write mutex (all write transactions run under it) and
+    closes this gate, which waits for the reads and syncs in flight to finish.
+
+    Readers register in a deque, whose ``append`` and ``pop`` are atomic under the GIL and
+    cheaper than a lock; a reader that finds the gate closing backs out and waits.
+    """
+
+    __slots__ = ("_changed", "active", "closing")
+
+    def __init__(self) -> None:
+        self.active: deque[None] = deque()
+        self.closing = False
+        self._changed = threading.Condition()
+
+    def enter(self) -> None:
+        self.active.append(None)
+        if self.closing:  # checked after registering, so fork() either sees us or we see it
+            self.leave()
+            with self._changed:
+                self._changed.wait_for(lambda: not self.closing)
+            self.enter()
+
+    def leave(self) -> None:
+        self.active.pop()
+        if self.closing:
+            with self._changed:
+                self._changed.notify_all()
+
+    def close(self) -> None:
+        self.closing = True
+        with self._changed:
+            self._changed.wait_for(lambda: not self.active)
+
+    def open(self) -> None:
+        with self._changed:
+            self.closing = False
+            self._changed.notify_all()
 
 
 def acquire(config: StorageConfig) -> LmdbEnvironment:
@@ -144,14 +201,37 @@ def _drop_inherited(env: LmdbEnvironment) -> None:
         env.close()
 
 
+def _before_fork() -> None:
+    _registry_lock.acquire()
+    for env in _live_environments():
+        env.write_mutex.acquire()
+        env.gate.close()
+
+
+def _after_fork_in_parent() -> None:
+    for env in _live_environments():
+        env.gate.open()
+        env.write_mutex.release()
+    _registry_lock.release()
+
+
 def _after_fork_in_child() -> None:
     global _registry_lock
-    _registry_lock = threading.Lock()  # another thread may have held it at fork time
+    _registry_lock = threading.Lock()
     for env in _registry.values():
-        env.stale = True
+        env.stale = True  # closed and reopened on the child's next use
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+def _live_environments() -> list[LmdbEnvironment]:
+    pid = os.getpid()
+    return [env for env in _registry.values() if not env.stale and env.pid == pid]
+
+
+os.register_at_fork(
+    before=_before_fork,
+    after_in_parent=_after_fork_in_parent,
+    after_in_child=_after_fork_in_child,
+)
 
 
 def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[bytes, object]]:

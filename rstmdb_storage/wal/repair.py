@@ -8,9 +8,12 @@ and the file is synced. What was cut is returned as a :class:`TornTailRepair`, n
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
+from ..fsutil import fsync_dir
 from .decoder import last_nonzero
 from .segment import WalSegment
 
@@ -29,10 +32,20 @@ class TornTailRepair:
     copy_path: str
 
 
+def _make_durable(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+
+
 def cut_torn_tail(segment: WalSegment, offset: int, reason: str) -> TornTailRepair:
     end = last_nonzero(segment.read, offset, segment.size())
     copy_path = segment.path.with_name(f"{segment.path.name}.broken-{offset}")
     shutil.copy(segment.path, copy_path)  # keeps the segment's private mode
+    _make_durable(copy_path)  # the copy must survive whatever the cut does not
     zeros = bytes(1 << 20)
     for start in range(offset, end, len(zeros)):
         segment.write(start, zeros[: min(len(zeros), end - start)])

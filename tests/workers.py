@@ -1,0 +1,238 @@
+"""Worker processes for the crash and multi-process tests, run as ``python tests/workers.py``.
+
+Each worker talks to the test through JSON lines on stdout (one object per line, flushed as soon
+as it is printed) or, where several workers run at once, through a log file of its own, so that no
+worker ever blocks on a pipe the test is not reading yet.
+
+Writers print what they are about to write *before* the write (``"event": "try"``) and its
+sequence number *after* the store acknowledged it (``"event": "ack"``). A writer killed with
+SIGKILL therefore leaves a transcript in which every acknowledged write is marked, and at most one
+write, the last ``try`` without an ``ack``, was in flight.
+
+A change in a transcript is ``["put", spec]`` (``spec`` holds the :class:`Instance` fields the
+worker passed: id, machine, version, state, ctx, metadata) or ``["del", id]``.
+
+Commands::
+
+    crash-writer DATA_DIR SEED SEGMENT_SIZE [PREFIX IDS POLICY]  write until killed (stdout)
+    opener DATA_DIR SEGMENT_SIZE                       open, report, close (stdout)
+    mp-writer DATA_DIR SEGMENT_SIZE NAME OPS SEED LOG [IDS MAP_SIZE]
+                                                       wait for "go" on stdin, write OPS ops
+    pair-writer DATA_DIR SEGMENT_SIZE BATCHES          wait for "go", write BATCHES batches
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from typing import Any
+
+from rstmdb_storage import FsyncPolicy, Instance, Storage, StorageConfig
+
+PAIR_A = "pair-a"
+PAIR_B = "pair-b"
+
+
+def emit(out: Any, **event: Any) -> None:
+    out.write(json.dumps(event, separators=(",", ":")) + "\n")
+    out.flush()
+
+
+def parse_policy(text: str) -> FsyncPolicy:
+    """``every_write``, ``never``, ``every_n:5`` or ``every_ms:20``."""
+    mode, _, value = text.partition(":")
+    return FsyncPolicy(mode, int(value)) if value else FsyncPolicy(mode)  # type: ignore[arg-type]
+
+
+def open_store(
+    data_dir: str, segment_size: int, map_size: int = 1 << 30, policy: str = "every_write"
+) -> Storage:
+    return Storage.open(
+        StorageConfig(
+            data_dir=data_dir,
+            wal_segment_size=segment_size,
+            fsync_policy=parse_policy(policy),
+            map_size=map_size,
+        )
+    )
+
+
+def make_spec(rng: random.Random, instance_id: str, n: int) -> dict[str, Any]:
+    """A distinctive instance: every write of the same id differs in ``ctx["n"]``."""
+    return {
+        "id": instance_id,
+        "machine": rng.choice(["order", "payment", "shipment"]),
+        "version": rng.randint(1, 5),
+        "state": rng.choice(["pending", "paid", "shipped", "done", "failed"]),
+        "ctx": {
+            "n": n,
+            "total": rng.randint(0, 10**6) / 100,
+            "items": [rng.randint(0, 999) for _ in range(rng.randint(0, 5))],
+            "note": "x" * rng.randint(0, 1200),  # sizes vary so segments fill unevenly
+            "flag": rng.random() < 0.5,
+            "nested": {"depth": {"n": n}} if rng.random() < 0.3 else None,
+        },
+        "metadata": {"owner": f"w{rng.randint(0, 3)}", "prio": rng.randint(0, 9)},
+    }
+
+
+def make_op(
+    rng: random.Random, present: set[str], n: int, prefix: str, id_count: int
+) -> dict[str, Any]:
+    """One operation: a single put or delete, or a batch of 2-4 puts and deletes. Deletes only
+    name ids present at that point (before the op, or put earlier in the same batch)."""
+    live = set(present)
+    kind = rng.random()
+    if kind < 0.5:
+        target = f"{prefix}{rng.randrange(id_count)}"
+        return {"batch": False, "changes": [["put", make_spec(rng, target, n)]]}
+    if kind < 0.6 and live:
+        return {"batch": False, "changes": [["del", rng.choice(sorted(live))]]}
+    changes: list[list[Any]] = []
+    for _ in range(rng.randint(2, 4)):
+        if live and rng.random() < 0.3:
+            victim = rng.choice(sorted(live))
+            live.discard(victim)
+            changes.append(["del", victim])
+        else:
+            target = f"{prefix}{rng.randrange(id_count)}"
+            live.add(target)
+            changes.append(["put", make_spec(rng, target, n)])
+    return {"batch": True, "changes": changes}
+
+
+def run_op(storage: Storage, op: dict[str, Any]) -> int:
+    """Write *op* and return the sequence number the store acknowledged it with."""
+    if not op["batch"]:
+        ((kind, arg),) = op["changes"]
+        if kind == "put":
+            return storage.put_instance(Instance(**arg))
+        return storage.delete_instance(arg)
+    with storage.batch() as batch:
+        for kind, arg in op["changes"]:
+            if kind == "put":
+                batch.put_instance(Instance(**arg))
+            else:
+                batch.delete_instance(arg)
+    assert batch.seq is not None
+    return batch.seq
+
+
+def apply_to_present(present: set[str], op: dict[str, Any]) -> None:
+    for kind, arg in op["changes"]:
+        if kind == "put":
+            present.add(arg["id"])
+        else:
+            present.discard(arg)
+
+
+def crash_writer(
+    data_dir: str,
+    seed: str,
+    segment_size: str,
+    prefix: str = "inst-",
+    ids: str = "40",
+    policy: str = "every_write",
+) -> None:
+    """Write forever (until SIGKILL), announcing each write before and after. Ids are
+    ``<prefix><i>``; the instances of other prefixes are left alone."""
+    rng = random.Random(int(seed))
+    out = sys.stdout
+    emit(out, event="opening")
+    storage = open_store(data_dir, int(segment_size), policy=policy)
+    present = {inst.id for inst in storage.iter_instances() if inst.id.startswith(prefix)}
+    emit(out, event="ready", applied_seq=storage.applied_seq, count=len(present))
+    n = 0
+    while True:
+        n += 1
+        op = make_op(rng, present, n, prefix, int(ids))
+        emit(out, event="try", op=n, **op)
+        seq = run_op(storage, op)
+        apply_to_present(present, op)
+        emit(out, event="ack", op=n, seq=seq)
+
+
+def opener(data_dir: str, segment_size: str) -> None:
+    """Open (replaying whatever LMDB has not applied), report, close."""
+    out = sys.stdout
+    emit(out, event="opening")
+    started = time.monotonic()
+    storage = open_store(data_dir, int(segment_size))
+    elapsed = time.monotonic() - started
+    emit(
+        out,
+        event="opened",
+        applied_seq=storage.applied_seq,
+        count=storage.count_instances(),
+        elapsed=elapsed,
+    )
+    storage.close()
+    emit(out, event="closed")
+
+
+def mp_writer(
+    data_dir: str,
+    segment_size: str,
+    name: str,
+    ops: str,
+    seed: str,
+    log: str,
+    ids: str = "25",
+    map_size: str = str(1 << 30),
+) -> None:
+    """Open, say ready, wait for "go", write OPS operations on IDS ids of our own (named
+    ``<name>-<i>``), log them."""
+    rng = random.Random(int(seed))
+    storage = open_store(data_dir, int(segment_size), int(map_size))
+    emit(sys.stdout, event="ready", name=name)
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("expected 'go' on stdin")
+    present: set[str] = set()
+    with open(log, "w", encoding="utf-8") as out:
+        for n in range(1, int(ops) + 1):
+            op = make_op(rng, present, n, f"{name}-", int(ids))
+            seq = run_op(storage, op)
+            apply_to_present(present, op)
+            emit(out, event="ack", op=n, seq=seq, **op)
+    storage.close()
+    emit(sys.stdout, event="done", name=name)
+
+
+def pair_writer(data_dir: str, segment_size: str, batches: str) -> None:
+    """Batch i sets PAIR_A and PAIR_B to counter i and moves the token from ``token-{i-1}`` to
+    ``token-{i}`` (delete first): the store holds exactly three instances whenever it holds
+    no half-applied batch."""
+    storage = open_store(data_dir, int(segment_size))
+    emit(sys.stdout, event="ready")
+    if sys.stdin.readline().strip() != "go":
+        raise SystemExit("expected 'go' on stdin")
+    last = 0
+    for i in range(1, int(batches) + 1):
+        with storage.batch() as batch:
+            batch.delete_instance(f"token-{i - 1}")
+            batch.put_instance(pair_instance(f"token-{i}", i))
+            batch.put_instance(pair_instance(PAIR_A, i))
+            batch.put_instance(pair_instance(PAIR_B, i))
+        assert batch.seq is not None and batch.seq > last
+        last = batch.seq
+    storage.close()
+    emit(sys.stdout, event="done", last_seq=last)
+
+
+def pair_instance(instance_id: str, n: int) -> Instance:
+    return Instance(
+        id=instance_id, machine="pair", version=1, state=f"s{n % 7}", ctx={"n": n, "pad": "p" * 64}
+    )
+
+
+COMMANDS = {
+    "crash-writer": crash_writer,
+    "opener": opener,
+    "mp-writer": mp_writer,
+    "pair-writer": pair_writer,
+}
+
+if __name__ == "__main__":
+    COMMANDS[sys.argv[1]](*sys.argv[2:])
