@@ -143,7 +143,7 @@ def _check_metadata(inst: Instance) -> None:
                 f"got {_tn(value)}"
             )
         if kind is str:
-            _check_text(f"metadata {key!r} of {inst.id!r}", value, empty_ok=True)
+            _check_length(f"metadata {key!r} of {inst.id!r}", value)  # any text, even empty
         elif kind is int and not -(2**63) <= value < 2**63:
             raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: int outside 64 bits")
         elif kind is float and math.isnan(value):
@@ -156,11 +156,15 @@ def _check_name(what: str, value: object) -> None:
     _check_text(what, value)
 
 
-def _check_text(what: str, value: str, empty_ok: bool = False) -> None:
-    if not value and not empty_ok:
+def _check_text(what: str, value: str) -> None:
+    if not value:
         raise InvalidInputError(f"{what}: must not be empty")
     if "\x00" in value:
         raise InvalidInputError(f"{what}: must not contain NUL characters")
+    _check_length(what, value)
+
+
+def _check_length(what: str, value: str) -> None:
     if len(value) > _SHORT_TEXT:
         try:
             size = len(value.encode("utf-8"))
