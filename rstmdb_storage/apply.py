@@ -12,24 +12,59 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import encode_instance_value, instance_times
+from .codec import decode_instance, decode_instance_body, encode_instance_value
+from .config import DB_INSTANCES
+from .store.indexes import Indexes, index_entries
 from .wal.format import CHANGE_PUT
+
+#: the fields of an instance the indexes need: machine, state, metadata
+IndexedFields = tuple[str, str, dict[str, Any]]
 
 
 def apply_changes(
-    txn: Any, instances_db: Any, seq: int, timestamp_ms: int, changes: list[list[Any]]
+    txn: Any,
+    dbs: dict[bytes, Any],
+    seq: int,
+    timestamp_ms: int,
+    changes: list[list[Any]],
+    known: list[IndexedFields | None] | None = None,
 ) -> None:
-    """Apply the changes of record *seq*, written at *timestamp_ms*, inside *txn*."""
-    for change in changes:
-        key = change[1].encode()
-        if change[0] == CHANGE_PUT:
-            _, _, created_at, updated_at, body = change
-            if created_at is None:
-                old = txn.get(key, db=instances_db)
-                created_at = timestamp_ms if old is None else instance_times(key, old)[1]
-            if updated_at is None:
-                updated_at = timestamp_ms
-            value = encode_instance_value(key, seq, created_at, updated_at, body)
-            txn.put(key, value, db=instances_db)
-        else:
+    """Apply the changes of record *seq*, written at *timestamp_ms*, inside *txn*: instances
+    and their index entries together.
+
+    *known* may give, for each change, the indexed fields of the instance a put writes, when
+    the caller has them at hand (the write path); replay decodes them from the record.
+    """
+    instances_db = dbs[DB_INSTANCES]
+    indexes = Indexes(dbs)
+    for position, change in enumerate(changes):
+        instance_id = change[1]
+        key = instance_id.encode()
+        old = txn.get(key, db=instances_db)
+        previous = None if old is None else decode_instance(key, old)
+        if previous is not None:
+            indexes.remove(
+                txn,
+                index_entries(
+                    previous.id,
+                    previous.machine,
+                    previous.state,
+                    previous.metadata,
+                    previous.updated_at,
+                ),
+            )
+        if change[0] != CHANGE_PUT:
             txn.delete(key, db=instances_db)
+            continue
+        _, _, created_at, updated_at, body = change
+        if created_at is None:
+            created_at = timestamp_ms if previous is None else previous.created_at
+        if updated_at is None:
+            updated_at = timestamp_ms
+        fields = known[position] if known is not None else None
+        if fields is None:
+            decoded = decode_instance_body(body, f"WAL record {seq}, instance {instance_id!r}")
+            fields = (decoded[0], decoded[2], decoded[4])
+        machine, state, metadata = fields
+        txn.put(key, encode_instance_value(key, seq, created_at, updated_at, body), db=instances_db)
+        indexes.add(txn, key, index_entries(instance_id, machine, state, metadata, updated_at))

@@ -185,6 +185,14 @@ def encode_instance_value(
     return seal(key, INSTANCE_FIXED.pack(seq, created_at, updated_at) + body)
 
 
+def decode_instance_body(body: bytes, where: str) -> list[Any]:
+    """The positional fields of an instance body (see the layout above), checked for shape."""
+    fields = cbor_loads(body, where)
+    if type(fields) is not list or len(fields) != INSTANCE_BODY_FIELDS:
+        raise DecodeError(f"{where}: body is not a {INSTANCE_BODY_FIELDS}-field array")
+    return fields
+
+
 def instance_times(key: bytes, raw: bytes) -> tuple[int, int, int]:
     """(last_wal_offset, created_at, updated_at) of a stored instance, checksum verified."""
     _check_envelope(key, raw, "instances")

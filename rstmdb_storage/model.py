@@ -64,9 +64,9 @@ def check_instance(inst: object) -> Instance:
     if not isinstance(inst, Instance):
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
     check_id(inst.id)
-    _check_name("machine", inst.machine)
+    check_name("machine", inst.machine)
     _check_int("version", inst.version)
-    _check_name("state", inst.state)
+    check_name("state", inst.state)
     if type(inst.ctx) is not dict:
         raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(inst.ctx)}")
     check_plain_value(inst.ctx, f"ctx of {inst.id!r}")
@@ -96,6 +96,19 @@ def check_id(instance_id: object) -> str:
     except UnicodeEncodeError as exc:
         raise InvalidInputError(f"instance id: not valid Unicode text ({exc.reason})") from None
     return instance_id
+
+
+def check_label_value(what: str, value: object) -> None:
+    """Raise unless *value* can be a metadata label value (and so a metadata query bound)."""
+    kind = type(value)
+    if kind not in _LABEL_TYPES:
+        raise InvalidTypeError(f"{what}: expected str, int, float or bool, got {_tn(value)}")
+    if kind is str:
+        _check_length(what, value)  # any text, even empty
+    elif kind is int and not -(2**63) <= value < 2**63:
+        raise InvalidInputError(f"{what}: int outside 64 bits")
+    elif kind is float and math.isnan(value):
+        raise InvalidInputError(f"{what}: NaN cannot be indexed")
 
 
 def check_plain_value(value: Any, where: str, depth: int = 0) -> None:
@@ -136,21 +149,11 @@ def _check_metadata(inst: Instance) -> None:
         if type(key) is not str:
             raise InvalidTypeError(f"metadata of {inst.id!r}: keys must be str, got {_tn(key)}")
         _check_text(f"metadata key of {inst.id!r}", key)
-        kind = type(value)
-        if kind not in _LABEL_TYPES:
-            raise InvalidTypeError(
-                f"metadata {key!r} of {inst.id!r}: expected str, int, float or bool, "
-                f"got {_tn(value)}"
-            )
-        if kind is str:
-            _check_length(f"metadata {key!r} of {inst.id!r}", value)  # any text, even empty
-        elif kind is int and not -(2**63) <= value < 2**63:
-            raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: int outside 64 bits")
-        elif kind is float and math.isnan(value):
-            raise InvalidInputError(f"metadata {key!r} of {inst.id!r}: NaN cannot be indexed")
+        check_label_value(f"metadata {key!r} of {inst.id!r}", value)
 
 
-def _check_name(what: str, value: object) -> None:
+def check_name(what: str, value: object) -> None:
+    """Raise unless *value* is usable as a machine, state or label name."""
     if not isinstance(value, str):
         raise InvalidTypeError(f"{what}: expected str, got {_tn(value)}")
     _check_text(what, value)

@@ -17,6 +17,7 @@ flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after 
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import logging
 import os
@@ -29,19 +30,36 @@ from typing import Any
 
 import lmdb
 
-from .apply import apply_changes
-from .codec import cbor_dumps, decode_instance, encode_instance_body
+from .apply import IndexedFields, apply_changes
+from .codec import cbor_dumps, decode_instance, encode_instance_body, unseal
 from .config import INDEXES_DIR, MAX_ID_BYTES, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
 from .errors import (
     CorruptionError,
     InstanceNotFoundError,
+    InvalidInputError,
+    InvalidTypeError,
     RecordTooLargeError,
     StorageClosedError,
     StorageError,
 )
 from .fsutil import make_dir, os_error
-from .model import Instance, check_id, check_instance
+from .model import (
+    Instance,
+    MetadataValue,
+    check_id,
+    check_instance,
+    check_label_value,
+    check_name,
+)
 from .store import env as lmdb_env
+from .store.indexes import (
+    TAG_OF,
+    KeyRange,
+    metadata_exact_range,
+    metadata_span_range,
+    state_range,
+    time_range,
+)
 from .store.meta import Checkpoint, Meta
 from .verify import Finding, check_instances, check_wal, run_checks
 from .wal import TornTailRepair, Wal, WalRecord, WalTail
@@ -238,6 +256,118 @@ class Storage:
             until = min(until, from_seq + limit - 1)
         yield from self._wal.records(from_seq, until)
 
+    # --- queries --------------------------------------------------------------------------------
+
+    def list_by_state(
+        self, machine: str, state: str, *, limit: int | None = None, cursor: str | None = None
+    ) -> Page:
+        """Instances of *machine* in *state*, in id order.
+
+        With *limit*, at most that many; the returned :class:`Page` carries ``next_cursor``
+        to pass back as *cursor* for the next page (None on the last page). Without a limit,
+        every match; prefer :meth:`iter_by_state` for large results.
+
+        Example::
+
+            page = storage.list_by_state("order", "pending", limit=100)
+            while page.next_cursor:
+                page = storage.list_by_state("order", "pending", limit=100,
+                                             cursor=page.next_cursor)
+        """
+        return self._list(_state_query(machine, state), limit, cursor, reverse=False)
+
+    def iter_by_state(self, machine: str, state: str) -> Iterator[Instance]:
+        """Like :meth:`list_by_state`, lazily, a page of short read transaction at a time."""
+        return self._iterate(_state_query(machine, state), reverse=False)
+
+    def count_by_state(self, machine: str) -> dict[str, int]:
+        """How many instances of *machine* are in each state, from the state index alone
+        (no instance is decoded). States with no instance are absent."""
+        check_name("machine", machine)
+        key_range = state_range(machine)
+        return self._read_with_retry(lambda txn: _count_states(txn, self._env, key_range))
+
+    def list_by_metadata(
+        self,
+        key: str,
+        value: MetadataValue | None = None,
+        *,
+        start: MetadataValue | None = None,
+        end: MetadataValue | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """Instances whose metadata label *key* equals *value*, or, with *start* and/or *end*
+        instead, lies in ``start <= label < end`` (values of the bounds' type only; str, int,
+        float and bool each sort among themselves). Ordered by label value, then id; paged
+        like :meth:`list_by_state`.
+
+        Example::
+
+            storage.list_by_metadata("customer", "alice")
+            storage.list_by_metadata("priority", start=5)            # 5 and above
+            storage.list_by_metadata("total", start=10.0, end=99.5)
+        """
+        query = _metadata_query(key, value, start, end)
+        return self._list(query, limit, cursor, reverse=False)
+
+    def iter_by_metadata(
+        self,
+        key: str,
+        value: MetadataValue | None = None,
+        *,
+        start: MetadataValue | None = None,
+        end: MetadataValue | None = None,
+    ) -> Iterator[Instance]:
+        """Like :meth:`list_by_metadata`, lazily."""
+        return self._iterate(_metadata_query(key, value, start, end), reverse=False)
+
+    def list_by_time(
+        self,
+        start_ms: int,
+        end_ms: int,
+        *,
+        newest_first: bool = False,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page:
+        """Instances with ``start_ms <= updated_at < end_ms``, oldest first (or newest first),
+        ties in id order; paged like :meth:`list_by_state`.
+
+        Example::
+
+            hour_ago = int(time.time() * 1000) - 3_600_000
+            recent = storage.list_by_time(hour_ago, 2**63 - 1, newest_first=True, limit=50)
+        """
+        return self._list(_time_query(start_ms, end_ms), limit, cursor, reverse=newest_first)
+
+    def iter_by_time(
+        self, start_ms: int, end_ms: int, *, newest_first: bool = False
+    ) -> Iterator[Instance]:
+        """Like :meth:`list_by_time`, lazily."""
+        return self._iterate(_time_query(start_ms, end_ms), reverse=newest_first)
+
+    def _list(
+        self, key_range: KeyRange, limit: int | None, cursor: str | None, reverse: bool
+    ) -> Page:
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise InvalidInputError(f"limit: expected a positive int or None, got {limit!r}")
+        after = _decode_cursor(cursor, key_range)
+        found, more = self._read_with_retry(
+            lambda txn: _scan(txn, self._env, key_range, after, reverse, limit)
+        )
+        instances = [decode_instance(id_key, raw) for _, id_key, raw in found]
+        return Page(instances, _encode_cursor(found[-1][0]) if more else None)
+
+    def _iterate(self, key_range: KeyRange, reverse: bool) -> Iterator[Instance]:
+        cursor = None
+        while True:
+            page = self._list(key_range, _PAGE, cursor, reverse)
+            yield from page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     def wal_segments(self) -> list[int]:
         """First sequence numbers of the WAL segment files present, oldest first."""
         return self._wal.segment_ids()
@@ -256,7 +386,8 @@ class Storage:
             is written
         :raises StorageFailedError: an earlier fsync failed; reopen the store
         """
-        return self._commit([self._put_change(instance)], None)
+        change, fields = self._put_change(instance)
+        return self._commit([change], None, [fields])
 
     def delete_instance(self, instance_id: str) -> int:
         """Delete the instance stored under *instance_id*; return the WAL sequence number.
@@ -264,7 +395,7 @@ class Storage:
         :raises InstanceNotFoundError: nothing is stored under that id; nothing is written
         """
         check_id(instance_id)
-        return self._commit([[CHANGE_DELETE, instance_id]], _require_present({instance_id}))
+        return self._commit([[CHANGE_DELETE, instance_id]], _require_present({instance_id}), [None])
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Batch]:
@@ -282,15 +413,21 @@ class Storage:
         batch = Batch(self)
         yield batch
         if batch.changes:
-            batch.seq = self._commit(batch.changes, _require_present(batch.deleted_ids()))
+            batch.seq = self._commit(
+                batch.changes, _require_present(batch.deleted_ids()), batch.known
+            )
 
-    def _put_change(self, instance: Instance) -> list[Any]:
+    def _put_change(self, instance: Instance) -> tuple[list[Any], IndexedFields]:
         check_instance(instance)
         body = encode_instance_body(instance, self.config.max_instance_size)
-        return [CHANGE_PUT, instance.id, instance.created_at, instance.updated_at, body]
+        change = [CHANGE_PUT, instance.id, instance.created_at, instance.updated_at, body]
+        return change, (instance.machine, instance.state, instance.metadata)
 
     def _commit(
-        self, changes: list[list[Any]], check: Callable[[Any, Any, list[list[Any]]], None] | None
+        self,
+        changes: list[list[Any]],
+        check: Callable[[Any, Any, list[list[Any]]], None] | None,
+        known: list[IndexedFields | None],
     ) -> int:
         payload = cbor_dumps(changes, "WAL record")
         if len(payload) > self.config.max_record_size:
@@ -301,7 +438,7 @@ class Storage:
         env = self._live_env()
         with env.write_mutex:
             self._wal.check_usable()
-            seq = self._write_locked(env, changes, payload, check)
+            seq = self._write_locked(env, changes, payload, check, known)
             self._dirty = True
         if self._flusher.pid != os.getpid():
             self._flusher = _Flusher(self)  # forked: threads do not survive a fork
@@ -313,6 +450,7 @@ class Storage:
         changes: list[list[Any]],
         payload: bytes,
         check: Callable[..., None] | None,
+        known: list[IndexedFields | None],
     ) -> int:
         written: int | None = None
         growths = 0
@@ -331,7 +469,7 @@ class Storage:
                     written = tail.next_seq
                     if self._wal.sync_due():
                         self._wal.sync()
-                    apply_changes(txn, env.instances, written, timestamp_ms, changes)
+                    apply_changes(txn, env.dbs, written, timestamp_ms, changes, known)
                     self._meta.write_tail(txn, new_tail)
                 return written
             except lmdb.MapFullError:
@@ -354,7 +492,7 @@ class Storage:
             if record is not None:
                 where = f"WAL record {record.seq} in segment {tail.segment}"
                 changes = decode_changes(record.payload, where)
-                apply_changes(txn, self._env.instances, record.seq, record.timestamp_ms, changes)
+                apply_changes(txn, self._env.dbs, record.seq, record.timestamp_ms, changes)
                 self._wal.mark_unsynced(tail.segment)
                 applied += 1
         if tail != start:
@@ -531,24 +669,142 @@ class Batch:
     def __init__(self, storage: Storage) -> None:
         self._storage = storage
         self.changes: list[list[Any]] = []
+        #: the indexed fields of each put, parallel to ``changes`` (None for deletes)
+        self.known: list[IndexedFields | None] = []
         #: the sequence number of the batch's WAL record, once committed
         self.seq: int | None = None
 
     def put_instance(self, instance: Instance) -> None:
         """Add a put; the instance is checked and encoded now (bad input raises here)."""
-        self.changes.append(self._storage._put_change(instance))
+        change, fields = self._storage._put_change(instance)
+        self.changes.append(change)
+        self.known.append(fields)
 
     def delete_instance(self, instance_id: str) -> None:
         """Add a delete; the instance must exist when the batch commits (or be put earlier in
         the batch), else the whole batch raises :class:`InstanceNotFoundError`."""
         check_id(instance_id)
         self.changes.append([CHANGE_DELETE, instance_id])
+        self.known.append(None)
 
     def deleted_ids(self) -> set[str]:
         return {change[1] for change in self.changes if change[0] == CHANGE_DELETE}
 
     def __len__(self) -> int:
         return len(self.changes)
+
+
+class Page(list[Instance]):
+    """One page of a listing: a list of instances, with the cursor of the next page in
+    ``next_cursor`` (None when there is no next page)."""
+
+    def __init__(self, instances: list[Instance], next_cursor: str | None) -> None:
+        super().__init__(instances)
+        self.next_cursor = next_cursor
+
+
+def _state_query(machine: str, state: str) -> KeyRange:
+    check_name("machine", machine)
+    check_name("state", state)
+    return state_range(machine, state)
+
+
+def _metadata_query(key: str, value: Any, start: Any, end: Any) -> KeyRange:
+    check_name("metadata key", key)
+    if value is not None:
+        if start is not None or end is not None:
+            raise InvalidInputError("list_by_metadata: give a value, or start/end, not both")
+        check_label_value("metadata value", value)
+        return metadata_exact_range(key, value)
+    if start is None and end is None:
+        raise InvalidInputError("list_by_metadata: give a value, or a start and/or an end")
+    bounds = [bound for bound in (start, end) if bound is not None]
+    for bound in bounds:
+        check_label_value("metadata bound", bound)
+    kinds = {type(bound) for bound in bounds}
+    if len(kinds) > 1:
+        raise InvalidTypeError(
+            f"list_by_metadata: start and end must have one type, got "
+            f"{sorted(kind.__name__ for kind in kinds)}"
+        )
+    return metadata_span_range(key, TAG_OF[kinds.pop()], start, end)
+
+
+def _time_query(start_ms: int, end_ms: int) -> KeyRange:
+    for name, value in (("start_ms", start_ms), ("end_ms", end_ms)):
+        if type(value) is not int:
+            raise InvalidTypeError(f"{name}: expected int, got {type(value).__name__}")
+        if not 0 <= value < 2**64:
+            raise InvalidInputError(f"{name}: must be between 0 and 2**64 - 1, got {value}")
+    return time_range(start_ms, end_ms)
+
+
+def _encode_cursor(index_key: bytes) -> str:
+    return base64.urlsafe_b64encode(index_key).decode()
+
+
+def _decode_cursor(cursor: str | None, key_range: KeyRange) -> bytes | None:
+    if cursor is None:
+        return None
+    try:
+        key = base64.urlsafe_b64decode(cursor.encode()) if type(cursor) is str else None
+    except (ValueError, TypeError):
+        key = None
+    if key is None or key not in key_range:
+        raise InvalidInputError(f"cursor {cursor!r:.60} does not belong to this query")
+    return key
+
+
+def _scan(
+    txn: Any,
+    env: lmdb_env.LmdbEnvironment,
+    key_range: KeyRange,
+    after: bytes | None,
+    reverse: bool,
+    limit: int | None,
+) -> tuple[list[tuple[bytes, bytes, bytes]], bool]:
+    """Index entries in *key_range* after *after*, with the raw instance each points to; and
+    whether more entries follow the *limit* returned."""
+    db_name = key_range.db.decode()
+    cursor = txn.cursor(db=env.dbs[key_range.db])
+    if reverse:
+        bound = after if after is not None else key_range.upper
+        found = cursor.prev() if cursor.set_range(bound) else cursor.last()
+    else:
+        found = cursor.set_range(after if after is not None else key_range.lower)
+        if found and after is not None and cursor.key() == after:
+            found = cursor.next()
+    entries: list[tuple[bytes, bytes, bytes]] = []
+    while found:
+        index_key = cursor.key()
+        if index_key not in key_range:
+            break
+        if limit is not None and len(entries) == limit:
+            return entries, True
+        id_key = unseal(index_key, cursor.value(), db_name)
+        raw = txn.get(id_key, db=env.instances)
+        if raw is None:
+            raise CorruptionError(
+                f"{db_name}[{index_key!r}] points to instance {id_key!r}, which is not stored; "
+                f"run rebuild_indexes()",
+                key=index_key,
+            )
+        entries.append((index_key, id_key, raw))
+        found = cursor.prev() if reverse else cursor.next()
+    return entries, False
+
+
+def _count_states(txn: Any, env: lmdb_env.LmdbEnvironment, key_range: KeyRange) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    cursor = txn.cursor(db=env.dbs[key_range.db])
+    skip = len(key_range.lower)
+    if cursor.set_range(key_range.lower):
+        for index_key in cursor.iternext(keys=True, values=False):
+            if index_key >= key_range.upper:
+                break
+            state = index_key[skip : index_key.index(b"\x00", skip)].decode()
+            counts[state] = counts.get(state, 0) + 1
+    return counts
 
 
 def _require_present(ids: set[str]) -> Callable[[Any, Any, list[list[Any]]], None] | None:

@@ -15,7 +15,7 @@ LAYERS = [
     {"fsutil", "model"},
     {"codec"},
     {"wal.format", "wal.encoder", "wal.decoder", "wal.segment", "wal.repair", "wal.log", "wal"},
-    {"store", "store.meta", "store.env"},
+    {"store", "store.meta", "store.env", "store.indexes"},
     {"apply", "verify"},
     {"storage"},
     {"__init__"},

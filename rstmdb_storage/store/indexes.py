@@ -1,0 +1,132 @@
+"""The secondary indexes: by (machine, state), by metadata label, by ``updated_at``.
+
+Each index is a sub-database whose keys sort in query order; each value is the checksummed
+envelope of :mod:`..codec` around the instance id, so a damaged index entry is caught like any
+other stored value. Index entries are written and removed in the same LMDB transaction as the
+instance they describe, so readers never see them disagree.
+
+=================  =================================================================================
+sub-database       key
+=================  =================================================================================
+``idx_state``      machine, 0x00, state, 0x00, id (UTF-8; none of them may contain NUL)
+``idx_time``       updated_at (u64 big-endian), id
+``idx_metadata``   label key, 0x00, tag, encoded value, id
+=================  =================================================================================
+
+Metadata values are encoded so that byte order is value order within one type:
+
+======  ==========  ========================================================================
+tag     type        encoding
+======  ==========  ========================================================================
+0x01    bool        one byte, 0x00 or 0x01
+0x02    int         u64 big-endian of ``value + 2**63`` (signed order)
+0x03    float       IEEE 754 big-endian: sign bit set for positives, all bits flipped for
+                    negatives (-0.0 is stored as 0.0; NaN is refused on write)
+0x04    str         UTF-8 with each 0x00 written as 0x00 0xFF, then the terminator 0x00 0x01
+======  ==========  ========================================================================
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ..codec import seal
+from ..config import DB_METADATA_INDEX, DB_STATE_INDEX, DB_TIME_INDEX
+
+TAG_BOOL = 1
+TAG_INT = 2
+TAG_FLOAT = 3
+TAG_STR = 4
+TAG_OF = {bool: TAG_BOOL, int: TAG_INT, float: TAG_FLOAT, str: TAG_STR}
+_FLOAT_BITS = struct.Struct(">Q")
+_FLOAT = struct.Struct(">d")
+_ALL_ONES = (1 << 64) - 1
+
+SEP = b"\x00"
+STR_TERMINATOR = b"\x00\x01"
+
+
+def encode_label_value(value: Any) -> bytes:
+    """The tag and order-preserving bytes of a metadata value (see the module docstring)."""
+    kind = type(value)
+    if kind is bool:
+        return bytes((TAG_BOOL, value))
+    if kind is int:
+        return bytes((TAG_INT,)) + (value + (1 << 63)).to_bytes(8, "big")
+    if kind is float:
+        (bits,) = _FLOAT_BITS.unpack(_FLOAT.pack(value + 0.0))  # + 0.0 turns -0.0 into 0.0
+        bits = bits ^ _ALL_ONES if bits >> 63 else bits | (1 << 63)
+        return bytes((TAG_FLOAT,)) + bits.to_bytes(8, "big")
+    return bytes((TAG_STR,)) + value.encode().replace(b"\x00", b"\x00\xff") + STR_TERMINATOR
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Index keys ``lower <= key < upper`` of one sub-database, in ``db``."""
+
+    db: bytes
+    lower: bytes
+    upper: bytes
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, bytes) and self.lower <= key < self.upper
+
+
+def _after_prefix(prefix: bytes) -> bytes:
+    """The smallest key greater than every key that starts with *prefix*."""
+    stripped = prefix.rstrip(b"\xff")  # never empty: every prefix starts with text and NUL
+    return stripped[:-1] + bytes((stripped[-1] + 1,))
+
+
+def state_range(machine: str, state: str | None = None) -> KeyRange:
+    prefix = machine.encode() + SEP + (state.encode() + SEP if state is not None else b"")
+    return KeyRange(DB_STATE_INDEX, prefix, _after_prefix(prefix))
+
+
+def time_range(start_ms: int, end_ms: int) -> KeyRange:
+    return KeyRange(DB_TIME_INDEX, start_ms.to_bytes(8, "big"), end_ms.to_bytes(8, "big"))
+
+
+def metadata_exact_range(label: str, value: Any) -> KeyRange:
+    prefix = label.encode() + SEP + encode_label_value(value)
+    return KeyRange(DB_METADATA_INDEX, prefix, _after_prefix(prefix))
+
+
+def metadata_span_range(label: str, tag: int, start: Any, end: Any) -> KeyRange:
+    """Values of type *tag* with ``start <= value < end`` (None: unbounded on that side)."""
+    head = label.encode() + SEP
+    lower = head + (encode_label_value(start) if start is not None else bytes((tag,)))
+    upper = head + (encode_label_value(end) if end is not None else bytes((tag + 1,)))
+    return KeyRange(DB_METADATA_INDEX, lower, upper)
+
+
+def index_entries(
+    instance_id: str, machine: str, state: str, metadata: dict[str, Any], updated_at: int
+) -> list[tuple[bytes, bytes]]:
+    """Every (sub-database, key) an instance with these fields has in the indexes."""
+    key = instance_id.encode()
+    entries = [
+        (DB_STATE_INDEX, machine.encode() + SEP + state.encode() + SEP + key),
+        (DB_TIME_INDEX, updated_at.to_bytes(8, "big") + key),
+    ]
+    for label, value in metadata.items():
+        entries.append((DB_METADATA_INDEX, label.encode() + SEP + encode_label_value(value) + key))
+    return entries
+
+
+class Indexes:
+    """Writes and removes index entries inside a caller's write transaction."""
+
+    def __init__(self, dbs: dict[bytes, Any]) -> None:
+        self.dbs = dbs
+
+    def add(self, txn: Any, instance_id: bytes, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        for db, key in entries:
+            txn.put(key, seal(key, instance_id), db=self.dbs[db])
+
+    def remove(self, txn: Any, entries: Iterable[tuple[bytes, bytes]]) -> None:
+        for db, key in entries:
+            txn.delete(key, db=self.dbs[db])
