@@ -32,7 +32,14 @@ import lmdb
 
 from .apply import IndexedFields, apply_changes
 from .codec import cbor_dumps, decode_instance, encode_instance_body, unseal
-from .config import INDEXES_DIR, MAX_ID_BYTES, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .config import (
+    INDEX_DATABASES,
+    INDEXES_DIR,
+    MAX_ID_BYTES,
+    SNAPSHOTS_DIR,
+    WAL_DIR,
+    StorageConfig,
+)
 from .errors import (
     CorruptionError,
     InstanceNotFoundError,
@@ -54,7 +61,9 @@ from .model import (
 from .store import env as lmdb_env
 from .store.indexes import (
     TAG_OF,
+    Indexes,
     KeyRange,
+    index_entries,
     metadata_exact_range,
     metadata_span_range,
     state_range,
@@ -221,9 +230,9 @@ class Storage:
     def verify(self) -> list[Finding]:
         """Check everything the store holds; return what is wrong (empty when all is well).
 
-        Every instance against its CRC32C and format, the meta table, and every WAL record from
-        the first segment present to the applied sequence (CRCs, gaps, seals). Reads in short
-        transactions, so memory stays flat on large stores.
+        Every instance against its CRC32C and format, every index entry against the instance
+        it describes (in one consistent read transaction, streamed), the meta table, and every
+        WAL record from the first segment present to the applied sequence (CRCs, gaps, seals).
 
         Example::
 
@@ -237,11 +246,12 @@ class Storage:
             return iter(())
 
         return run_checks(
-            [
-                meta,
-                lambda: check_instances(self._instance_pages(), applied),
-                lambda: check_wal(self._wal, applied),
-            ]
+            [meta, lambda: self._check_instances(applied), lambda: check_wal(self._wal, applied)]
+        )
+
+    def _check_instances(self, applied: int) -> Iterator[Finding]:
+        return iter(
+            self._read_with_retry(lambda txn: list(check_instances(txn, self._env.dbs, applied)))
         )
 
     def read_wal(self, from_seq: int = 1, limit: int | None = None) -> Iterator[WalRecord]:
@@ -346,6 +356,31 @@ class Storage:
     ) -> Iterator[Instance]:
         """Like :meth:`list_by_time`, lazily."""
         return self._iterate(_time_query(start_ms, end_ms), reverse=newest_first)
+
+    def rebuild_indexes(self) -> int:
+        """Drop the state, metadata and time indexes and rebuild them from the instances;
+        return how many instances were indexed.
+
+        Up to 10,000 instances are rebuilt in one write transaction, atomically; a larger store
+        is rebuilt in chunks of that size, and queries (here or in other processes) may see an
+        index that is still partial until the call returns. Writes made meanwhile keep the
+        indexes right for what they touch.
+        """
+        env = self._live_env()
+        indexed, after = 0, None
+        with env.write_mutex:
+            self._wal.check_usable()
+            while True:
+                with env.begin_write() as txn:
+                    if after is None:
+                        for name in INDEX_DATABASES:
+                            txn.drop(env.dbs[name], delete=False)
+                    page = _instances_page(txn, env, after, _REBUILD_CHUNK)
+                    _index_page(txn, env.dbs, page)
+                indexed += len(page)
+                if len(page) < _REBUILD_CHUNK:
+                    return indexed
+                after = page[-1][0]
 
     def _list(
         self, key_range: KeyRange, limit: int | None, cursor: str | None, reverse: bool
@@ -512,7 +547,7 @@ class Storage:
         )
         rebooted = checkpoint is None or checkpoint.boot_id != self._boot_id
         if rebooted and applied > (checkpoint.applied_seq if checkpoint else 0):
-            findings = run_checks([lambda: check_instances(self._instance_pages(), applied)])
+            findings = run_checks([lambda: self._check_instances(applied)])
             if findings:
                 raise CorruptionError(
                     f"{self.config.path / INDEXES_DIR} was not flushed before the machine "
@@ -826,20 +861,29 @@ def _require_present(ids: set[str]) -> Callable[[Any, Any, list[list[Any]]], Non
 
 
 _PAGE = 512
+_REBUILD_CHUNK = 10_000
 
 
 def _instances_page(
-    txn: Any, env: lmdb_env.LmdbEnvironment, after: bytes | None
+    txn: Any, env: lmdb_env.LmdbEnvironment, after: bytes | None, size: int = _PAGE
 ) -> list[tuple[bytes, bytes]]:
     cursor = txn.cursor(db=env.instances)
     found = cursor.set_range(after) if after is not None else cursor.first()
     page: list[tuple[bytes, bytes]] = []
-    while found and len(page) < _PAGE:
+    while found and len(page) < size:
         key = cursor.key()
         if key != after:
             page.append((key, cursor.value()))
         found = cursor.next()
     return page
+
+
+def _index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]]) -> None:
+    indexes = Indexes(dbs)
+    for key, raw in page:
+        inst = decode_instance(key, raw)
+        entries = index_entries(inst.id, inst.machine, inst.state, inst.metadata, inst.updated_at)
+        indexes.add(txn, key, entries)
 
 
 def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:

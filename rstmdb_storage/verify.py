@@ -1,15 +1,20 @@
-"""Checks that return findings: every stored value against its checksum, the WAL from its first
-segment to the applied sequence, and the meta table. Nothing is repaired here.
+"""Checks that return findings: every stored value against its checksum, the indexes against
+the instances, the WAL from its first segment to the applied sequence, and the meta table.
+Nothing is repaired here.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
-from .codec import decode_instance
+from .codec import decode_instance, unseal
+from .config import DB_INSTANCES, INDEX_DATABASES
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
-from .model import check_instance
+from .model import Instance, check_instance
+from .store.indexes import index_entries
 from .wal import Wal
 
 
@@ -24,28 +29,74 @@ class Finding:
         return f"{self.where}: {self.problem}"
 
 
-def check_instances(
-    pages: Iterable[list[tuple[bytes, bytes]]], applied_seq: int
+def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterator[Finding]:
+    """Inside one read transaction (a consistent view, streamed so memory stays flat): every
+    instance decodes, passes its CRC, has fields a write would accept and was written by an
+    applied record; every index entry it should have is there and points back to it; and no
+    index holds an entry that no instance explains."""
+    expected: Counter[bytes] = Counter()
+    for key, raw in txn.cursor(db=dbs[DB_INSTANCES]).iternext():
+        where = f"instances[{key!r}]"
+        try:
+            inst = decode_instance(key, raw)
+        except CorruptionError as exc:
+            yield Finding(where, str(exc))
+            continue
+        try:
+            check_instance(inst)  # the CRC passed; are the fields what a write allows?
+        except (InvalidInputError, InvalidTypeError) as exc:
+            yield Finding(where, f"stored fields are not valid: {exc}")
+            continue
+        if inst.last_wal_offset is None or inst.last_wal_offset > applied_seq:
+            yield Finding(
+                where,
+                f"last_wal_offset {inst.last_wal_offset} is beyond the applied sequence "
+                f"{applied_seq}",
+            )
+        for db, index_key in _entries(inst):
+            expected[db] += 1
+            yield from _check_entry(txn, dbs, db, index_key, key)
+    for db in INDEX_DATABASES:
+        if txn.stat(dbs[db])["entries"] != expected[db]:
+            yield from _stray_entries(txn, dbs, db)
+
+
+def _entries(inst: Instance) -> list[tuple[bytes, bytes]]:
+    return index_entries(inst.id, inst.machine, inst.state, inst.metadata, inst.updated_at or 0)
+
+
+def _check_entry(
+    txn: Any, dbs: dict[bytes, Any], db: bytes, index_key: bytes, instance_key: bytes
 ) -> Iterator[Finding]:
-    """Every instance decodes, passes its CRC, has fields a write would accept, and was
-    written by an applied record."""
-    for page in pages:
-        for key, raw in page:
-            try:
-                inst = decode_instance(key, raw)
-            except CorruptionError as exc:
-                yield Finding(f"instances[{key!r}]", str(exc))
-                continue
-            try:
-                check_instance(inst)  # the CRC passed; are the fields what a write allows?
-            except (InvalidInputError, InvalidTypeError) as exc:
-                yield Finding(f"instances[{key!r}]", f"stored fields are not valid: {exc}")
-            if inst.last_wal_offset is None or inst.last_wal_offset > applied_seq:
-                yield Finding(
-                    f"instances[{key!r}]",
-                    f"last_wal_offset {inst.last_wal_offset} is beyond the applied "
-                    f"sequence {applied_seq}",
-                )
+    where = f"{db.decode()}[{index_key!r}]"
+    raw = txn.get(index_key, db=dbs[db])
+    if raw is None:
+        yield Finding(where, f"missing: instance {instance_key!r} is not indexed")
+        return
+    try:
+        points_to = unseal(index_key, raw, db.decode())
+    except CorruptionError as exc:
+        yield Finding(where, str(exc))
+        return
+    if points_to != instance_key:
+        yield Finding(where, f"points to {points_to!r} instead of {instance_key!r}")
+
+
+def _stray_entries(txn: Any, dbs: dict[bytes, Any], db: bytes) -> Iterator[Finding]:
+    """Entries of index *db* that no stored instance explains (run only when the counts say
+    there are some, since it decodes an instance per entry)."""
+    for index_key, raw in txn.cursor(db=dbs[db]).iternext():
+        where = f"{db.decode()}[{index_key!r}]"
+        try:
+            instance_key = unseal(index_key, raw, db.decode())
+            stored = txn.get(instance_key, db=dbs[DB_INSTANCES])
+            inst = None if stored is None else check_instance(decode_instance(instance_key, stored))
+        except (CorruptionError, InvalidInputError, InvalidTypeError):
+            continue  # reported with the entry or the instance it belongs to
+        if inst is None:
+            yield Finding(where, f"points to instance {instance_key!r}, which is not stored")
+        elif (db, index_key) not in _entries(inst):
+            yield Finding(where, f"does not match instance {instance_key!r} as stored")
 
 
 def check_wal(wal: Wal, applied_seq: int) -> Iterator[Finding]:
