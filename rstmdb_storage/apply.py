@@ -21,6 +21,50 @@ from .wal.format import CHANGE_PUT
 IndexedFields = tuple[str, str, dict[str, Any]]
 
 
+def change_condition(change: list[Any]) -> list[Any] | None:
+    """The condition of a change, or None (see :mod:`.wal.format`)."""
+    position = 5 if change[0] == CHANGE_PUT else 2
+    return change[position] if len(change) > position else None
+
+
+def first_failure(
+    txn: Any, instances_db: Any, seq: int, changes: list[list[Any]], deletes_must_find: bool
+) -> tuple[str, str] | None:
+    """The first change of record *seq* that cannot apply, as ``(kind, message)`` with kind
+    ``"conflict"`` (its condition fails) or ``"absent"`` (a delete finds nothing, when
+    *deletes_must_find*); None when all can. Each change is judged against the state the
+    changes before it leave."""
+    seen: dict[str, tuple[str, int] | None] = {}  # id -> (state, seq) or None when absent
+    for change in changes:
+        instance_id = change[1]
+        if instance_id in seen:
+            current = seen[instance_id]
+        else:
+            key = instance_id.encode()
+            raw = txn.get(key, db=instances_db)
+            stored = None if raw is None else decode_instance(key, raw)
+            current = None if stored is None else (stored.state, stored.last_wal_offset or 0)
+        condition = change_condition(change)
+        if condition is not None:
+            expected_state, expected_seq = condition
+            actual_state, actual_seq = current if current is not None else (None, 0)
+            if expected_seq is not None and actual_seq != expected_seq:
+                return "conflict", (
+                    f"instance {instance_id!r} was last written at sequence {actual_seq}, "
+                    f"not {expected_seq}"
+                )
+            if expected_state is not None and actual_state != expected_state:
+                found = "absent" if current is None else f"in state {actual_state!r}"
+                return "conflict", f"instance {instance_id!r} is {found}, not {expected_state!r}"
+        if change[0] == CHANGE_PUT:
+            seen[instance_id] = (decode_instance_body(change[4], "change")[2], seq)
+        elif current is None and deletes_must_find:
+            return "absent", f"no instance {instance_id!r} to delete"
+        else:
+            seen[instance_id] = None
+    return None
+
+
 def apply_changes(
     txn: Any,
     dbs: dict[bytes, Any],
@@ -36,6 +80,10 @@ def apply_changes(
     the caller has them at hand (the write path); replay decodes them from the record.
     """
     instances_db = dbs[DB_INSTANCES]
+    if any(change_condition(change) is not None for change in changes) and first_failure(
+        txn, instances_db, seq, changes, deletes_must_find=False
+    ):
+        return  # deterministic: whoever applies this record finds the same failure
     indexes = Indexes(dbs)
     for position, change in enumerate(changes):
         instance_id = change[1]
@@ -56,7 +104,7 @@ def apply_changes(
         if change[0] != CHANGE_PUT:
             txn.delete(key, db=instances_db)
             continue
-        _, _, created_at, updated_at, body = change
+        created_at, updated_at, body = change[2:5]
         if created_at is None:
             created_at = timestamp_ms if previous is None else previous.created_at
         if updated_at is None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import base64
 import contextlib
+import dataclasses
 import logging
 import os
 import threading
@@ -30,7 +31,7 @@ from typing import Any
 
 import lmdb
 
-from .apply import IndexedFields, apply_changes
+from .apply import IndexedFields, apply_changes, change_condition, first_failure
 from .codec import cbor_dumps, decode_instance, encode_instance_body, unseal
 from .config import (
     INDEX_DATABASES,
@@ -41,6 +42,7 @@ from .config import (
     StorageConfig,
 )
 from .errors import (
+    ConflictError,
     CorruptionError,
     InstanceNotFoundError,
     InvalidInputError,
@@ -414,23 +416,94 @@ class Storage:
 
     # --- writing --------------------------------------------------------------------------------
 
-    def put_instance(self, instance: Instance) -> int:
+    def put_instance(
+        self,
+        instance: Instance,
+        *,
+        expected_state: str | None = None,
+        expected_seq: int | None = None,
+    ) -> int:
         """Store *instance* (insert or replace); return the WAL sequence number of the write.
 
+        With *expected_state* and/or *expected_seq*, the write applies only if the stored
+        instance is still in that state and/or was last written at that sequence number (its
+        ``last_wal_offset``; 0 means "no instance stored yet"), else :class:`ConflictError`
+        is raised and nothing is written: two workers that read the same instance cannot both
+        move it.
+
+        Example::
+
+            inst = storage.get_instance("order-1")
+            inst.state = "paid"
+            storage.put_instance(inst, expected_seq=inst.last_wal_offset)
+
+        :raises ConflictError: the stored instance is not as expected; nothing is written
         :raises InvalidInputError, InvalidTypeError: the instance is not storable; nothing
             is written
         :raises StorageFailedError: an earlier fsync failed; reopen the store
         """
-        change, fields = self._put_change(instance)
-        return self._commit([change], None, [fields])
+        change, fields = self._put_change(instance, expected_state, expected_seq)
+        return self._commit([change], [fields])
 
-    def delete_instance(self, instance_id: str) -> int:
+    def delete_instance(
+        self,
+        instance_id: str,
+        *,
+        expected_state: str | None = None,
+        expected_seq: int | None = None,
+    ) -> int:
         """Delete the instance stored under *instance_id*; return the WAL sequence number.
+        *expected_state* and *expected_seq* make it conditional, as for :meth:`put_instance`.
 
         :raises InstanceNotFoundError: nothing is stored under that id; nothing is written
+        :raises ConflictError: the stored instance is not as expected; nothing is written
         """
-        check_id(instance_id)
-        return self._commit([[CHANGE_DELETE, instance_id]], _require_present({instance_id}), [None])
+        return self._commit([_delete_change(instance_id, expected_state, expected_seq)], [None])
+
+    def transition(
+        self,
+        instance_id: str,
+        from_state: str,
+        to_state: str,
+        *,
+        ctx: dict[str, Any] | None = None,
+        event_id: str | None = None,
+    ) -> Instance:
+        """Move an instance from *from_state* to *to_state*, atomically: the write applies
+        only if the instance is still in *from_state* and nobody wrote it since it was read.
+        *ctx* replaces the context when given; *event_id* becomes ``last_event_id``. Returns
+        the instance as stored.
+
+        Example::
+
+            storage.transition("order-1", "pending", "paid", event_id="evt-42")
+
+        :raises InstanceNotFoundError: no instance is stored under that id
+        :raises ConflictError: it is not in *from_state*, or another write won the race
+        """
+        check_name("from_state", from_state)
+        current = self.get_instance(instance_id)
+        if current is None:
+            raise InstanceNotFoundError(f"no instance {instance_id!r} to transition")
+        if current.state != from_state:
+            raise ConflictError(
+                f"instance {instance_id!r} is in state {current.state!r}, not {from_state!r}"
+            )
+        moved = dataclasses.replace(
+            current,
+            state=to_state,
+            ctx=current.ctx if ctx is None else ctx,
+            last_event_id=event_id if event_id is not None else current.last_event_id,
+            updated_at=None,
+        )
+        seq = self.put_instance(
+            moved, expected_state=from_state, expected_seq=current.last_wal_offset
+        )
+        stored = self.get_instance(instance_id)
+        if stored is None or stored.last_wal_offset != seq:  # moved on since: rebuild locally
+            moved.last_wal_offset = seq
+            return moved
+        return stored
 
     @contextlib.contextmanager
     def batch(self) -> Iterator[Batch]:
@@ -448,22 +521,20 @@ class Storage:
         batch = Batch(self)
         yield batch
         if batch.changes:
-            batch.seq = self._commit(
-                batch.changes, _require_present(batch.deleted_ids()), batch.known
-            )
+            batch.seq = self._commit(batch.changes, batch.known)
 
-    def _put_change(self, instance: Instance) -> tuple[list[Any], IndexedFields]:
+    def _put_change(
+        self, instance: Instance, expected_state: str | None, expected_seq: int | None
+    ) -> tuple[list[Any], IndexedFields]:
         check_instance(instance)
         body = encode_instance_body(instance, self.config.max_instance_size)
         change = [CHANGE_PUT, instance.id, instance.created_at, instance.updated_at, body]
+        condition = _condition(expected_state, expected_seq)
+        if condition is not None:
+            change.append(condition)
         return change, (instance.machine, instance.state, instance.metadata)
 
-    def _commit(
-        self,
-        changes: list[list[Any]],
-        check: Callable[[Any, Any, list[list[Any]]], None] | None,
-        known: list[IndexedFields | None],
-    ) -> int:
+    def _commit(self, changes: list[list[Any]], known: list[IndexedFields | None]) -> int:
         payload = cbor_dumps(changes, "WAL record")
         if len(payload) > self.config.max_record_size:
             raise RecordTooLargeError(
@@ -473,7 +544,7 @@ class Storage:
         env = self._live_env()
         with env.write_mutex:
             self._wal.check_usable()
-            seq = self._write_locked(env, changes, payload, check, known)
+            seq = self._write_locked(env, changes, payload, known)
             self._dirty = True
         if self._flusher.pid != os.getpid():
             self._flusher = _Flusher(self)  # forked: threads do not survive a fork
@@ -484,9 +555,9 @@ class Storage:
         env: lmdb_env.LmdbEnvironment,
         changes: list[list[Any]],
         payload: bytes,
-        check: Callable[..., None] | None,
         known: list[IndexedFields | None],
     ) -> int:
+        must_check = any(c[0] != CHANGE_PUT or change_condition(c) is not None for c in changes)
         written: int | None = None
         growths = 0
         while True:
@@ -497,8 +568,8 @@ class Storage:
                         continue  # commit this chunk of replay, then go on
                     if written is not None:
                         return written  # the catch-up above applied our record
-                    if check is not None:
-                        check(txn, env.instances, changes)
+                    if must_check:
+                        _raise_failure(txn, env.instances, tail.next_seq, changes)
                     timestamp_ms = time.time_ns() // 1_000_000
                     new_tail = self._wal.append(tail, timestamp_ms, payload)
                     written = tail.next_seq
@@ -709,21 +780,30 @@ class Batch:
         #: the sequence number of the batch's WAL record, once committed
         self.seq: int | None = None
 
-    def put_instance(self, instance: Instance) -> None:
-        """Add a put; the instance is checked and encoded now (bad input raises here)."""
-        change, fields = self._storage._put_change(instance)
+    def put_instance(
+        self,
+        instance: Instance,
+        *,
+        expected_state: str | None = None,
+        expected_seq: int | None = None,
+    ) -> None:
+        """Add a put, conditional as :meth:`Storage.put_instance`; the instance is checked
+        and encoded now (bad input raises here). A failed condition fails the whole batch."""
+        change, fields = self._storage._put_change(instance, expected_state, expected_seq)
         self.changes.append(change)
         self.known.append(fields)
 
-    def delete_instance(self, instance_id: str) -> None:
+    def delete_instance(
+        self,
+        instance_id: str,
+        *,
+        expected_state: str | None = None,
+        expected_seq: int | None = None,
+    ) -> None:
         """Add a delete; the instance must exist when the batch commits (or be put earlier in
         the batch), else the whole batch raises :class:`InstanceNotFoundError`."""
-        check_id(instance_id)
-        self.changes.append([CHANGE_DELETE, instance_id])
+        self.changes.append(_delete_change(instance_id, expected_state, expected_seq))
         self.known.append(None)
-
-    def deleted_ids(self) -> set[str]:
-        return {change[1] for change in self.changes if change[0] == CHANGE_DELETE}
 
     def __len__(self) -> int:
         return len(self.changes)
@@ -842,22 +922,30 @@ def _count_states(txn: Any, env: lmdb_env.LmdbEnvironment, key_range: KeyRange) 
     return counts
 
 
-def _require_present(ids: set[str]) -> Callable[[Any, Any, list[list[Any]]], None] | None:
-    """A check that every delete in a change list finds its instance, in order."""
-    if not ids:
+def _condition(expected_state: str | None, expected_seq: int | None) -> list[Any] | None:
+    if expected_state is not None:
+        check_name("expected_state", expected_state)
+    if expected_seq is not None and (type(expected_seq) is not int or expected_seq < 0):
+        raise InvalidInputError(f"expected_seq: expected an int >= 0, got {expected_seq!r}")
+    if expected_state is None and expected_seq is None:
         return None
+    return [expected_state, expected_seq]
 
-    def check(txn: Any, instances_db: Any, changes: list[list[Any]]) -> None:
-        present: dict[str, bool] = {}
-        for kind, instance_id, *_ in changes:
-            exists = present.get(instance_id)
-            if exists is None:
-                exists = txn.get(instance_id.encode(), db=instances_db) is not None
-            if kind == CHANGE_DELETE and not exists:
-                raise InstanceNotFoundError(f"no instance {instance_id!r} to delete")
-            present[instance_id] = kind == CHANGE_PUT
 
-    return check
+def _delete_change(
+    instance_id: str, expected_state: str | None, expected_seq: int | None
+) -> list[Any]:
+    check_id(instance_id)
+    condition = _condition(expected_state, expected_seq)
+    return [CHANGE_DELETE, instance_id] + ([condition] if condition is not None else [])
+
+
+def _raise_failure(txn: Any, instances_db: Any, seq: int, changes: list[list[Any]]) -> None:
+    """Refuse, before anything is written, a record whose conditions or deletes fail."""
+    failure = first_failure(txn, instances_db, seq, changes, deletes_must_find=True)
+    if failure is not None:
+        kind, message = failure
+        raise (ConflictError if kind == "conflict" else InstanceNotFoundError)(message)
 
 
 _PAGE = 512

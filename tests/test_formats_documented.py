@@ -284,15 +284,27 @@ def test_segment_name_examples_in_prose() -> None:
 
 def test_change_layout_in_prose() -> None:
     doc = wal_format.__doc__
-    put = re.search(r"\[(\d+), id, created_at \| null, updated_at \| null, body\]", doc)
-    delete = re.search(r"\[(\d+), id\]\s+delete an instance", doc)
+    put = re.search(
+        r"\[(\d+), id, created_at \| null, updated_at \| null, body, condition\?\]\s+put", doc
+    )
+    delete = re.search(r"\[(\d+), id, condition\?\]\s+delete", doc)
+    condition = re.search(r"``\[expected_state \| null, expected_seq \| null\]``", doc)
     assert put and int(put.group(1)) == wal_format.CHANGE_PUT == 1
     assert delete and int(delete.group(1)) == wal_format.CHANGE_DELETE == 2
-    good = [[wal_format.CHANGE_PUT, "a", None, 5, b"body"], [wal_format.CHANGE_DELETE, "a"]]
+    assert condition
+    good = [
+        [wal_format.CHANGE_PUT, "a", None, 5, b"body"],
+        [wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid", None]],
+        [wal_format.CHANGE_DELETE, "a"],
+        [wal_format.CHANGE_DELETE, "a", [None, 7]],
+    ]
     assert decoder.decode_changes(cbor2.dumps(good), "doc") == good
     for bad in (
         [[wal_format.CHANGE_PUT, "a", None, None]],  # four fields
-        [[wal_format.CHANGE_DELETE, "a", None]],  # three fields
+        [[wal_format.CHANGE_DELETE, "a", None]],  # a condition that is not one
+        [[wal_format.CHANGE_DELETE, "a", [None, None]]],  # a condition of nothing
+        [[wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid"]]],  # half a condition
+        [[wal_format.CHANGE_DELETE, "a", [1, 2]]],  # a state that is not text
         [[3, "a"]],  # unknown kind
     ):
         with pytest.raises(DecodeError):

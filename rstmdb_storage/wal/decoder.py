@@ -181,12 +181,23 @@ def decode_changes(payload: bytes, where: str) -> list[list[Any]]:
             raise DecodeError(f"{where}: malformed change {change!r:.80}")
         kind = change[0]
         if kind == CHANGE_PUT:
-            ok = len(change) == 5 and type(change[4]) is bytes
+            ok = len(change) in (5, 6) and type(change[4]) is bytes
             ok = ok and all(v is None or type(v) is int for v in change[2:4])
+            ok = ok and (len(change) == 5 or _is_condition(change[5]))
         elif kind == CHANGE_DELETE:
-            ok = len(change) == 2
+            ok = len(change) == 2 or (len(change) == 3 and _is_condition(change[2]))
         else:
             ok = False
         if not ok:
             raise DecodeError(f"{where}: malformed change {change!r:.80}")
     return changes
+
+
+def _is_condition(value: Any) -> bool:
+    return (
+        type(value) is list
+        and len(value) == 2
+        and (value[0] is None or type(value[0]) is str)
+        and (value[1] is None or type(value[1]) is int)
+        and value != [None, None]
+    )

@@ -43,8 +43,13 @@ padding up to the next multiple of 8::
 A ``CHANGES`` payload is a CBOR array of changes, applied all together in one LMDB transaction
 (a single put is an array of one change; a batch is one record)::
 
-    [1, id, created_at | null, updated_at | null, body]     put an instance (body: see codec)
-    [2, id]                                                 delete an instance
+    [1, id, created_at | null, updated_at | null, body, condition?]   put (body: see codec)
+    [2, id, condition?]                                                delete
+
+An optional *condition* is ``[expected_state | null, expected_seq | null]``: the change applies
+only if the stored instance is in that state and/or was last written by that sequence number
+(0: no instance is stored under the id), judged in order against the changes before it in the
+same record. If any condition of a record fails, none of its changes apply.
 
 A ``SEAL`` record closes a segment that is full: its payload is 8 bytes, the CRC-32C (u32 LE) of
 every byte from the end of the header to the start of the seal, then 4 zero bytes. A sealed
