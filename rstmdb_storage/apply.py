@@ -90,18 +90,17 @@ def apply_changes(
         key = instance_id.encode()
         old = txn.get(key, db=instances_db)
         previous = None if old is None else decode_instance(key, old)
+        stale: list[tuple[bytes, bytes]] = []
         if previous is not None:
-            indexes.remove(
-                txn,
-                index_entries(
-                    previous.id,
-                    previous.machine,
-                    previous.state,
-                    previous.metadata,
-                    previous.updated_at,
-                ),
+            stale = index_entries(
+                previous.id,
+                previous.machine,
+                previous.state,
+                previous.metadata,
+                previous.updated_at,
             )
         if change[0] != CHANGE_PUT:
+            indexes.remove(txn, stale)
             txn.delete(key, db=instances_db)
             continue
         created_at, updated_at, body = change[2:5]
@@ -115,4 +114,9 @@ def apply_changes(
             fields = (decoded[0], decoded[2], decoded[4])
         machine, state, metadata = fields
         txn.put(key, encode_instance_value(key, seq, created_at, updated_at, body), db=instances_db)
-        indexes.add(txn, key, index_entries(instance_id, machine, state, metadata, updated_at))
+        fresh = index_entries(instance_id, machine, state, metadata, updated_at)
+        if stale:  # an update: touch only the entries that change (usually just the time)
+            kept = set(stale).intersection(fresh)
+            indexes.remove(txn, [entry for entry in stale if entry not in kept])
+            fresh = [entry for entry in fresh if entry not in kept]
+        indexes.add(txn, key, fresh)
