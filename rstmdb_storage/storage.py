@@ -394,7 +394,7 @@ class Storage:
             lambda txn: _scan(txn, self._env, key_range, after, reverse, limit)
         )
         instances = [decode_instance(id_key, raw) for _, id_key, raw in found]
-        return Page(instances, _encode_cursor(found[-1][0]) if more else None)
+        return Page(instances, _encode_cursor(key_range, found[-1][0]) if more else None)
 
     def _iterate(self, key_range: KeyRange, reverse: bool) -> Iterator[Instance]:
         cursor = None
@@ -854,18 +854,21 @@ def _time_query(start_ms: int, end_ms: int) -> KeyRange:
     return time_range(start_ms, end_ms)
 
 
-def _encode_cursor(index_key: bytes) -> str:
-    return base64.urlsafe_b64encode(index_key).decode()
+def _encode_cursor(key_range: KeyRange, index_key: bytes) -> str:
+    # The index's name travels with the key, so that a cursor of another query is refused
+    # even when its key happens to fall inside this query's range.
+    return base64.urlsafe_b64encode(key_range.db + b"\x00" + index_key).decode()
 
 
 def _decode_cursor(cursor: str | None, key_range: KeyRange) -> bytes | None:
     if cursor is None:
         return None
     try:
-        key = base64.urlsafe_b64decode(cursor.encode()) if type(cursor) is str else None
+        raw = base64.urlsafe_b64decode(cursor.encode()) if type(cursor) is str else b""
     except (ValueError, TypeError):
-        key = None
-    if key is None or key not in key_range:
+        raw = b""
+    db, _, key = raw.partition(b"\x00")
+    if db != key_range.db or key not in key_range:
         raise InvalidInputError(f"cursor {cursor!r:.60} does not belong to this query")
     return key
 
