@@ -387,8 +387,10 @@ class Storage:
     def _list(
         self, key_range: KeyRange, limit: int | None, cursor: str | None, reverse: bool
     ) -> Page:
-        if limit is not None and (type(limit) is not int or limit < 1):
-            raise InvalidInputError(f"limit: expected a positive int or None, got {limit!r}")
+        if limit is not None and type(limit) is not int:
+            raise InvalidTypeError(f"limit: expected an int or None, got {type(limit).__name__}")
+        if limit is not None and limit < 1:
+            raise InvalidInputError(f"limit: must be at least 1, got {limit}")
         after = _decode_cursor(cursor, key_range)
         found, more = self._read_with_retry(
             lambda txn: _scan(txn, self._env, key_range, after, reverse, limit)
@@ -863,8 +865,10 @@ def _encode_cursor(key_range: KeyRange, index_key: bytes) -> str:
 def _decode_cursor(cursor: str | None, key_range: KeyRange) -> bytes | None:
     if cursor is None:
         return None
+    if type(cursor) is not str:
+        raise InvalidTypeError(f"cursor: expected a str or None, got {type(cursor).__name__}")
     try:
-        raw = base64.urlsafe_b64decode(cursor.encode()) if type(cursor) is str else b""
+        raw = base64.urlsafe_b64decode(cursor.encode())
     except (ValueError, TypeError):
         raw = b""
     db, _, key = raw.partition(b"\x00")
