@@ -1,4 +1,5 @@
-"""The main job in one page: open a store, write instances, read them back, list them, reopen.
+"""The main job in one page: open a store, write instances, read them back, move one through a
+transition, query by state and metadata, list everything, reopen.
 
 Run it with ``python examples/demo.py [DATA_DIR]`` (default ``./rstmdb-data``). Running it again
 continues the same store: sequence numbers carry on where they stopped.
@@ -9,7 +10,13 @@ from __future__ import annotations
 import sys
 import time
 
-from rstmdb_storage import Instance, InstanceNotFoundError, Storage, StorageConfig
+from rstmdb_storage import (
+    ConflictError,
+    Instance,
+    InstanceNotFoundError,
+    Storage,
+    StorageConfig,
+)
 
 
 def main(data_dir: str) -> None:
@@ -55,6 +62,22 @@ def main(data_dir: str) -> None:
             storage.delete_instance("order-404")
         except InstanceNotFoundError as exc:
             print(f"delete of a missing order refused, nothing written: {exc}")
+
+        paid = storage.transition("order-2", "pending", "paid", event_id="evt-2")
+        print(f"transition order-2 pending -> paid at WAL sequence {paid.last_wal_offset}")
+        try:
+            storage.transition("order-2", "pending", "paid")
+        except ConflictError as exc:
+            print(f"the same transition again is refused: {exc}")
+
+        print(f"orders per state: {storage.count_by_state('order')}")
+        pending = storage.list_by_state("order", "pending", limit=2)
+        print(
+            f"first page of pending orders: {[i.id for i in pending]}, "
+            f"next cursor {pending.next_cursor!r}"
+        )
+        bobs = [i.id for i in storage.list_by_metadata("customer", "bob")]
+        print(f"orders of customer bob: {bobs}")
 
         print("stored instances:")
         for inst in storage.iter_instances():
