@@ -29,7 +29,7 @@ from .errors import (
     WalGapError,
 )
 from .model import Instance
-from .storage import Batch, Storage
+from .storage import Batch, MachineDefinition, Page, Storage
 
 __version__ = "0.1.0"
 
@@ -44,7 +44,9 @@ __all__ = [
     "InstanceNotFoundError",
     "InvalidInputError",
     "InvalidTypeError",
+    "MachineDefinition",
     "NotFoundError",
+    "Page",
     "RecordTooLargeError",
     "Storage",
     "StorageClosedError",

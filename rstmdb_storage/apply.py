@@ -12,30 +12,56 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import decode_instance, decode_instance_body, encode_instance_value
-from .config import DB_INSTANCES
+from .codec import decode_instance, decode_instance_body, encode_instance_value, seal, unseal
+from .config import DB_INSTANCES, DB_MACHINES
 from .store.indexes import Indexes, index_entries
-from .wal.format import CHANGE_PUT
+from .wal.format import CHANGE_MACHINE, CHANGE_PUT
 
 #: the fields of an instance the indexes need: machine, state, metadata
 IndexedFields = tuple[str, str, dict[str, Any]]
 
 
+def machine_key(name: str, version: int) -> bytes:
+    """Key of a machine definition in the machines sub-database: name, 0x00, u64 BE version."""
+    return name.encode() + b"\x00" + version.to_bytes(8, "big")
+
+
+def _machine_conflict(txn: Any, machines_db: Any, change: list[Any]) -> str | None:
+    _, name, version, body = change
+    key = machine_key(name, version)
+    raw = txn.get(key, db=machines_db)
+    if raw is None or unseal(key, raw, "machines") == body:
+        return None
+    return f"machine {name!r} version {version} is already defined differently"
+
+
+def is_conditional(change: list[Any]) -> bool:
+    """Whether applying *change* depends on what is stored: it has a condition, or it is a
+    machine definition (which must not redefine a stored version)."""
+    return change[0] == CHANGE_MACHINE or change_condition(change) is not None
+
+
 def change_condition(change: list[Any]) -> list[Any] | None:
-    """The condition of a change, or None (see :mod:`.wal.format`)."""
+    """The condition of an instance change, or None (see :mod:`.wal.format`)."""
     position = 5 if change[0] == CHANGE_PUT else 2
     return change[position] if len(change) > position else None
 
 
 def first_failure(
-    txn: Any, instances_db: Any, seq: int, changes: list[list[Any]], deletes_must_find: bool
+    txn: Any, dbs: dict[bytes, Any], seq: int, changes: list[list[Any]], deletes_must_find: bool
 ) -> tuple[str, str] | None:
     """The first change of record *seq* that cannot apply, as ``(kind, message)`` with kind
     ``"conflict"`` (its condition fails) or ``"absent"`` (a delete finds nothing, when
     *deletes_must_find*); None when all can. Each change is judged against the state the
     changes before it leave."""
+    instances_db, machines_db = dbs[DB_INSTANCES], dbs[DB_MACHINES]
     seen: dict[str, tuple[str, int] | None] = {}  # id -> (state, seq) or None when absent
     for change in changes:
+        if change[0] == CHANGE_MACHINE:
+            message = _machine_conflict(txn, machines_db, change)
+            if message is not None:
+                return "conflict", message
+            continue
         instance_id = change[1]
         if instance_id in seen:
             current = seen[instance_id]
@@ -80,12 +106,17 @@ def apply_changes(
     the caller has them at hand (the write path); replay decodes them from the record.
     """
     instances_db = dbs[DB_INSTANCES]
-    if any(change_condition(change) is not None for change in changes) and first_failure(
-        txn, instances_db, seq, changes, deletes_must_find=False
+    if any(is_conditional(change) for change in changes) and first_failure(
+        txn, dbs, seq, changes, deletes_must_find=False
     ):
         return  # deterministic: whoever applies this record finds the same failure
     indexes = Indexes(dbs)
     for position, change in enumerate(changes):
+        if change[0] == CHANGE_MACHINE:
+            _, name, version, body = change
+            key = machine_key(name, version)
+            txn.put(key, seal(key, body), db=dbs[DB_MACHINES])
+            continue
         instance_id = change[1]
         key = instance_id.encode()
         old = txn.get(key, db=instances_db)

@@ -31,9 +31,10 @@ from typing import Any
 
 import lmdb
 
-from .apply import IndexedFields, apply_changes, change_condition, first_failure
-from .codec import cbor_dumps, decode_instance, encode_instance_body, unseal
+from .apply import IndexedFields, apply_changes, first_failure, is_conditional
+from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, unseal
 from .config import (
+    DB_MACHINES,
     INDEX_DATABASES,
     INDEXES_DIR,
     MAX_ID_BYTES,
@@ -59,6 +60,7 @@ from .model import (
     check_instance,
     check_label_value,
     check_name,
+    check_plain_value,
 )
 from .store import env as lmdb_env
 from .store.indexes import (
@@ -75,7 +77,7 @@ from .store.meta import Checkpoint, Meta
 from .verify import Finding, check_instances, check_wal, run_checks
 from .wal import TornTailRepair, Wal, WalRecord, WalTail
 from .wal.decoder import decode_changes
-from .wal.format import CHANGE_DELETE, CHANGE_PUT, SEGMENT_HEADER_SIZE
+from .wal.format import CHANGE_DELETE, CHANGE_MACHINE, CHANGE_PUT, SEGMENT_HEADER_SIZE
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -267,6 +269,53 @@ class Storage:
         if limit is not None:
             until = min(until, from_seq + limit - 1)
         yield from self._wal.records(from_seq, until)
+
+    # --- machine definitions --------------------------------------------------------------------
+
+    def put_machine(self, name: str, version: int, definition: dict[str, Any]) -> int:
+        """Store version *version* of machine *name* (a JSON-like dict: states, transitions,
+        whatever rstmdb's core keeps); return the WAL sequence number. A stored version is
+        immutable: putting it again with the same definition changes nothing, with another
+        one raises :class:`ConflictError`.
+
+        Example::
+
+            storage.put_machine("order", 1, {"states": ["pending", "paid"],
+                                             "transitions": [["pending", "paid"]]})
+        """
+        check_name("machine", name)
+        if type(version) is not int:
+            raise InvalidTypeError(f"machine version: expected int, got {type(version).__name__}")
+        if not 0 <= version < 2**63:
+            raise InvalidInputError(
+                f"machine version: must be between 0 and 2**63 - 1, got {version}"
+            )
+        if type(definition) is not dict:
+            raise InvalidTypeError(
+                f"definition of machine {name!r}: expected a dict, got {type(definition).__name__}"
+            )
+        check_plain_value(definition, f"definition of machine {name!r}")
+        body = cbor_dumps(definition, f"definition of machine {name!r}")
+        if len(body) > self.config.max_instance_size:
+            raise RecordTooLargeError(
+                f"definition of machine {name!r}: {len(body)} bytes, more than "
+                f"max_instance_size ({self.config.max_instance_size})"
+            )
+        return self._commit([[CHANGE_MACHINE, name, version, body]], [None])
+
+    def get_machine(self, name: str, version: int | None = None) -> MachineDefinition | None:
+        """Version *version* of machine *name* (the newest when None), or None if absent."""
+        check_name("machine", name)
+        prefix = name.encode() + b"\x00"
+        found = self._read_with_retry(
+            lambda txn: _machine_entry(txn, self._env.dbs[DB_MACHINES], prefix, version)
+        )
+        if found is None:
+            return None
+        key, raw = found
+        body = unseal(key, raw, "machines")
+        definition = cbor_loads(body, f"machines[{key!r}]")
+        return MachineDefinition(name, int.from_bytes(key[-8:], "big"), definition)
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -559,7 +608,7 @@ class Storage:
         payload: bytes,
         known: list[IndexedFields | None],
     ) -> int:
-        must_check = any(c[0] != CHANGE_PUT or change_condition(c) is not None for c in changes)
+        must_check = any(c[0] == CHANGE_DELETE or is_conditional(c) for c in changes)
         written: int | None = None
         growths = 0
         while True:
@@ -571,7 +620,7 @@ class Storage:
                     if written is not None:
                         return written  # the catch-up above applied our record
                     if must_check:
-                        _raise_failure(txn, env.instances, tail.next_seq, changes)
+                        _raise_failure(txn, env.dbs, tail.next_seq, changes)
                     timestamp_ms = time.time_ns() // 1_000_000
                     new_tail = self._wal.append(tail, timestamp_ms, payload)
                     written = tail.next_seq
@@ -811,6 +860,30 @@ class Batch:
         return len(self.changes)
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class MachineDefinition:
+    """One version of a state machine's definition, as :meth:`Storage.put_machine` stored it."""
+
+    name: str
+    version: int
+    definition: dict[str, Any]
+
+
+def _machine_entry(
+    txn: Any, machines_db: Any, prefix: bytes, version: int | None
+) -> tuple[bytes, bytes] | None:
+    if version is not None:
+        key = prefix + version.to_bytes(8, "big")
+        raw = txn.get(key, db=machines_db)
+        return None if raw is None else (key, raw)
+    cursor = txn.cursor(db=machines_db)  # the newest: the last key with this prefix
+    upper = prefix[:-1] + b"\x01"
+    found = cursor.prev() if cursor.set_range(upper) else cursor.last()
+    if found and cursor.key().startswith(prefix):
+        return cursor.key(), cursor.value()
+    return None
+
+
 class Page(list[Instance]):
     """One page of a listing: a list of instances, with the cursor of the next page in
     ``next_cursor`` (None when there is no next page)."""
@@ -947,9 +1020,9 @@ def _delete_change(
     return [CHANGE_DELETE, instance_id] + ([condition] if condition is not None else [])
 
 
-def _raise_failure(txn: Any, instances_db: Any, seq: int, changes: list[list[Any]]) -> None:
+def _raise_failure(txn: Any, dbs: dict[bytes, Any], seq: int, changes: list[list[Any]]) -> None:
     """Refuse, before anything is written, a record whose conditions or deletes fail."""
-    failure = first_failure(txn, instances_db, seq, changes, deletes_must_find=True)
+    failure = first_failure(txn, dbs, seq, changes, deletes_must_find=True)
     if failure is not None:
         kind, message = failure
         raise (ConflictError if kind == "conflict" else InstanceNotFoundError)(message)

@@ -10,8 +10,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .codec import decode_instance, unseal
-from .config import DB_INSTANCES, INDEX_DATABASES
+from .codec import cbor_loads, decode_instance, unseal
+from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
 from .model import Instance, check_instance
 from .store.indexes import index_entries
@@ -33,7 +33,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
     """Inside one read transaction (a consistent view, streamed so memory stays flat): every
     instance decodes, passes its CRC, has fields a write would accept and was written by an
     applied record; every index entry it should have is there and points back to it; and no
-    index holds an entry that no instance explains."""
+    index holds an entry that no instance explains; and every machine definition decodes."""
     expected: Counter[bytes] = Counter()
     for key, raw in txn.cursor(db=dbs[DB_INSTANCES]).iternext():
         where = f"instances[{key!r}]"
@@ -59,6 +59,11 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
     for db in INDEX_DATABASES:
         if txn.stat(dbs[db])["entries"] != expected[db]:
             yield from _stray_entries(txn, dbs, db)
+    for key, raw in txn.cursor(db=dbs[DB_MACHINES]).iternext():
+        try:
+            cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
+        except CorruptionError as exc:
+            yield Finding(f"machines[{key!r}]", str(exc))
 
 
 def _entries(inst: Instance) -> list[tuple[bytes, bytes]]:

@@ -297,7 +297,10 @@ def test_change_layout_in_prose() -> None:
         [wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid", None]],
         [wal_format.CHANGE_DELETE, "a"],
         [wal_format.CHANGE_DELETE, "a", [None, 7]],
+        [wal_format.CHANGE_MACHINE, "order", 1, b"definition"],
     ]
+    machine = re.search(r"\[(\d+), name, version, definition\]\s+put a machine", doc)
+    assert machine and int(machine.group(1)) == wal_format.CHANGE_MACHINE == 3
     assert decoder.decode_changes(cbor2.dumps(good), "doc") == good
     for bad in (
         [[wal_format.CHANGE_PUT, "a", None, None]],  # four fields
@@ -305,7 +308,8 @@ def test_change_layout_in_prose() -> None:
         [[wal_format.CHANGE_DELETE, "a", [None, None]]],  # a condition of nothing
         [[wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid"]]],  # half a condition
         [[wal_format.CHANGE_DELETE, "a", [1, 2]]],  # a state that is not text
-        [[3, "a"]],  # unknown kind
+        [[wal_format.CHANGE_MACHINE, "order", "1", b"x"]],  # a version that is not an int
+        [[9, "a"]],  # unknown kind
     ):
         with pytest.raises(DecodeError):
             decoder.decode_changes(cbor2.dumps(bad), "doc")
