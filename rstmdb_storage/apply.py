@@ -10,12 +10,13 @@ from the record itself.
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from .codec import decode_instance, decode_instance_body, encode_instance_value, seal, unseal
-from .config import DB_INSTANCES, DB_MACHINES
+from .config import DB_IDEMPOTENCY, DB_INSTANCES, DB_MACHINES
 from .store.indexes import Indexes, index_entries
-from .wal.format import CHANGE_MACHINE, CHANGE_PUT
+from .wal.format import CHANGE_DELETE, CHANGE_IDEMPOTENCY, CHANGE_MACHINE, CHANGE_PUT
 
 #: the fields of an instance the indexes need: machine, state, metadata
 IndexedFields = tuple[str, str, dict[str, Any]]
@@ -35,6 +36,20 @@ def _machine_conflict(txn: Any, machines_db: Any, change: list[Any]) -> str | No
     return f"machine {name!r} version {version} is already defined differently"
 
 
+_IDEMPOTENCY_ENTRY = struct.Struct("<QQ")  # sequence number of the write, expiry (Unix ms)
+
+
+def remembered_write(txn: Any, idempotency_db: Any, key: str, at_ms: int) -> int | None:
+    """The sequence number of the write made with idempotency *key*, if it has not expired
+    at *at_ms*."""
+    raw_key = key.encode()
+    raw = txn.get(raw_key, db=idempotency_db)
+    if raw is None:
+        return None
+    seq, expires_at = _IDEMPOTENCY_ENTRY.unpack(unseal(raw_key, raw, "idempotency"))
+    return seq if at_ms < expires_at else None
+
+
 def is_conditional(change: list[Any]) -> bool:
     """Whether applying *change* depends on what is stored: it has a condition, or it is a
     machine definition (which must not redefine a stored version)."""
@@ -43,6 +58,8 @@ def is_conditional(change: list[Any]) -> bool:
 
 def change_condition(change: list[Any]) -> list[Any] | None:
     """The condition of an instance change, or None (see :mod:`.wal.format`)."""
+    if change[0] not in (CHANGE_PUT, CHANGE_DELETE):
+        return None
     position = 5 if change[0] == CHANGE_PUT else 2
     return change[position] if len(change) > position else None
 
@@ -57,6 +74,8 @@ def first_failure(
     instances_db, machines_db = dbs[DB_INSTANCES], dbs[DB_MACHINES]
     seen: dict[str, tuple[str, int] | None] = {}  # id -> (state, seq) or None when absent
     for change in changes:
+        if change[0] == CHANGE_IDEMPOTENCY:
+            continue
         if change[0] == CHANGE_MACHINE:
             message = _machine_conflict(txn, machines_db, change)
             if message is not None:
@@ -106,12 +125,22 @@ def apply_changes(
     the caller has them at hand (the write path); replay decodes them from the record.
     """
     instances_db = dbs[DB_INSTANCES]
+    for change in changes:
+        if change[0] != CHANGE_IDEMPOTENCY:
+            continue
+        if remembered_write(txn, dbs[DB_IDEMPOTENCY], change[1], timestamp_ms) is not None:
+            return  # a retry of a write already applied: it applies nothing
+        key = change[1].encode()
+        entry = _IDEMPOTENCY_ENTRY.pack(seq, timestamp_ms + change[2])
+        txn.put(key, seal(key, entry), db=dbs[DB_IDEMPOTENCY])
     if any(is_conditional(change) for change in changes) and first_failure(
         txn, dbs, seq, changes, deletes_must_find=False
     ):
         return  # deterministic: whoever applies this record finds the same failure
     indexes = Indexes(dbs)
     for position, change in enumerate(changes):
+        if change[0] == CHANGE_IDEMPOTENCY:
+            continue
         if change[0] == CHANGE_MACHINE:
             _, name, version, body = change
             key = machine_key(name, version)

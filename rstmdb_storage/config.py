@@ -139,6 +139,8 @@ class StorageConfig:
     max_readers: int = 1024
     #: how often LMDB is flushed to disk (a checkpoint); the WAL covers writes in between
     checkpoint_interval_ms: int = 1000
+    #: how long an idempotency key remembers the write made with it
+    idempotency_retention_ms: int = 24 * 3600 * 1000
     #: permission bits of the files and directories the store creates (private by default)
     file_mode: int = 0o600
 
@@ -173,6 +175,7 @@ class StorageConfig:
         )
         _check_int("max_readers", self.max_readers, minimum=1)
         _check_int("checkpoint_interval_ms", self.checkpoint_interval_ms, minimum=1)
+        _check_int("idempotency_retention_ms", self.idempotency_retention_ms, minimum=1)
         _check_int("file_mode", self.file_mode, minimum=0o400, maximum=0o777)
 
 

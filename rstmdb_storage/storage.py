@@ -31,9 +31,10 @@ from typing import Any
 
 import lmdb
 
-from .apply import IndexedFields, apply_changes, first_failure, is_conditional
+from .apply import IndexedFields, apply_changes, first_failure, is_conditional, remembered_write
 from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, unseal
 from .config import (
+    DB_IDEMPOTENCY,
     DB_MACHINES,
     INDEX_DATABASES,
     INDEXES_DIR,
@@ -77,7 +78,13 @@ from .store.meta import Checkpoint, Meta
 from .verify import Finding, check_instances, check_wal, run_checks
 from .wal import TornTailRepair, Wal, WalRecord, WalTail
 from .wal.decoder import decode_changes
-from .wal.format import CHANGE_DELETE, CHANGE_MACHINE, CHANGE_PUT, SEGMENT_HEADER_SIZE
+from .wal.format import (
+    CHANGE_DELETE,
+    CHANGE_IDEMPOTENCY,
+    CHANGE_MACHINE,
+    CHANGE_PUT,
+    SEGMENT_HEADER_SIZE,
+)
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -269,6 +276,13 @@ class Storage:
         if limit is not None:
             until = min(until, from_seq + limit - 1)
         yield from self._wal.records(from_seq, until)
+
+    def _remembered(self, idempotency_key: str) -> int | None:
+        check_name("idempotency_key", idempotency_key)
+        now = time.time_ns() // 1_000_000
+        return self._read_with_retry(
+            lambda txn: remembered_write(txn, self._env.dbs[DB_IDEMPOTENCY], idempotency_key, now)
+        )
 
     # --- machine definitions --------------------------------------------------------------------
 
@@ -473,6 +487,7 @@ class Storage:
         *,
         expected_state: str | None = None,
         expected_seq: int | None = None,
+        idempotency_key: str | None = None,
     ) -> int:
         """Store *instance* (insert or replace); return the WAL sequence number of the write.
 
@@ -488,13 +503,17 @@ class Storage:
             inst.state = "paid"
             storage.put_instance(inst, expected_seq=inst.last_wal_offset)
 
+        With *idempotency_key*, the store remembers this write's sequence number for
+        ``idempotency_retention_ms``: a retry with the same key returns that number and writes
+        nothing, whatever it carries (a worker that crashed after writing can simply retry).
+
         :raises ConflictError: the stored instance is not as expected; nothing is written
         :raises InvalidInputError, InvalidTypeError: the instance is not storable; nothing
             is written
         :raises StorageFailedError: an earlier fsync failed; reopen the store
         """
         change, fields = self._put_change(instance, expected_state, expected_seq)
-        return self._commit([change], [fields])
+        return self._commit([change], [fields], idempotency_key)
 
     def delete_instance(
         self,
@@ -502,14 +521,17 @@ class Storage:
         *,
         expected_state: str | None = None,
         expected_seq: int | None = None,
+        idempotency_key: str | None = None,
     ) -> int:
         """Delete the instance stored under *instance_id*; return the WAL sequence number.
-        *expected_state* and *expected_seq* make it conditional, as for :meth:`put_instance`.
+        *expected_state*, *expected_seq* and *idempotency_key* work as for
+        :meth:`put_instance`.
 
         :raises InstanceNotFoundError: nothing is stored under that id; nothing is written
         :raises ConflictError: the stored instance is not as expected; nothing is written
         """
-        return self._commit([_delete_change(instance_id, expected_state, expected_seq)], [None])
+        change = _delete_change(instance_id, expected_state, expected_seq)
+        return self._commit([change], [None], idempotency_key)
 
     def transition(
         self,
@@ -519,11 +541,13 @@ class Storage:
         *,
         ctx: dict[str, Any] | None = None,
         event_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Instance:
         """Move an instance from *from_state* to *to_state*, atomically: the write applies
         only if the instance is still in *from_state* and nobody wrote it since it was read.
         *ctx* replaces the context when given; *event_id* becomes ``last_event_id``. Returns
-        the instance as stored.
+        the instance as stored. With *idempotency_key*, a retry of a transition that was
+        already made returns the instance as it is now instead of raising.
 
         Example::
 
@@ -533,6 +557,8 @@ class Storage:
         :raises ConflictError: it is not in *from_state*, or another write won the race
         """
         check_name("from_state", from_state)
+        if idempotency_key is not None and self._remembered(idempotency_key) is not None:
+            return self.get_instance(instance_id)  # type: ignore[return-value]
         current = self.get_instance(instance_id)
         if current is None:
             raise InstanceNotFoundError(f"no instance {instance_id!r} to transition")
@@ -548,7 +574,10 @@ class Storage:
             updated_at=None,
         )
         seq = self.put_instance(
-            moved, expected_state=from_state, expected_seq=current.last_wal_offset
+            moved,
+            expected_state=from_state,
+            expected_seq=current.last_wal_offset,
+            idempotency_key=idempotency_key,
         )
         stored = self.get_instance(instance_id)
         if stored is None or stored.last_wal_offset != seq:  # moved on since: rebuild locally
@@ -557,11 +586,12 @@ class Storage:
         return stored
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[Batch]:
+    def batch(self, *, idempotency_key: str | None = None) -> Iterator[Batch]:
         """Group puts and deletes into one WAL record and one LMDB transaction: all or nothing.
 
         Nothing is written if the block raises. After the block, ``batch.seq`` is the sequence
-        number of the record (None if the batch was empty).
+        number of the record (None if the batch was empty); with *idempotency_key*, a retried
+        batch writes nothing and gets the first one's number.
 
         Example::
 
@@ -572,7 +602,7 @@ class Storage:
         batch = Batch(self)
         yield batch
         if batch.changes:
-            batch.seq = self._commit(batch.changes, batch.known)
+            batch.seq = self._commit(batch.changes, batch.known, idempotency_key)
 
     def _put_change(
         self, instance: Instance, expected_state: str | None, expected_seq: int | None
@@ -585,7 +615,17 @@ class Storage:
             change.append(condition)
         return change, (instance.machine, instance.state, instance.metadata)
 
-    def _commit(self, changes: list[list[Any]], known: list[IndexedFields | None]) -> int:
+    def _commit(
+        self,
+        changes: list[list[Any]],
+        known: list[IndexedFields | None],
+        idempotency_key: str | None = None,
+    ) -> int:
+        if idempotency_key is not None:
+            check_name("idempotency_key", idempotency_key)
+            retention = self.config.idempotency_retention_ms
+            changes = [*changes, [CHANGE_IDEMPOTENCY, idempotency_key, retention]]
+            known = [*known, None]
         payload = cbor_dumps(changes, "WAL record")
         if len(payload) > self.config.max_record_size:
             raise RecordTooLargeError(
@@ -595,7 +635,7 @@ class Storage:
         env = self._live_env()
         with env.write_mutex:
             self._wal.check_usable()
-            seq = self._write_locked(env, changes, payload, known)
+            seq = self._write_locked(env, changes, payload, known, idempotency_key)
             self._dirty = True
         if self._flusher.pid != os.getpid():
             self._flusher = _Flusher(self)  # forked: threads do not survive a fork
@@ -607,6 +647,7 @@ class Storage:
         changes: list[list[Any]],
         payload: bytes,
         known: list[IndexedFields | None],
+        idempotency_key: str | None,
     ) -> int:
         must_check = any(c[0] == CHANGE_DELETE or is_conditional(c) for c in changes)
         written: int | None = None
@@ -619,9 +660,15 @@ class Storage:
                         continue  # commit this chunk of replay, then go on
                     if written is not None:
                         return written  # the catch-up above applied our record
+                    timestamp_ms = time.time_ns() // 1_000_000
+                    if idempotency_key is not None:
+                        first = remembered_write(
+                            txn, env.dbs[DB_IDEMPOTENCY], idempotency_key, timestamp_ms
+                        )
+                        if first is not None:
+                            return first  # a retry: the first write's result, nothing written
                     if must_check:
                         _raise_failure(txn, env.dbs, tail.next_seq, changes)
-                    timestamp_ms = time.time_ns() // 1_000_000
                     new_tail = self._wal.append(tail, timestamp_ms, payload)
                     written = tail.next_seq
                     if self._wal.sync_due():

@@ -298,7 +298,10 @@ def test_change_layout_in_prose() -> None:
         [wal_format.CHANGE_DELETE, "a"],
         [wal_format.CHANGE_DELETE, "a", [None, 7]],
         [wal_format.CHANGE_MACHINE, "order", 1, b"definition"],
+        [wal_format.CHANGE_IDEMPOTENCY, "request-1", 86_400_000],
     ]
+    idempotency = re.search(r"\[(\d+), key, retention_ms\]\s+idempotency key", doc)
+    assert idempotency and int(idempotency.group(1)) == wal_format.CHANGE_IDEMPOTENCY == 4
     machine = re.search(r"\[(\d+), name, version, definition\]\s+put a machine", doc)
     assert machine and int(machine.group(1)) == wal_format.CHANGE_MACHINE == 3
     assert decoder.decode_changes(cbor2.dumps(good), "doc") == good
@@ -309,6 +312,7 @@ def test_change_layout_in_prose() -> None:
         [[wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid"]]],  # half a condition
         [[wal_format.CHANGE_DELETE, "a", [1, 2]]],  # a state that is not text
         [[wal_format.CHANGE_MACHINE, "order", "1", b"x"]],  # a version that is not an int
+        [[wal_format.CHANGE_IDEMPOTENCY, "request-1", 0]],  # no retention
         [[9, "a"]],  # unknown kind
     ):
         with pytest.raises(DecodeError):

@@ -26,6 +26,7 @@ from ..config import MAX_RECORD_BYTES
 from ..errors import CorruptionError, DecodeError
 from .format import (
     CHANGE_DELETE,
+    CHANGE_IDEMPOTENCY,
     CHANGE_MACHINE,
     CHANGE_PUT,
     RECORD_HEADER,
@@ -187,6 +188,8 @@ def decode_changes(payload: bytes, where: str) -> list[list[Any]]:
             ok = ok and (len(change) == 5 or _is_condition(change[5]))
         elif kind == CHANGE_DELETE:
             ok = len(change) == 2 or (len(change) == 3 and _is_condition(change[2]))
+        elif kind == CHANGE_IDEMPOTENCY:
+            ok = len(change) == 3 and type(change[2]) is int and change[2] > 0
         elif kind == CHANGE_MACHINE:
             ok = len(change) == 4 and type(change[2]) is int and type(change[3]) is bytes
         else:
