@@ -36,6 +36,7 @@ from model_store import (
 )
 
 from rstmdb_storage import (
+    ConflictError,
     FsyncPolicy,
     Instance,
     InstanceNotFoundError,
@@ -694,6 +695,33 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @rule(instance=instances)
     def put(self, instance: Instance) -> None:
         self.write([Put(instance)], lambda: self.storage.put_instance(instance))
+
+    @rule(instance=instances, data=st.data())
+    def conditional_put(self, instance: Instance, data: st.DataObject) -> None:
+        """A put guarded by the state and/or sequence number the writer believes current:
+        it applies exactly when the model agrees, else ConflictError and nothing changes."""
+        record = self.model.records.get(instance.id)
+        expected_state = data.draw(st.sampled_from([None, *STATES]))
+        actual_seq = record.seq if record is not None else 0
+        expected_seq = data.draw(st.sampled_from([None, actual_seq, actual_seq + 1]))
+        if expected_state is None and expected_seq is None:
+            expected_seq = actual_seq
+        holds = expected_seq in (None, actual_seq) and (
+            expected_state is None or (record is not None and record.state == expected_state)
+        )
+
+        def run() -> int:
+            return self.storage.put_instance(
+                instance, expected_state=expected_state, expected_seq=expected_seq
+            )
+
+        if holds:
+            self.write([Put(instance)], run)
+            return
+        applied = self.storage.applied_seq
+        with pytest.raises(ConflictError):
+            run()
+        assert self.storage.applied_seq == applied
 
     @rule(data=st.data())
     def delete(self, data: st.DataObject) -> None:
