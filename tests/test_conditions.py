@@ -6,6 +6,7 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
+from helpers import order, wal_bytes
 
 from rstmdb_storage import (
     ConflictError,
@@ -16,14 +17,6 @@ from rstmdb_storage import (
     Storage,
     StorageConfig,
 )
-
-
-def order(instance_id: str, state: str = "pending", **fields: object) -> Instance:
-    return Instance(id=instance_id, machine="order", version=1, state=state, **fields)
-
-
-def wal_bytes(data_dir: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted((data_dir / "wal").glob("*.wal")))
 
 
 def test_expected_seq_guards_a_read_modify_write(storage: Storage, data_dir: Path) -> None:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rstmdb_storage import Instance, Storage, StorageConfig
+from helpers import order
+
+from rstmdb_storage import Storage, StorageConfig
 from rstmdb_storage.codec import cbor_dumps
-
-
-def order(instance_id: str, state: str = "pending") -> Instance:
-    return Instance(id=instance_id, machine="order", version=1, state=state)
 
 
 def test_a_retried_put_returns_the_first_seq_and_writes_nothing(storage: Storage) -> None:

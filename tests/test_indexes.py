@@ -9,18 +9,14 @@ import struct
 
 import lmdb
 import pytest
+from helpers import order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rstmdb_storage import Instance, Storage, StorageConfig
+from rstmdb_storage import Storage, StorageConfig
 from rstmdb_storage import storage as storage_module
 from rstmdb_storage.codec import seal
 from rstmdb_storage.store.indexes import encode_label_value, index_entries
-
-
-def order(instance_id: str, state: str = "pending", **fields: object) -> Instance:
-    return Instance(id=instance_id, machine="order", version=1, state=state, **fields)
-
 
 # --- layout -------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from helpers import order, wal_bytes
 
 from rstmdb_storage import (
     ConfigError,
@@ -22,14 +23,6 @@ from rstmdb_storage import (
     StorageConfig,
     StorageError,
 )
-
-
-def order(instance_id: str, state: str = "pending", **fields: object) -> Instance:
-    return Instance(id=instance_id, machine="order", version=1, state=state, **fields)
-
-
-def wal_bytes(data_dir: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in sorted((data_dir / "wal").glob("*.wal")))
 
 
 def test_put_then_get_returns_what_was_stored(storage: Storage) -> None:
