@@ -1121,7 +1121,7 @@ def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:
 def _adopt_or_create(config: StorageConfig, wal_dir: Path) -> tuple[bytes, WalTail | None]:
     """A new store gets a random id. A WAL without LMDB (``indexes/`` lost, or a crash while
     the store was being created) is adopted and replayed from its first record."""
-    probe = Wal(wal_dir, b"", config.wal_segment_size, config.fsync_policy, config.file_mode)
+    probe = _wal(config, b"")  # only lists segments and reads a header
     ids = probe.segment_ids()
     if not ids:
         return os.urandom(16), None
