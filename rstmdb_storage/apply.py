@@ -50,6 +50,27 @@ def remembered_write(txn: Any, idempotency_db: Any, key: str, at_ms: int) -> int
     return seq if at_ms < expires_at else None
 
 
+def purge_expired(
+    txn: Any, idempotency_db: Any, at_ms: int, after: bytes | None, limit: int
+) -> tuple[int, bytes | None]:
+    """Delete up to *limit* idempotency entries expired at *at_ms*, scanning from *after*;
+    return how many were deleted and where to go on (None at the end)."""
+    cursor = txn.cursor(db=idempotency_db)
+    found = cursor.set_range(after) if after is not None else cursor.first()
+    deleted = scanned = 0
+    while found and scanned < limit:
+        key = cursor.key()
+        _, expires_at = _IDEMPOTENCY_ENTRY.unpack(unseal(key, cursor.value(), "idempotency"))
+        scanned += 1
+        if expires_at <= at_ms:
+            # delete() moves on to the next entry; past the last one the cursor is unset
+            found = cursor.delete() and bool(cursor.key())
+            deleted += 1
+        else:
+            found = cursor.next()
+    return deleted, (cursor.key() if found else None)
+
+
 def is_conditional(change: list[Any]) -> bool:
     """Whether applying *change* depends on what is stored: it has a condition, or it is a
     machine definition (which must not redefine a stored version)."""

@@ -31,7 +31,14 @@ from typing import Any
 
 import lmdb
 
-from .apply import IndexedFields, apply_changes, first_failure, is_conditional, remembered_write
+from .apply import (
+    IndexedFields,
+    apply_changes,
+    first_failure,
+    is_conditional,
+    purge_expired,
+    remembered_write,
+)
 from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, unseal
 from .config import (
     DB_IDEMPOTENCY,
@@ -276,6 +283,25 @@ class Storage:
         if limit is not None:
             until = min(until, from_seq + limit - 1)
         yield from self._wal.records(from_seq, until)
+
+    def purge_idempotency_keys(self) -> int:
+        """Delete the idempotency keys whose retention has passed; return how many.
+
+        Expired keys already count as absent; this reclaims their space. It runs in write
+        transactions of at most 10,000 entries each, so writers are held up only briefly.
+        It is housekeeping, not a change: it does not go through the WAL.
+        """
+        env = self._live_env()
+        now = time.time_ns() // 1_000_000
+        purged, after = 0, None
+        while True:
+            with env.write_mutex, env.begin_write() as txn:
+                deleted, after = purge_expired(
+                    txn, env.dbs[DB_IDEMPOTENCY], now, after, _REBUILD_CHUNK
+                )
+            purged += deleted
+            if after is None:
+                return purged
 
     def _remembered(self, idempotency_key: str) -> int | None:
         check_name("idempotency_key", idempotency_key)

@@ -70,3 +70,23 @@ def test_replay_of_a_retry_record_applies_nothing(config: StorageConfig) -> None
         assert storage.applied_seq == 2
         assert storage.get_instance("o").state == "pending"
         assert storage.verify() == []
+
+
+def test_purge_reclaims_expired_keys_only(data_dir: Path) -> None:
+    config = StorageConfig(data_dir=data_dir, idempotency_retention_ms=3_600_000)
+    with Storage.open(config) as storage:
+        for i in range(5):
+            storage.put_instance(order(f"o{i}"), idempotency_key=f"k{i}")
+        assert storage.purge_idempotency_keys() == 0  # none has expired
+    short = StorageConfig(data_dir=data_dir, idempotency_retention_ms=1)
+    with Storage.open(short) as storage:
+        for i in range(3):
+            storage.put_instance(order(f"s{i}"), idempotency_key=f"short{i}")
+        purged = 0
+        for _ in range(100_000):  # until the clock has moved past their 1 ms; bounded
+            purged += storage.purge_idempotency_keys()
+            if purged == 3:
+                break
+        assert purged == 3
+        first = storage.put_instance(order("o0", "again"), idempotency_key="k0")
+        assert first == 1  # the long-lived key is still remembered
