@@ -93,7 +93,11 @@ def main(data_dir: str) -> None:
                 f"  seq {record.seq} written at {record.timestamp_ms} ms, "
                 f"{len(record.payload)} payload bytes"
             )
-        print("snapshots: not implemented yet (issue 4)")
+        snapshot = storage.create_snapshot()
+        print(
+            f"snapshot of sequence {snapshot.seq}: {snapshot.instances} instances, "
+            f"{snapshot.size} bytes, CRC32C {snapshot.crc32c:#010x}"
+        )
 
     with Storage.open(config) as storage:
         print(

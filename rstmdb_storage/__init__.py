@@ -29,6 +29,7 @@ from .errors import (
     WalGapError,
 )
 from .model import Instance
+from .snapshots import SnapshotManifest
 from .storage import Batch, MachineDefinition, Page, Storage
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "NotFoundError",
     "Page",
     "RecordTooLargeError",
+    "SnapshotManifest",
     "Storage",
     "StorageClosedError",
     "StorageConfig",

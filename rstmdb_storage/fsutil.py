@@ -37,7 +37,7 @@ def _dir_mode(file_mode: int) -> int:
 
 def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
     """Replace *path* with *data*: temporary name, fsync, rename, directory fsync."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = temporary_name(path)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         write_all(fd, data, 0, str(tmp))
@@ -46,6 +46,12 @@ def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def temporary_name(path: Path) -> Path:
+    """Where *path* is built before it is renamed into place; per process, so that two
+    processes publishing the same file never write into one temporary file."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
 def write_all(fd: int, data: bytes, offset: int, path: str) -> None:

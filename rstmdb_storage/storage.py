@@ -39,10 +39,11 @@ from .apply import (
     purge_expired,
     remembered_write,
 )
-from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, unseal
+from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, seal, unseal
 from .config import (
     DB_IDEMPOTENCY,
     DB_MACHINES,
+    DB_SNAPSHOTS,
     INDEX_DATABASES,
     INDEXES_DIR,
     MAX_ID_BYTES,
@@ -69,6 +70,15 @@ from .model import (
     check_label_value,
     check_name,
     check_plain_value,
+)
+from .snapshots import (
+    MANIFEST_SUFFIX,
+    Progress,
+    SnapshotManifest,
+    check_data,
+    manifests,
+    publish,
+    read_manifest,
 )
 from .store import env as lmdb_env
 from .store.indexes import (
@@ -309,6 +319,57 @@ class Storage:
         return self._read_with_retry(
             lambda txn: remembered_write(txn, self._env.dbs[DB_IDEMPOTENCY], idempotency_key, now)
         )
+
+    # --- snapshots ------------------------------------------------------------------------------
+
+    def create_snapshot(self, progress: Progress | None = None) -> SnapshotManifest:
+        """Publish a consistent copy of the store as of the newest applied WAL record; return
+        its manifest (``.seq`` is the sequence number it contains).
+
+        The copy is made inside one read transaction, so writers here and in other processes
+        go on while it runs; see :mod:`rstmdb_storage.snapshots` for the files. If a snapshot
+        of the current sequence number exists already, its manifest is returned.
+        *progress*, if given, is called with (bytes checksummed, bytes in all).
+
+        Example::
+
+            manifest = storage.create_snapshot()
+            print(manifest.seq, manifest.size, manifest.instances)
+        """
+        env = self._live_env()
+        directory = self.config.path / SNAPSHOTS_DIR
+        with env.read() as txn:
+            seq = self._meta.tail(txn).applied_seq
+            if (directory / f"{seq:020d}{MANIFEST_SUFFIX}").exists():
+                return read_manifest(directory, seq)
+            fields = {
+                "seq": seq,
+                "instances": txn.stat(env.instances)["entries"],
+                "created_at_ms": time.time_ns() // 1_000_000,
+                "store_id": self._wal.store_id,
+            }
+            manifest = publish(
+                lambda fd: env.env.copyfd(fd, compact=True, txn=txn),
+                directory,
+                fields,
+                self.config.file_mode,
+                progress,
+            )
+        with env.write_mutex, env.begin_write() as txn:
+            key = seq.to_bytes(8, "big")
+            txn.put(key, seal(key, manifest.encode()), db=env.dbs[DB_SNAPSHOTS])
+        return manifest
+
+    def list_snapshots(self) -> list[SnapshotManifest]:
+        """Manifests of the published snapshots, oldest first, read from ``snapshots/``.
+
+        :raises CorruptionError: a manifest fails its checksum
+        """
+        return manifests(self.config.path / SNAPSHOTS_DIR)
+
+    def check_snapshot(self, manifest: SnapshotManifest, progress: Progress | None = None) -> None:
+        """Raise :class:`CorruptionError` unless the snapshot's file matches its manifest."""
+        check_data(self.config.path / SNAPSHOTS_DIR, manifest, progress)
 
     # --- machine definitions --------------------------------------------------------------------
 

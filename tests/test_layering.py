@@ -16,7 +16,7 @@ LAYERS = [
     {"codec"},
     {"wal.format", "wal.encoder", "wal.decoder", "wal.segment", "wal.repair", "wal.log", "wal"},
     {"store", "store.meta", "store.env", "store.indexes"},
-    {"apply", "verify"},
+    {"apply", "verify", "snapshots"},
     {"storage"},
     {"__init__"},
     {"cli"},

@@ -1,0 +1,161 @@
+"""Snapshots: consistent, checksummed copies of the LMDB environment.
+
+A snapshot is taken inside one LMDB read transaction (copy-on-write MVCC: writers in this and
+other processes go on while it copies) with a compacting copy, so it holds exactly the state at
+the applied sequence number that transaction saw. Two immutable files are published per
+snapshot in ``<data_dir>/snapshots/``::
+
+    00000000000000052117.mdb        the copy (an LMDB data file holding state up to seq 52117)
+    00000000000000052117.manifest   what the copy is, checksummed
+
+The manifest is the envelope of :mod:`.codec` (its checksum covers the key ``b"manifest"``)
+around a CBOR map: ``seq``, ``size`` (bytes of the ``.mdb`` file), ``crc32c`` (of its bytes),
+``instances`` (how many it holds), ``created_at_ms``, ``store_id`` (16 bytes). Both files are
+written under a temporary name, synced, renamed and the directory synced; the manifest last, so
+a manifest always describes a complete copy. A manifest is also kept in the ``snapshots``
+sub-database, to list them quickly; the files are what recovery trusts, since they survive the
+loss of ``indexes/``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from crc32c import crc32c
+
+from .codec import cbor_dumps, cbor_loads, seal, unseal
+from .errors import CorruptionError, DecodeError
+from .fsutil import fsync_dir, os_error, temporary_name, write_file_atomic
+
+MANIFEST_KEY = b"manifest"
+DATA_SUFFIX = ".mdb"
+MANIFEST_SUFFIX = ".manifest"
+_CHUNK = 1 << 20
+
+#: called with (bytes done, bytes in all) while a long step runs
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotManifest:
+    """What a published snapshot holds; ``seq`` is the WAL sequence number it contains."""
+
+    seq: int
+    size: int
+    crc32c: int
+    instances: int
+    created_at_ms: int
+    store_id: bytes
+
+    @property
+    def name(self) -> str:
+        return f"{self.seq:020d}"
+
+    def encode(self) -> bytes:
+        fields = {
+            "seq": self.seq,
+            "size": self.size,
+            "crc32c": self.crc32c,
+            "instances": self.instances,
+            "created_at_ms": self.created_at_ms,
+            "store_id": self.store_id,
+        }
+        return seal(MANIFEST_KEY, cbor_dumps(fields, "snapshot manifest"))
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> SnapshotManifest:
+        fields = cbor_loads(unseal(MANIFEST_KEY, raw, where), where)
+        try:
+            manifest = cls(**fields)
+        except TypeError as exc:
+            raise DecodeError(f"{where}: not a snapshot manifest ({exc})") from None
+        if not all(type(getattr(manifest, f)) is int for f in ("seq", "size", "crc32c")):
+            raise DecodeError(f"{where}: manifest fields of the wrong type")
+        return manifest
+
+
+def publish(
+    copy: Callable[[int], None],
+    directory: Path,
+    manifest_fields: dict[str, Any],
+    file_mode: int,
+    progress: Progress | None = None,
+) -> SnapshotManifest:
+    """Write a snapshot with *copy* (which writes the LMDB copy to a file descriptor), check
+    what it wrote, and publish both files atomically."""
+    name = f"{manifest_fields['seq']:020d}"
+    data_path = directory / (name + DATA_SUFFIX)
+    tmp = temporary_name(data_path)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, file_mode)
+    try:
+        try:
+            copy(fd)
+            os.fsync(fd)
+        except OSError as exc:
+            raise os_error(exc, f"writing snapshot {tmp}") from exc
+        size = os.fstat(fd).st_size
+        checksum = _crc_of(fd, size, progress)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, data_path)
+    fsync_dir(directory)
+    manifest = SnapshotManifest(size=size, crc32c=checksum, **manifest_fields)
+    write_file_atomic(directory / (name + MANIFEST_SUFFIX), manifest.encode(), file_mode)
+    return manifest
+
+
+def read_manifest(directory: Path, seq: int) -> SnapshotManifest:
+    path = directory / f"{seq:020d}{MANIFEST_SUFFIX}"
+    return SnapshotManifest.decode(path.read_bytes(), str(path))
+
+
+def manifests(directory: Path) -> list[SnapshotManifest]:
+    """The manifests of every published snapshot, oldest first (a damaged one raises)."""
+    seqs = sorted(
+        int(path.name[: -len(MANIFEST_SUFFIX)])
+        for path in directory.glob("*" + MANIFEST_SUFFIX)
+        if path.name[: -len(MANIFEST_SUFFIX)].isdigit()
+    )
+    return [read_manifest(directory, seq) for seq in seqs]
+
+
+def check_data(
+    directory: Path, manifest: SnapshotManifest, progress: Progress | None = None
+) -> None:
+    """Raise :class:`CorruptionError` unless the snapshot file matches its manifest."""
+    path = directory / (manifest.name + DATA_SUFFIX)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise CorruptionError(f"{path}: snapshot file is missing", path=str(path)) from None
+    try:
+        size = os.fstat(fd).st_size
+        computed = _crc_of(fd, size, progress)
+    finally:
+        os.close(fd)
+    if size != manifest.size or computed != manifest.crc32c:
+        raise CorruptionError(
+            f"{path}: snapshot does not match its manifest (size {size}, expected "
+            f"{manifest.size}; CRC32C {computed:#010x}, expected {manifest.crc32c:#010x})",
+            path=str(path),
+        )
+
+
+def _crc_of(fd: int, size: int, progress: Progress | None) -> int:
+    crc, offset = 0, 0
+    while offset < size:
+        chunk = os.pread(fd, min(_CHUNK, size - offset), offset)
+        if not chunk:
+            break
+        crc = crc32c(chunk, crc)
+        offset += len(chunk)
+        if progress is not None:
+            progress(offset, size)
+    return crc
