@@ -15,7 +15,7 @@ from typing import Any
 
 from .codec import decode_instance, decode_instance_body, encode_instance_value, seal, unseal
 from .config import DB_IDEMPOTENCY, DB_INSTANCES, DB_MACHINES
-from .store.indexes import Indexes, index_entries
+from .store.indexes import Indexes, entries_of, index_entries
 from .wal.format import CHANGE_DELETE, CHANGE_IDEMPOTENCY, CHANGE_MACHINE, CHANGE_PUT
 
 #: the fields of an instance the indexes need: machine, state, metadata
@@ -173,13 +173,7 @@ def apply_changes(
         previous = None if old is None else decode_instance(key, old)
         stale: list[tuple[bytes, bytes]] = []
         if previous is not None:
-            stale = index_entries(
-                previous.id,
-                previous.machine,
-                previous.state,
-                previous.metadata,
-                previous.updated_at,
-            )
+            stale = entries_of(previous)
         if change[0] != CHANGE_PUT:
             indexes.remove(txn, stale)
             txn.delete(key, db=instances_db)

@@ -85,7 +85,7 @@ from .store.indexes import (
     TAG_OF,
     Indexes,
     KeyRange,
-    index_entries,
+    entries_of,
     metadata_exact_range,
     metadata_span_range,
     state_range,
@@ -1184,8 +1184,7 @@ def _index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]]
     indexes = Indexes(dbs)
     for key, raw in page:
         inst = decode_instance(key, raw)
-        entries = index_entries(inst.id, inst.machine, inst.state, inst.metadata, inst.updated_at)
-        indexes.add(txn, key, entries)
+        indexes.add(txn, key, entries_of(inst))
 
 
 def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:

@@ -13,8 +13,8 @@ from typing import Any
 from .codec import cbor_loads, decode_instance, unseal
 from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
-from .model import Instance, check_instance
-from .store.indexes import index_entries
+from .model import check_instance
+from .store.indexes import entries_of
 from .wal import Wal
 
 
@@ -53,7 +53,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
                 f"last_wal_offset {inst.last_wal_offset} is beyond the applied sequence "
                 f"{applied_seq}",
             )
-        for db, index_key in _entries(inst):
+        for db, index_key in entries_of(inst):
             expected[db] += 1
             yield from _check_entry(txn, dbs, db, index_key, key)
     for db in INDEX_DATABASES:
@@ -64,10 +64,6 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
             cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
         except CorruptionError as exc:
             yield Finding(f"machines[{key!r}]", str(exc))
-
-
-def _entries(inst: Instance) -> list[tuple[bytes, bytes]]:
-    return index_entries(inst.id, inst.machine, inst.state, inst.metadata, inst.updated_at or 0)
 
 
 def _check_entry(
@@ -100,7 +96,7 @@ def _stray_entries(txn: Any, dbs: dict[bytes, Any], db: bytes) -> Iterator[Findi
             continue  # reported with the entry or the instance it belongs to
         if inst is None:
             yield Finding(where, f"points to instance {instance_key!r}, which is not stored")
-        elif (db, index_key) not in _entries(inst):
+        elif (db, index_key) not in entries_of(inst):
             yield Finding(where, f"does not match instance {instance_key!r} as stored")
 
 

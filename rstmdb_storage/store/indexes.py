@@ -35,6 +35,7 @@ from typing import Any
 
 from ..codec import seal
 from ..config import DB_METADATA_INDEX, DB_STATE_INDEX, DB_TIME_INDEX
+from ..model import Instance
 
 TAG_BOOL = 1
 TAG_INT = 2
@@ -115,6 +116,11 @@ def index_entries(
     for label, value in metadata.items():
         entries.append((DB_METADATA_INDEX, label.encode() + SEP + encode_label_value(value) + key))
     return entries
+
+
+def entries_of(inst: Instance) -> list[tuple[bytes, bytes]]:
+    """Every (sub-database, key) a stored instance has in the indexes."""
+    return index_entries(inst.id, inst.machine, inst.state, inst.metadata, inst.updated_at or 0)
 
 
 class Indexes:
