@@ -11,12 +11,14 @@ Example::
         print(storage.get_instance("order-1"))
 """
 
+from .compaction import CompactionResult
 from .config import FsyncPolicy, StorageConfig
 from .errors import (
     ConfigError,
     ConflictError,
     CorruptionError,
     DecodeError,
+    IndexesCorruptionError,
     InstanceNotFoundError,
     InvalidInputError,
     InvalidTypeError,
@@ -36,11 +38,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Batch",
+    "CompactionResult",
     "ConfigError",
     "ConflictError",
     "CorruptionError",
     "DecodeError",
     "FsyncPolicy",
+    "IndexesCorruptionError",
     "Instance",
     "InstanceNotFoundError",
     "InvalidInputError",

@@ -124,6 +124,9 @@ class StorageConfig:
     max_wal_segments: int = 10
     #: delete WAL segments covered by snapshots automatically
     compaction_enabled: bool = True
+    #: snapshots kept by compaction; the WAL is kept from the oldest of them on, so that
+    #: recovery can fall back to an older snapshot when the newest is damaged
+    snapshots_kept: int = 2
     #: size at which a WAL segment is sealed and a new one started; preallocated on creation
     wal_segment_size: int = 64 * MiB
     #: when WAL writes are flushed to disk; see :class:`FsyncPolicy` for what each can lose
@@ -154,6 +157,7 @@ class StorageConfig:
             raise ConfigError(f"data_dir: need a non-empty path, got {self.data_dir!r}")
         _check_int("snapshot_interval", self.snapshot_interval, minimum=0)
         _check_int("max_wal_segments", self.max_wal_segments, minimum=1)
+        _check_int("snapshots_kept", self.snapshots_kept, minimum=1)
         if not isinstance(self.compaction_enabled, bool):
             raise ConfigError(f"compaction_enabled: need a bool, got {self.compaction_enabled!r}")
         _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB)

@@ -83,6 +83,12 @@ class CorruptionError(StorageError):
         self.key = key
 
 
+class IndexesCorruptionError(CorruptionError):
+    """Raised when the LMDB environment in ``indexes/`` is unreadable or fails its check, and
+    cannot be rebuilt from a snapshot and the WAL. (When it can, opening the store rebuilds it
+    by itself.)"""
+
+
 class WalGapError(CorruptionError):
     """Raised when WAL sequence numbers that the store needs are missing."""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import StorageError, StorageFullError
@@ -46,6 +47,36 @@ def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
         os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def copy_file_atomic(
+    source: Path, target: Path, mode: int, progress: Callable[[int, int], None] | None = None
+) -> int:
+    """Copy *source* to *target* through a temporary name, fsync, rename and directory fsync;
+    return the bytes copied. *progress* is called with (bytes done, bytes in all)."""
+    tmp = temporary_name(target)
+    with open(source, "rb") as src:
+        size = os.fstat(src.fileno()).st_size
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+        try:
+            done = 0
+            while chunk := src.read(_COPY_CHUNK):
+                write_all(fd, chunk, done, str(tmp))
+                done += len(chunk)
+                if progress is not None:
+                    progress(done, size)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+    os.close(fd)
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return done
+
+
+_COPY_CHUNK = 4 << 20
 
 
 def temporary_name(path: Path) -> Path:

@@ -15,12 +15,21 @@ written under a temporary name, synced, renamed and the directory synced; the ma
 a manifest always describes a complete copy. A manifest is also kept in the ``snapshots``
 sub-database, to list them quickly; the files are what recovery trusts, since they survive the
 loss of ``indexes/``.
+
+Taking, deleting and copying snapshots happens under :func:`snapshot_lock` (a POSIX lock on
+``snapshots/snapshot.lock``, which a forked child does not inherit), so that one process at a
+time snapshots or compacts, and a restore reading the files is never raced by compaction.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
+import logging
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,13 +40,17 @@ from .codec import cbor_dumps, cbor_loads, seal, unseal
 from .errors import CorruptionError, DecodeError
 from .fsutil import fsync_dir, os_error, temporary_name, write_file_atomic
 
+log = logging.getLogger("rstmdb_storage")
+
 MANIFEST_KEY = b"manifest"
+LOCK_NAME = "snapshot.lock"
 DATA_SUFFIX = ".mdb"
 MANIFEST_SUFFIX = ".manifest"
 _CHUNK = 1 << 20
 
-#: called with (bytes done, bytes in all) while a long step runs
-Progress = Callable[[int, int], None]
+#: called with (step, done, in all) while a long step runs: "checksum" and "copy" count bytes,
+#: "replay" counts WAL records (in all is 0 when not known in advance)
+Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +111,7 @@ def publish(
         except OSError as exc:
             raise os_error(exc, f"writing snapshot {tmp}") from exc
         size = os.fstat(fd).st_size
-        checksum = _crc_of(fd, size, progress)
+        checksum = _crc_of(fd, size, progress)  # what reached the disk, not what was meant
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)
@@ -116,14 +129,76 @@ def read_manifest(directory: Path, seq: int) -> SnapshotManifest:
     return SnapshotManifest.decode(path.read_bytes(), str(path))
 
 
+def first_needed_segment(segment_ids: list[int], seq: int) -> int | None:
+    """The first WAL segment that replay after a snapshot of *seq* reads: the newest one
+    starting at or before ``seq + 1`` (None when every segment starts later)."""
+    starting_before = [first for first in segment_ids if first <= seq + 1]
+    return starting_before[-1] if starting_before else None
+
+
+def published_seqs(directory: Path) -> list[int]:
+    """Sequence numbers of the snapshots whose manifest is published, oldest first."""
+    names = (path.name[: -len(MANIFEST_SUFFIX)] for path in directory.glob("*" + MANIFEST_SUFFIX))
+    return sorted(int(name) for name in names if name.isdigit())
+
+
 def manifests(directory: Path) -> list[SnapshotManifest]:
     """The manifests of every published snapshot, oldest first (a damaged one raises)."""
-    seqs = sorted(
-        int(path.name[: -len(MANIFEST_SUFFIX)])
-        for path in directory.glob("*" + MANIFEST_SUFFIX)
-        if path.name[: -len(MANIFEST_SUFFIX)].isdigit()
-    )
-    return [read_manifest(directory, seq) for seq in seqs]
+    return [read_manifest(directory, seq) for seq in published_seqs(directory)]
+
+
+def readable_manifests(directory: Path) -> list[SnapshotManifest]:
+    """Like :func:`manifests`, skipping (and logging) a manifest that fails its checks."""
+    found = []
+    for seq in published_seqs(directory):
+        try:
+            found.append(read_manifest(directory, seq))
+        except (CorruptionError, OSError) as exc:
+            log.warning("skipping snapshot %020d: %s", seq, exc)
+    return found
+
+
+def delete(directory: Path, manifest: SnapshotManifest) -> int:
+    """Delete a published snapshot, manifest first (so that no manifest ever names a missing
+    file); return the bytes freed. Call under :func:`snapshot_lock`."""
+    freed = 0
+    for suffix in (MANIFEST_SUFFIX, DATA_SUFFIX):
+        path = directory / (manifest.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            freed += path.stat().st_size
+            path.unlink()
+    fsync_dir(directory)
+    return freed
+
+
+_thread_locks: dict[str, threading.Lock] = {}
+_thread_locks_guard = threading.Lock()
+
+
+@contextlib.contextmanager
+def snapshot_lock(directory: Path, file_mode: int, blocking: bool = True) -> Iterator[bool]:
+    """Hold the snapshot lock of *directory* (across processes and threads); yields False
+    instead of waiting when *blocking* is False and someone else holds it."""
+    with _thread_locks_guard:
+        thread_lock = _thread_locks.setdefault(os.path.realpath(directory), threading.Lock())
+    if not thread_lock.acquire(blocking):
+        yield False
+        return
+    try:
+        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode)
+        try:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if blocking or exc.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise
+                yield False  # another process holds it
+                return
+            yield True
+        finally:
+            os.close(fd)  # releases the POSIX lock
+    finally:
+        thread_lock.release()
 
 
 def check_data(
@@ -157,5 +232,15 @@ def _crc_of(fd: int, size: int, progress: Progress | None) -> int:
         crc = crc32c(chunk, crc)
         offset += len(chunk)
         if progress is not None:
-            progress(offset, size)
+            progress("checksum", offset, size)
     return crc
+
+
+def _forget_thread_locks() -> None:
+    # A lock held by a thread of the parent would stay held forever in the child.
+    global _thread_locks_guard
+    _thread_locks.clear()
+    _thread_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_thread_locks)

@@ -40,6 +40,7 @@ from .apply import (
     remembered_write,
 )
 from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, seal, unseal
+from .compaction import CompactionResult, plan_compaction
 from .config import (
     DB_IDEMPOTENCY,
     DB_MACHINES,
@@ -54,12 +55,14 @@ from .config import (
 from .errors import (
     ConflictError,
     CorruptionError,
+    IndexesCorruptionError,
     InstanceNotFoundError,
     InvalidInputError,
     InvalidTypeError,
     RecordTooLargeError,
     StorageClosedError,
     StorageError,
+    WalGapError,
 )
 from .fsutil import make_dir, os_error
 from .model import (
@@ -71,6 +74,7 @@ from .model import (
     check_name,
     check_plain_value,
 )
+from .recovery import DATA_FILE, rebuild_from_snapshot, restore_to
 from .snapshots import (
     MANIFEST_SUFFIX,
     Progress,
@@ -78,8 +82,12 @@ from .snapshots import (
     check_data,
     manifests,
     publish,
+    published_seqs,
     read_manifest,
+    readable_manifests,
+    snapshot_lock,
 )
+from .snapshots import delete as delete_snapshot
 from .store import env as lmdb_env
 from .store.indexes import (
     TAG_OF,
@@ -92,7 +100,7 @@ from .store.indexes import (
     time_range,
 )
 from .store.meta import Checkpoint, Meta
-from .verify import Finding, check_instances, check_wal, run_checks
+from .verify import Finding, check_instances, check_snapshots, check_wal, run_checks
 from .wal import TornTailRepair, Wal, WalRecord, WalTail
 from .wal.decoder import decode_changes
 from .wal.format import (
@@ -134,18 +142,29 @@ class Storage:
         self._last_checkpoint = time.monotonic()
         self._dirty = False
         self._boot_id = _boot_id()
+        self._maintenance: threading.Thread | None = None
+        #: WAL segments left by the last automatic compaction (retention or holds may keep
+        #: more than ``max_wal_segments``; then only a new segment makes it due again)
+        self._segments_left = 0
         self._flusher = _Flusher(self)
 
     # --- opening and closing --------------------------------------------------------------------
 
     @classmethod
-    def open(cls, config: StorageConfig | str | os.PathLike[str]) -> Storage:
+    def open(
+        cls, config: StorageConfig | str | os.PathLike[str], progress: Progress | None = None
+    ) -> Storage:
         """Open (creating if needed) the store in ``config.data_dir`` and replay the WAL
         records LMDB has not applied yet.
 
+        When ``indexes/`` is missing, unreadable or fails its check, it is rebuilt from the
+        newest intact snapshot and the WAL after it (see :mod:`rstmdb_storage.recovery`);
+        *progress*, if given, hears how that goes (see :data:`Progress`).
+
         :param config: a :class:`StorageConfig`, or a path for all defaults
         :raises ConfigError: a config field is invalid
-        :raises CorruptionError: the WAL or LMDB fails its checks (never silently skipped)
+        :raises CorruptionError: the WAL or LMDB fails its checks and cannot be rebuilt (never
+            silently skipped); :class:`WalGapError` names the missing sequence numbers
         """
         if not isinstance(config, StorageConfig):
             config = StorageConfig(data_dir=config)
@@ -157,7 +176,32 @@ class Storage:
                 make_dir(root / name, config.file_mode)
         except OSError as exc:
             raise os_error(exc, f"creating the data directory {root}") from exc
-        env = lmdb_env.acquire(config)
+        with lmdb_env.open_lock(config):
+            if not (root / INDEXES_DIR / DATA_FILE).exists() and published_seqs(
+                root / SNAPSHOTS_DIR
+            ):
+                restored = rebuild_from_snapshot(config, _probe_wal(config), "is missing", progress)
+                return cls._open_environment(config, restored, progress)
+            try:
+                return cls._open_environment(config, None, progress)
+            except IndexesCorruptionError as exc:
+                if lmdb_env.in_use(config):
+                    raise IndexesCorruptionError(
+                        f"{exc}; another process has it open, so it is not rebuilt now: stop "
+                        f"the processes using {root} and open it again",
+                        path=exc.path,
+                    ) from exc
+                restored = rebuild_from_snapshot(config, _probe_wal(config), str(exc), progress)
+                return cls._open_environment(config, restored, progress)
+
+    @classmethod
+    def _open_environment(
+        cls,
+        config: StorageConfig,
+        restored: SnapshotManifest | None,
+        progress: Progress | None,
+    ) -> Storage:
+        env = lmdb_env.acquire(config, lock_held=True)
         try:
             wal = _open_wal(config, env)
             storage = cls(config, env, wal)
@@ -165,7 +209,9 @@ class Storage:
             lmdb_env.release(env)
             raise
         try:
-            storage._recover()
+            if restored is not None:
+                storage._adopt_snapshot(restored)
+            storage._recover(progress)
         except BaseException:
             # No checkpoint: it would mark an environment that failed its check as sound.
             storage._release(checkpoint=False)
@@ -259,8 +305,9 @@ class Storage:
         """Check everything the store holds; return what is wrong (empty when all is well).
 
         Every instance against its CRC32C and format, every index entry against the instance
-        it describes (in one consistent read transaction, streamed), the meta table, and every
-        WAL record from the first segment present to the applied sequence (CRCs, gaps, seals).
+        it describes (in one consistent read transaction, streamed), the meta table, every
+        WAL record from the first segment present to the applied sequence (CRCs, gaps, seals),
+        and every snapshot file against its manifest.
 
         Example::
 
@@ -274,7 +321,12 @@ class Storage:
             return iter(())
 
         return run_checks(
-            [meta, lambda: self._check_instances(applied), lambda: check_wal(self._wal, applied)]
+            [
+                meta,
+                lambda: self._check_instances(applied),
+                lambda: check_wal(self._wal, applied),
+                lambda: check_snapshots(self._snapshots_dir, self._wal),
+            ]
         )
 
     def _check_instances(self, applied: int) -> Iterator[Finding]:
@@ -327,49 +379,177 @@ class Storage:
         its manifest (``.seq`` is the sequence number it contains).
 
         The copy is made inside one read transaction, so writers here and in other processes
-        go on while it runs; see :mod:`rstmdb_storage.snapshots` for the files. If a snapshot
-        of the current sequence number exists already, its manifest is returned.
-        *progress*, if given, is called with (bytes checksummed, bytes in all).
+        go on while it runs; see :mod:`rstmdb_storage.snapshots` for the files. One process at
+        a time snapshots: this waits for a snapshot or compaction running elsewhere. If a
+        snapshot of the current sequence number exists already, its manifest is returned.
+        *progress*, if given, is called with ("checksum", bytes done, bytes in all).
 
         Example::
 
             manifest = storage.create_snapshot()
             print(manifest.seq, manifest.size, manifest.instances)
         """
+        with snapshot_lock(self._snapshots_dir, self.config.file_mode):
+            return self._snapshot_locked(progress)
+
+    def _snapshot_locked(self, progress: Progress | None) -> SnapshotManifest:
         env = self._live_env()
-        directory = self.config.path / SNAPSHOTS_DIR
+        directory = self._snapshots_dir
         with env.read() as txn:
             seq = self._meta.tail(txn).applied_seq
+            changes = self._meta.change_count(txn)
             if (directory / f"{seq:020d}{MANIFEST_SUFFIX}").exists():
-                return read_manifest(directory, seq)
-            fields = {
-                "seq": seq,
-                "instances": txn.stat(env.instances)["entries"],
-                "created_at_ms": time.time_ns() // 1_000_000,
-                "store_id": self._wal.store_id,
-            }
-            manifest = publish(
-                lambda fd: env.env.copyfd(fd, compact=True, txn=txn),
-                directory,
-                fields,
-                self.config.file_mode,
-                progress,
-            )
+                manifest = read_manifest(directory, seq)
+            else:
+                fields = {
+                    "seq": seq,
+                    "instances": txn.stat(env.instances)["entries"],
+                    "created_at_ms": time.time_ns() // 1_000_000,
+                    "store_id": self._wal.store_id,
+                }
+                manifest = publish(
+                    lambda fd: env.env.copyfd(fd, compact=True, txn=txn),
+                    directory,
+                    fields,
+                    self.config.file_mode,
+                    progress,
+                )
         with env.write_mutex, env.begin_write() as txn:
-            key = seq.to_bytes(8, "big")
-            txn.put(key, seal(key, manifest.encode()), db=env.dbs[DB_SNAPSHOTS])
+            _list_snapshot(txn, env, manifest)
+            if changes > self._meta.snapshot_changes(txn):
+                self._meta.write_snapshot_changes(txn, changes)
         return manifest
+
+    def compact(self, progress: Progress | None = None) -> CompactionResult:
+        """Snapshot (when anything changed since the newest snapshot), then delete the
+        snapshots beyond ``snapshots_kept`` and the WAL segments that the oldest kept snapshot
+        and every WAL hold no longer need (see :mod:`rstmdb_storage.compaction`).
+
+        The store does this by itself after automatic snapshots unless ``compaction_enabled``
+        is False; calling it is always allowed.
+
+        Example::
+
+            result = storage.compact()
+            print(result.snapshots_created, result.segments_deleted, result.bytes_reclaimed)
+        """
+        with snapshot_lock(self._snapshots_dir, self.config.file_mode):
+            created = 0
+            newest = published_seqs(self._snapshots_dir)
+            if not newest or newest[-1] < self.applied_seq:
+                self._snapshot_locked(progress)
+                created = 1
+            return self._delete_covered(created)
+
+    def _delete_covered(self, snapshots_created: int) -> CompactionResult:
+        directory = self._snapshots_dir
+        holds = self._read_with_retry(self._meta.holds).values()
+        planned = plan_compaction(
+            self._wal.segment_ids(),
+            readable_manifests(directory),
+            self.config.snapshots_kept,
+            holds,
+        )
+        freed = sum(delete_snapshot(directory, manifest) for manifest in planned.snapshots)
+        if planned.snapshots:
+            env = self._live_env()
+            with env.write_mutex, env.begin_write() as txn:
+                for manifest in planned.snapshots:
+                    txn.delete(manifest.seq.to_bytes(8, "big"), db=env.dbs[DB_SNAPSHOTS])
+        freed += self._wal.delete_segments(planned.segments)
+        if planned.segments or planned.snapshots:
+            log.info(
+                "compacted %s: %d WAL segment(s) and %d snapshot(s) deleted, %d bytes",
+                self.config.path,
+                len(planned.segments),
+                len(planned.snapshots),
+                freed,
+            )
+        return CompactionResult(
+            snapshots_created, len(planned.segments), freed, len(planned.snapshots)
+        )
+
+    def hold_wal(self, name: str, from_seq: int) -> None:
+        """Keep every WAL record from *from_seq* on through compactions, until
+        :meth:`release_wal` (for a shipper or a backup in progress; holds are kept in the
+        store, so they outlive the process that set them).
+
+        Example::
+
+            storage.hold_wal("nightly-backup", storage.applied_seq + 1)
+            ...   # copy snapshots/ and wal/
+            storage.release_wal("nightly-backup")
+        """
+        check_name("hold name", name)
+        if type(from_seq) is not int or not 0 <= from_seq < 2**63:
+            raise InvalidInputError(f"from_seq: expected an int >= 0, got {from_seq!r}")
+        env = self._live_env()
+        with env.write_mutex, env.begin_write() as txn:
+            self._meta.write_hold(txn, name, from_seq)
+
+    def release_wal(self, name: str) -> bool:
+        """Drop the WAL hold *name*; return whether there was one."""
+        check_name("hold name", name)
+        env = self._live_env()
+        with env.write_mutex, env.begin_write() as txn:
+            return self._meta.delete_hold(txn, name)
+
+    def wal_holds(self) -> dict[str, int]:
+        """Every WAL hold: name -> the first sequence number it keeps."""
+        return self._read_with_retry(self._meta.holds)
+
+    @classmethod
+    def restore(
+        cls,
+        source: str | os.PathLike[str],
+        target: str | os.PathLike[str],
+        *,
+        seq: int | None = None,
+        progress: Progress | None = None,
+    ) -> int:
+        """Build in the new directory *target* a store holding the state of the data
+        directory *source* at WAL sequence *seq* (its newest record when None): point-in-time
+        restore, from the newest intact snapshot at or before *seq* and the WAL after it.
+        *source* may be in use; compaction there waits until the files are copied. Returns
+        the sequence number restored to; open *target* to use it.
+
+        Example::
+
+            Storage.restore("/var/lib/rstmdb", "/tmp/before-the-bad-deploy", seq=52_117)
+
+        :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the
+            snapshots and WAL segments *source* keeps
+        """
+        source_config = StorageConfig(data_dir=source)
+        restored = restore_to(
+            source_config.path,
+            Path(os.fspath(target)),
+            _probe_wal(source_config),
+            seq,
+            source_config.file_mode,
+            progress,
+        )
+        with cls.open(StorageConfig(data_dir=target), progress) as storage:
+            if storage.applied_seq != restored:
+                raise CorruptionError(
+                    f"restore into {target} reached sequence {storage.applied_seq}, not {restored}"
+                )
+        return restored
+
+    @property
+    def _snapshots_dir(self) -> Path:
+        return self.config.path / SNAPSHOTS_DIR
 
     def list_snapshots(self) -> list[SnapshotManifest]:
         """Manifests of the published snapshots, oldest first, read from ``snapshots/``.
 
         :raises CorruptionError: a manifest fails its checksum
         """
-        return manifests(self.config.path / SNAPSHOTS_DIR)
+        return manifests(self._snapshots_dir)
 
     def check_snapshot(self, manifest: SnapshotManifest, progress: Progress | None = None) -> None:
         """Raise :class:`CorruptionError` unless the snapshot's file matches its manifest."""
-        check_data(self.config.path / SNAPSHOTS_DIR, manifest, progress)
+        check_data(self._snapshots_dir, manifest, progress)
 
     # --- machine definitions --------------------------------------------------------------------
 
@@ -762,6 +942,7 @@ class Storage:
                         self._wal.sync()
                     apply_changes(txn, env.dbs, written, timestamp_ms, changes, known)
                     self._meta.write_tail(txn, new_tail)
+                    self._count_changes(txn, changes)
                 return written
             except lmdb.MapFullError:
                 # The transaction was aborted; if our record was appended it waits at the WAL
@@ -774,7 +955,7 @@ class Storage:
     ) -> tuple[WalTail, bool]:
         """Apply WAL records past *tail* (left by a writer that crashed before its commit, or
         by LMDB losing commits). Returns the new tail and whether the log end was reached."""
-        start, applied = tail, 0
+        start, applied, changed = tail, 0, []
         while applied < limit:
             step = self._wal.next_record(tail, strict)
             if step is None:
@@ -785,13 +966,24 @@ class Storage:
                 changes = decode_changes(record.payload, where)
                 apply_changes(txn, self._env.dbs, record.seq, record.timestamp_ms, changes)
                 self._wal.mark_unsynced(tail.segment)
+                changed.extend(changes)
                 applied += 1
         if tail != start:
             self._wal.sync()  # what becomes visible must be durable first
             self._meta.write_tail(txn, tail)
+            self._count_changes(txn, changed)
         return tail, applied < limit
 
-    def _recover(self) -> None:
+    def _count_changes(self, txn: Any, changes: list[list[Any]]) -> None:
+        """Count the puts and deletes applied; wake the flusher when a snapshot may be due."""
+        count = sum(1 for change in changes if change[0] in (CHANGE_PUT, CHANGE_DELETE))
+        if count:
+            total = self._meta.add_changes(txn, count)
+            interval = self.config.snapshot_interval
+            if interval and total // interval != (total - count) // interval:
+                self._flusher.wake()
+
+    def _recover(self, progress: Progress | None = None) -> None:
         """Make LMDB whole on open: check it if a reboot may have torn it, then replay.
 
         LMDB runs with ``sync=False``, so commits after the last checkpoint may be missing or
@@ -805,18 +997,24 @@ class Storage:
         if rebooted and applied > (checkpoint.applied_seq if checkpoint else 0):
             findings = run_checks([lambda: self._check_instances(applied)])
             if findings:
-                raise CorruptionError(
-                    f"{self.config.path / INDEXES_DIR} was not flushed before the machine "
-                    f"restarted and fails its check ({len(findings)} problem(s), first: "
-                    f"{findings[0]}); move indexes/ aside and open again to rebuild it from "
-                    f"the WAL",
+                raise IndexesCorruptionError(
+                    f"was not flushed before the machine restarted and fails its check "
+                    f"({len(findings)} problem(s), first: {findings[0]})",
                     path=str(self.config.path / INDEXES_DIR),
                 )
         # A crash cannot leave a hole before written bytes; a power loss can, so the end of the
         # log is checked byte for byte only after a reboot.
-        self._replay(strict=rebooted)
+        self._replay(strict=rebooted, progress=progress)
 
-    def _replay(self, strict: bool) -> int:
+    def _adopt_snapshot(self, manifest: SnapshotManifest) -> None:
+        """Record a snapshot just copied into place as flushed (it was synced) and listed."""
+        env = self._env
+        with env.write_mutex, env.begin_write() as txn:
+            self._meta.write_checkpoint(txn, Checkpoint(manifest.seq, self._boot_id))
+            _list_snapshot(txn, env, manifest)
+        env.sync()
+
+    def _replay(self, strict: bool, progress: Progress | None = None) -> int:
         """Apply every WAL record LMDB has not seen; return how many."""
         env = self._live_env()
         replayed = 0
@@ -827,6 +1025,8 @@ class Storage:
                     tail, done = self._apply_pending(txn, before, strict)
                 replayed += tail.next_seq - before.next_seq
                 strict = False  # the end of the log was checked once, in the first pass
+                if progress is not None:
+                    progress("replay", replayed, 0)
                 if done:
                     break
         if replayed:
@@ -875,6 +1075,51 @@ class Storage:
             self._checkpoint_locked(env)
         env.sync()
 
+    # --- automatic snapshots and compaction ---------------------------------------------------
+
+    def _start_maintenance_if_due(self) -> None:
+        running = self._maintenance
+        if running is not None and running.is_alive():
+            return
+        if self._closed or self._env.stale or not self._maintenance_due():
+            return
+        self._maintenance = threading.Thread(
+            target=self._maintain, name="rstmdb-maintenance", daemon=True
+        )
+        self._maintenance.start()
+
+    def _maintenance_due(self) -> bool:
+        config = self.config
+        if config.snapshot_interval:
+            changes, base = self._read_with_retry(
+                lambda txn: (self._meta.change_count(txn), self._meta.snapshot_changes(txn))
+            )
+            if changes - base >= config.snapshot_interval:
+                return True
+        if config.compaction_enabled:
+            segments = len(self._wal.segment_ids())
+            return segments > config.max_wal_segments and segments != self._segments_left
+        return False
+
+    def _maintain(self) -> None:
+        """Snapshot and compact, unless another process is doing it (it runs in a thread of
+        its own, so that checkpoints and WAL syncs go on meanwhile)."""
+        try:
+            with snapshot_lock(self._snapshots_dir, self.config.file_mode, blocking=False) as ours:
+                if not ours or self._closed or not self._maintenance_due():
+                    return
+                self._snapshot_locked(None)
+                if self.config.compaction_enabled:
+                    self._delete_covered(snapshots_created=1)
+                self._segments_left = len(self._wal.segment_ids())
+        except StorageError:
+            log.exception("automatic snapshot of %s failed", self.config.path)
+
+    def _join_maintenance(self) -> None:
+        running = self._maintenance
+        if running is not None and running is not threading.current_thread():
+            running.join()
+
     # --- plumbing -------------------------------------------------------------------------------
 
     def _live_env(self) -> lmdb_env.LmdbEnvironment:
@@ -902,7 +1147,7 @@ class Storage:
 class _Flusher:
     """A daemon thread that syncs the WAL under ``FsyncPolicy.every_ms`` and checkpoints LMDB
     every ``checkpoint_interval_ms`` while there are writes, so neither waits for the next
-    write to happen."""
+    write to happen; and starts automatic snapshots and compaction when they are due."""
 
     def __init__(self, storage: Storage) -> None:
         config = storage.config
@@ -915,18 +1160,22 @@ class _Flusher:
         self.passed = threading.Condition()
         self._interval = interval_ms / 1000
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._storage = weakref.ref(storage)
         self._thread = threading.Thread(target=self._run, name="rstmdb-flusher", daemon=True)
         self._thread.start()
         _flushers.add(self)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while True:
+            self._wake.wait(self._interval)
+            self._wake.clear()
             storage = self._storage()
-            if storage is None:
+            if storage is None or self._stop.is_set():
                 return
             try:
                 storage._background_flush()
+                storage._start_maintenance_if_due()
             except StorageError:
                 # A failed sync has already made the store fail-stop; writers will say so.
                 log.exception("background flush of %s failed", storage.config.path)
@@ -937,10 +1186,18 @@ class _Flusher:
                 self.passes += 1
                 self.passed.notify_all()
 
+    def wake(self) -> None:
+        """Run a pass now rather than at the end of the interval."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
         if self.pid == os.getpid() and self._thread is not threading.current_thread():
             self._thread.join()
+            storage = self._storage()
+            if storage is not None:
+                storage._join_maintenance()
         _flushers.discard(self)
 
 
@@ -949,7 +1206,8 @@ _flushers: weakref.WeakSet[_Flusher] = weakref.WeakSet()
 
 @atexit.register
 def _stop_flushers() -> None:
-    # Stop flushing before the interpreter tears down under a running daemon thread.
+    # Stop flushing (and let a snapshot finish) before the interpreter tears down under a
+    # running daemon thread.
     for flusher in list(_flushers):
         flusher.stop()
 
@@ -1187,14 +1445,24 @@ def _index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]]
         indexes.add(txn, key, entries_of(inst))
 
 
+def _list_snapshot(txn: Any, env: lmdb_env.LmdbEnvironment, manifest: SnapshotManifest) -> None:
+    key = manifest.seq.to_bytes(8, "big")
+    txn.put(key, seal(key, manifest.encode()), db=env.dbs[DB_SNAPSHOTS])
+
+
 def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:
     """The WAL of the store, creating the store (meta and first segment) if it is new."""
     wal_dir = config.path / WAL_DIR
     meta = Meta(env.meta)
     with env.write_mutex, env.begin_write() as txn:
-        if meta.exists(txn):
-            meta.check_format(txn)
-            return _wal(config, meta.store_id(txn))
+        try:
+            if meta.exists(txn):
+                meta.check_all(txn)
+                return _wal(config, meta.store_id(txn))
+        except CorruptionError as exc:
+            raise IndexesCorruptionError(
+                f"fails its check ({exc})", path=str(config.path / INDEXES_DIR)
+            ) from exc
         store_id, tail = _adopt_or_create(config, wal_dir)
         wal = _wal(config, store_id)
         if tail is None:
@@ -1212,12 +1480,20 @@ def _adopt_or_create(config: StorageConfig, wal_dir: Path) -> tuple[bytes, WalTa
     if not ids:
         return os.urandom(16), None
     if ids[0] != 1:
-        raise CorruptionError(
-            f"{config.path / INDEXES_DIR} holds no store, and the WAL in {wal_dir} starts at "
-            f"sequence {ids[0]}: the records before it are only in a snapshot",
+        raise WalGapError(
+            f"{config.path / INDEXES_DIR} holds no store, no snapshot is in "
+            f"{config.path / SNAPSHOTS_DIR}, and the WAL in {wal_dir} starts at sequence "
+            f"{ids[0]}: sequences 1..{ids[0] - 1} are missing",
             path=str(wal_dir),
         )
     return probe.segment_store_id(ids[0]), WalTail(1, SEGMENT_HEADER_SIZE, 1)
+
+
+def _probe_wal(config: StorageConfig) -> Wal:
+    """The WAL of a data directory whose LMDB is not open, with the store id of its first
+    segment (an empty id when there is none)."""
+    ids = _wal(config, b"").segment_ids()
+    return _wal(config, _wal(config, b"").segment_store_id(ids[0]) if ids else b"")
 
 
 def _wal(config: StorageConfig, store_id: bytes) -> Wal:

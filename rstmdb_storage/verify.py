@@ -1,6 +1,6 @@
 """Checks that return findings: every stored value against its checksum, the indexes against
-the instances, the WAL from its first segment to the applied sequence, and the meta table.
-Nothing is repaired here.
+the instances, the WAL from its first segment to the applied sequence, every snapshot against
+its manifest, and the meta table. Nothing is repaired here.
 """
 
 from __future__ import annotations
@@ -8,12 +8,14 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .codec import cbor_loads, decode_instance, unseal
 from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
 from .model import check_instance
+from .snapshots import check_data, first_needed_segment, published_seqs, read_manifest
 from .store.indexes import entries_of
 from .wal import Wal
 
@@ -113,6 +115,25 @@ def check_wal(wal: Wal, applied_seq: int) -> Iterator[Finding]:
     except CorruptionError as exc:
         where = f"{exc.path} at offset {exc.offset}" if exc.path else str(wal.directory)
         yield Finding(where, str(exc))
+
+
+def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
+    """Every published snapshot: its manifest reads, its file matches the manifest's size and
+    CRC32C, it is this store's, and the WAL still holds the records after it (so that recovery
+    from any of them works)."""
+    ids = wal.segment_ids()
+    for seq in published_seqs(directory):
+        where = f"snapshot {seq:020d}"
+        try:
+            manifest = read_manifest(directory, seq)
+            check_data(directory, manifest)
+        except CorruptionError as exc:
+            yield Finding(where, str(exc))
+            continue
+        if manifest.store_id != wal.store_id:
+            yield Finding(where, f"belongs to store {manifest.store_id.hex()}, not this one")
+        elif first_needed_segment(ids, seq) is None:
+            yield Finding(where, f"the WAL after it is gone (its first segment starts at {ids[0]})")
 
 
 def run_checks(checks: Iterable[Callable[[], Iterator[Finding]]]) -> list[Finding]:

@@ -31,8 +31,14 @@ def data_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def config(data_dir: Path) -> StorageConfig:
-    """Small segments so that rotation happens in tests; everything else default."""
-    return StorageConfig(data_dir=data_dir, wal_segment_size=64 * 1024)
+    """Small segments so that rotation happens in tests; no automatic snapshots or compaction
+    (tests of those ask for them), so that what a test reads does not depend on timing."""
+    return StorageConfig(
+        data_dir=data_dir,
+        wal_segment_size=64 * 1024,
+        snapshot_interval=0,
+        compaction_enabled=False,
+    )
 
 
 @pytest.fixture

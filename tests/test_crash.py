@@ -71,6 +71,8 @@ def config_for(data_dir: Path, policy: FsyncPolicy | None = None) -> StorageConf
         data_dir=data_dir,
         wal_segment_size=SEGMENT_SIZE,
         fsync_policy=policy or FsyncPolicy.every_write(),
+        snapshot_interval=0,  # these tests read the WAL from its first record
+        compaction_enabled=False,
     )
 
 

@@ -17,6 +17,7 @@ LAYERS = [
     {"wal.format", "wal.encoder", "wal.decoder", "wal.segment", "wal.repair", "wal.log", "wal"},
     {"store", "store.meta", "store.env", "store.indexes"},
     {"apply", "verify", "snapshots"},
+    {"recovery", "compaction"},
     {"storage"},
     {"__init__"},
     {"cli"},

@@ -53,7 +53,11 @@ def make_seed() -> int:
 
 def config_for(data_dir: Path) -> StorageConfig:
     return StorageConfig(
-        data_dir=data_dir, wal_segment_size=SEGMENT_SIZE, fsync_policy=FsyncPolicy.every_write()
+        data_dir=data_dir,
+        wal_segment_size=SEGMENT_SIZE,
+        fsync_policy=FsyncPolicy.every_write(),
+        snapshot_interval=0,  # these tests read the WAL from its first record
+        compaction_enabled=False,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 from pathlib import Path
@@ -97,14 +98,34 @@ def test_reboot_with_unflushed_commits_checks_lmdb_and_opens_when_sound(
         assert storage.count_instances() == 10 and storage.verify() == []
 
 
-def test_reboot_with_unflushed_commits_refuses_a_damaged_lmdb(config: StorageConfig) -> None:
+def test_reboot_with_unflushed_commits_rebuilds_a_damaged_lmdb(config: StorageConfig) -> None:
+    fill(config, 10)
+    with Storage.open(config) as storage:
+        expected = list(storage.iter_instances())
+    rewrite_lmdb(config, flip_a_value)
+    rewrite_lmdb(config, pretend_reboot_before_checkpoint)
+    with Storage.open(config) as storage:
+        assert list(storage.iter_instances()) == expected
+        assert storage.verify() == []
+    kept = [p.name for p in (config.path / "indexes").iterdir() if ".broken-" in p.name]
+    assert len(kept) == 1 and kept[0].startswith("data.mdb.broken-")  # moved aside, not deleted
+
+
+def test_a_damaged_lmdb_is_not_replaced_while_another_user_has_it_open(
+    config: StorageConfig,
+) -> None:
     fill(config, 10)
     rewrite_lmdb(config, flip_a_value)
     rewrite_lmdb(config, pretend_reboot_before_checkpoint)
-    for _ in range(2):  # a failed open must not checkpoint the damage into looking sound
-        with pytest.raises(CorruptionError, match="rebuild it from the WAL") as raised:
-            Storage.open(config)
-        assert "o3" in str(raised.value)
+    fd = os.open(config.path / "indexes" / "users.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)  # what every process with the store open holds
+        for _ in range(2):  # a failed open must not checkpoint the damage into looking sound
+            with pytest.raises(CorruptionError, match="another process has it open") as raised:
+                Storage.open(config)
+            assert "o3" in str(raised.value)
+    finally:
+        os.close(fd)
 
 
 def test_damage_without_a_reboot_is_found_on_read_and_by_verify(config: StorageConfig) -> None:

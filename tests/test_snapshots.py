@@ -58,9 +58,12 @@ def test_a_second_snapshot_at_the_same_sequence_is_the_first(storage: Storage) -
 def test_snapshot_files_are_published_whole(storage: Storage, data_dir: Path) -> None:
     storage.put_instance(order("o"))
     calls: list[tuple[int, int]] = []
-    manifest = storage.create_snapshot(progress=lambda done, total: calls.append((done, total)))
+    manifest = storage.create_snapshot(
+        progress=lambda step, done, total: calls.append((done, total))
+    )
     names = sorted(p.name for p in (data_dir / "snapshots").iterdir())
-    assert names == [f"{manifest.name}.manifest", f"{manifest.name}.mdb"]  # no temporaries
+    expected = [f"{manifest.name}.manifest", f"{manifest.name}.mdb", "snapshot.lock"]
+    assert names == expected  # no temporaries
     assert calls and calls[-1] == (manifest.size, manifest.size)
 
 

@@ -55,6 +55,8 @@ def open_store(
             wal_segment_size=segment_size,
             fsync_policy=parse_policy(policy),
             map_size=map_size,
+            snapshot_interval=0,  # the tests read the WAL from its first record
+            compaction_enabled=False,
         )
     )
 

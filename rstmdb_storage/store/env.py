@@ -10,8 +10,11 @@ the same moment (py-lmdb #289, #309, #340). So:
   inherited environment *stale*, and its next use closes the inherited handle and opens a
   fresh one, while the parent carries on; no read transaction is cached
   (``max_spare_txns=0``), so none can cross a fork;
-* opening happens under an exclusive ``flock`` on ``indexes/open.lock``, retried with a short
-  backoff on "Invalid argument";
+* opening happens under an exclusive ``flock`` on ``indexes/open.lock`` (:func:`open_lock`),
+  retried with a short backoff on "Invalid argument"; the store holds that lock for all of its
+  opening, so that recovery, which may replace ``data.mdb``, never races another opener;
+* every process with the environment open holds a shared ``flock`` on ``indexes/users.lock``:
+  :func:`in_use` tells whether anyone does, before ``data.mdb`` is replaced;
 * ``sync=False``: the WAL carries durability, LMDB is flushed at checkpoints (see
   :mod:`rstmdb_storage.storage`); ``writemap`` is never used (a full disk then kills the process
   with SIGBUS instead of raising);
@@ -31,11 +34,12 @@ from pathlib import Path
 
 import lmdb
 
-from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, StorageConfig
-from ..errors import CorruptionError, StorageError, StorageFullError
+from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, INDEXES_DIR, StorageConfig
+from ..errors import IndexesCorruptionError, StorageError, StorageFullError
 from ..fsutil import make_dir
 
 OPEN_LOCK_NAME = "open.lock"
+USERS_LOCK_NAME = "users.lock"
 MAX_DATABASES = 16
 _OPEN_ATTEMPTS = 8
 _MAP_GROWTH_ATTEMPTS = 24
@@ -57,7 +61,12 @@ class LmdbEnvironment:
         self.write_mutex = threading.Lock()
         #: counts threads inside LMDB calls outside the write mutex (see :class:`ForkGate`)
         self.gate = ForkGate()
-        self.env, self.dbs = _open(path, config)
+        self._users_fd = _lock_file(path / USERS_LOCK_NAME, config.file_mode, fcntl.LOCK_SH)
+        try:
+            self.env, self.dbs = _open(path, config)
+        except BaseException:
+            os.close(self._users_fd)
+            raise
         self.instances = self.dbs[DB_INSTANCES]
         self.meta = self.dbs[DB_META]
 
@@ -118,7 +127,10 @@ class LmdbEnvironment:
             self.gate.leave()
 
     def close(self) -> None:
-        self.env.close()
+        try:
+            self.env.close()
+        finally:
+            os.close(self._users_fd)  # the lock goes with the last descriptor (a fork shares it)
 
 
 class ForkGate:
@@ -166,10 +178,49 @@ class ForkGate:
             self._changed.notify_all()
 
 
-def acquire(config: StorageConfig) -> LmdbEnvironment:
-    """The environment of *config*'s data directory in this process, opened if needed."""
-    path = config.path / "indexes"
+@contextlib.contextmanager
+def open_lock(config: StorageConfig) -> Iterator[None]:
+    """Hold the data directory's exclusive open lock: no other process opens, recovers or
+    replaces its LMDB environment meanwhile."""
+    path = config.path / INDEXES_DIR
     make_dir(path, config.file_mode)
+    fd = _lock_file(path / OPEN_LOCK_NAME, config.file_mode, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def in_use(config: StorageConfig) -> bool:
+    """Whether any process (this one included) has the environment of *config* open."""
+    path = config.path / INDEXES_DIR / USERS_LOCK_NAME
+    if not path.exists():
+        return False
+    try:
+        fd = _lock_file(path, config.file_mode, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    os.close(fd)
+    return False
+
+
+def _lock_file(path: Path, mode: int, operation: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+    try:
+        fcntl.flock(fd, operation)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def acquire(config: StorageConfig, lock_held: bool = False) -> LmdbEnvironment:
+    """The environment of *config*'s data directory in this process, opened if needed (under
+    :func:`open_lock`, unless the caller holds it: *lock_held*)."""
+    if not lock_held:
+        with open_lock(config):
+            return acquire(config, lock_held=True)
+    path = config.path / INDEXES_DIR
     key = os.path.realpath(path)
     with _registry_lock:
         env = _registry.get(key)
@@ -235,10 +286,7 @@ os.register_at_fork(
 
 
 def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[bytes, object]]:
-    lock_path = path / OPEN_LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, config.file_mode)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         for attempt in range(_OPEN_ATTEMPTS):
             try:
                 return _open_unlocked(path, config)
@@ -248,15 +296,12 @@ def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[byt
                 time.sleep(0.005 * 2**attempt)  # lmdb.h: opening races another open/close
         raise StorageError(f"{path}: could not open the LMDB environment")
     except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as exc:
-        raise CorruptionError(
-            f"{path} is not a readable LMDB environment ({exc}); move it aside and open the "
-            f"store again to rebuild it from the WAL",
+        raise IndexesCorruptionError(
+            f"{path} is not a readable LMDB environment ({exc})",
             path=str(path),
         ) from exc
     except lmdb.Error as exc:
         raise StorageError(f"{path}: cannot open the LMDB environment ({exc})") from exc
-    finally:
-        os.close(fd)  # closing releases the flock
 
 
 def _open_unlocked(

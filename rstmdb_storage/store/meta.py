@@ -1,16 +1,21 @@
 """The meta sub-database: what every process of a data directory must agree on.
 
-=================  ============================================================================
-key                value payload (inside the checksummed envelope of :mod:`..codec`)
-=================  ============================================================================
-``format_version`` u32 LE: META_FORMAT_VERSION; a store written by a newer format is refused
-``store_id``       16 random bytes, made once when the store is created; also in every WAL
-                   segment header, so segments of another store are recognised
-``wal_tail``       u64 LE segment, u64 LE offset, u64 LE next_seq: where the next WAL record
-                   goes; ``next_seq - 1`` is the applied sequence number
-``checkpoint``     u64 LE applied_seq, then the boot id (text): the last state flushed with
-                   ``env.sync()``, and the boot it happened in
-=================  ============================================================================
+======================  ==========================================================================
+key                     value payload (inside the checksummed envelope of :mod:`..codec`)
+======================  ==========================================================================
+``format_version``      u32 LE: META_FORMAT_VERSION; a store written by a newer format is refused
+``store_id``            16 random bytes, made once when the store is created; also in every WAL
+                        segment header, so segments of another store are recognised
+``wal_tail``            u64 LE segment, u64 LE offset, u64 LE next_seq: where the next WAL record
+                        goes; ``next_seq - 1`` is the applied sequence number
+``checkpoint``          u64 LE applied_seq, then the boot id (text): the last state flushed with
+                        ``env.sync()``, and the boot it happened in
+``change_count``        u64 LE: puts and deletes applied since the store was created (batches count
+                        each change); automatic snapshots are taken every ``snapshot_interval``
+``snapshot_changes``    u64 LE: ``change_count`` as the newest snapshot saw it
+``hold:<name>``         u64 LE: a WAL hold: compaction keeps every record from this sequence number
+                        on (for shipping, or a backup in progress), until the hold is released
+======================  ==========================================================================
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import struct
 from dataclasses import dataclass
 
 from ..codec import seal, unseal
-from ..errors import CorruptionError
+from ..errors import CorruptionError, StorageError
 from ..wal import WalTail
 
 META_FORMAT_VERSION = 1
@@ -28,6 +33,9 @@ KEY_FORMAT_VERSION = b"format_version"
 KEY_STORE_ID = b"store_id"
 KEY_WAL_TAIL = b"wal_tail"
 KEY_CHECKPOINT = b"checkpoint"
+KEY_CHANGE_COUNT = b"change_count"
+KEY_SNAPSHOT_CHANGES = b"snapshot_changes"
+HOLD_PREFIX = b"hold:"
 
 _U32 = struct.Struct("<I")
 _TAIL = struct.Struct("<QQQ")
@@ -64,10 +72,12 @@ class Meta:
     def check_format(self, txn) -> None:
         payload = self._get(txn, KEY_FORMAT_VERSION)
         version = _U32.unpack(payload)[0] if payload is not None else None
+        if version is None:
+            raise CorruptionError("meta: format_version is missing", key=KEY_FORMAT_VERSION)
         if version != META_FORMAT_VERSION:
-            raise CorruptionError(
-                f"meta: store format version {version}, this library reads {META_FORMAT_VERSION}",
-                key=KEY_FORMAT_VERSION,
+            raise StorageError(
+                f"meta: the store has format version {version}; this version of rstmdb-storage "
+                f"reads version {META_FORMAT_VERSION}"
             )
 
     def check_all(self, txn) -> None:
@@ -102,3 +112,43 @@ class Meta:
         self._put(
             txn, KEY_CHECKPOINT, _U64.pack(checkpoint.applied_seq) + checkpoint.boot_id.encode()
         )
+
+    def _u64(self, txn, key: bytes) -> int:
+        payload = self._get(txn, key)
+        if payload is None:
+            return 0
+        if len(payload) != _U64.size:
+            raise CorruptionError(f"meta: {key.decode()} is malformed", key=key)
+        return _U64.unpack(payload)[0]
+
+    def change_count(self, txn) -> int:
+        return self._u64(txn, KEY_CHANGE_COUNT)
+
+    def add_changes(self, txn, count: int) -> int:
+        """Count *count* more applied puts and deletes; return the new total."""
+        total = self.change_count(txn) + count
+        self._put(txn, KEY_CHANGE_COUNT, _U64.pack(total))
+        return total
+
+    def snapshot_changes(self, txn) -> int:
+        return self._u64(txn, KEY_SNAPSHOT_CHANGES)
+
+    def write_snapshot_changes(self, txn, count: int) -> None:
+        self._put(txn, KEY_SNAPSHOT_CHANGES, _U64.pack(count))
+
+    def holds(self, txn) -> dict[str, int]:
+        """Every WAL hold, by name."""
+        found = {}
+        cursor = txn.cursor(db=self.db)
+        if cursor.set_range(HOLD_PREFIX):
+            for key in cursor.iternext(keys=True, values=False):
+                if not key.startswith(HOLD_PREFIX):
+                    break
+                found[key[len(HOLD_PREFIX) :].decode()] = self._u64(txn, key)
+        return found
+
+    def write_hold(self, txn, name: str, from_seq: int) -> None:
+        self._put(txn, HOLD_PREFIX + name.encode(), _U64.pack(from_seq))
+
+    def delete_hold(self, txn, name: str) -> bool:
+        return txn.delete(HOLD_PREFIX + name.encode(), db=self.db)

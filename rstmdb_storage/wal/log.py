@@ -17,6 +17,7 @@ from crc32c import crc32c
 
 from ..config import FsyncPolicy
 from ..errors import CorruptionError, StorageFailedError, WalGapError
+from ..fsutil import fsync_dir
 from .decoder import (
     BadRecord,
     WalRecord,
@@ -101,6 +102,23 @@ class Wal:
         segment = self._segments.pop(first_seq, None)
         if segment is not None:
             segment.close()
+
+    def delete_segments(self, first_seqs: list[int]) -> int:
+        """Delete the sealed segments *first_seqs* (compaction decided nobody needs them);
+        return the bytes freed."""
+        freed = 0
+        for first_seq in first_seqs:
+            self._forget(first_seq)
+            self._unsynced.discard(first_seq)
+            path = self.directory / segment_name(first_seq)
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                continue  # deleted by a compaction of another process
+        if first_seqs:
+            fsync_dir(self.directory)
+        return freed
 
     def start(self) -> WalTail:
         """Create the first segment of a new store; return the tail of the empty log."""
@@ -207,7 +225,10 @@ class Wal:
         :class:`CorruptionError`. With *strict*, the end of the log must be zeros through to
         the end of the segment, which catches a lost header in front of written bytes.
         """
-        segment = self.segment(tail.segment)
+        try:
+            segment = self.segment(tail.segment)
+        except FileNotFoundError:
+            return self._past_deleted_segment(tail)
         found = decode_record(segment.read, tail.offset)
         if found is None:
             if strict and not is_zero(segment.read, tail.offset, segment.size()):
@@ -239,6 +260,18 @@ class Wal:
         if found.seq != tail.next_seq:
             raise _unexpected(segment, found, tail.next_seq, "record")
         return found, WalTail(tail.segment, found.end, found.seq + 1)
+
+    def _past_deleted_segment(self, tail: WalTail) -> tuple[None, WalTail]:
+        # Compaction deletes a segment once every record in it is in a snapshot; a tail left in
+        # it (by a snapshot, or a crash right after a rotation) goes on where the log goes on.
+        if tail.next_seq in self.segment_ids():
+            return None, WalTail(tail.next_seq, SEGMENT_HEADER_SIZE, tail.next_seq)
+        raise WalGapError(
+            f"WAL segment {segment_name(tail.segment)} is gone and no segment starts at "
+            f"sequence {tail.next_seq} in {self.directory}: the records from {tail.next_seq} on "
+            f"are missing",
+            path=str(self.directory / segment_name(tail.segment)),
+        )
 
     def _cut_or_raise(self, segment: WalSegment, bad: BadRecord, tail: WalTail) -> None:
         where = f"{segment.path} at offset {bad.offset}"
@@ -295,6 +328,39 @@ class Wal:
         raise WalGapError(
             f"WAL in {self.directory} ends at sequence {expected - 1}, but {until_seq} was expected"
         )
+
+    def tail_after(self, seq: int | None = None) -> WalTail:
+        """Where the log would go on after record *seq* (after its last good record when
+        None), without changing anything: a torn end is not cut, just not read past.
+
+        :raises WalGapError: no segment present holds record *seq*
+        """
+        ids = self.segment_ids()
+        if not ids:
+            raise WalGapError(f"{self.directory} holds no WAL segment")
+        if seq is not None and seq + 1 in ids:
+            return WalTail(seq + 1, SEGMENT_HEADER_SIZE, seq + 1)
+        holders = [i for i in ids if seq is None or i <= seq]
+        if not holders:
+            raise WalGapError(
+                f"WAL in {self.directory} does not hold sequence {seq} (its first segment "
+                f"starts at {ids[0]})"
+            )
+        segment = WalSegment.open(self.directory, holders[-1], self.store_id)
+        try:
+            tail = WalTail(segment.first_seq, SEGMENT_HEADER_SIZE, segment.first_seq)
+            while tail.applied_seq != seq:
+                found = decode_record(segment.read, tail.offset)
+                if not isinstance(found, WalRecord) or found.type == RECORD_SEAL:
+                    break
+                tail = WalTail(tail.segment, found.end, found.seq + 1)
+        finally:
+            segment.close()
+        if seq is not None and tail.applied_seq != seq:
+            raise WalGapError(
+                f"WAL in {self.directory} ends at sequence {tail.applied_seq}, before {seq}"
+            )
+        return tail
 
     def _segment_records(self, segment: WalSegment, first_seq: int) -> Iterator[WalRecord]:
         offset, expected = SEGMENT_HEADER_SIZE, first_seq

@@ -1,0 +1,210 @@
+"""Recovery: a snapshot in place of a lost ``indexes/``, and restore to a point in time.
+
+When ``indexes/`` (the LMDB environment) is missing, cannot be opened, or fails its check,
+opening the store rebuilds it (:func:`rebuild_from_snapshot`), holding the open lock and only
+when no other process has the environment open:
+
+1. a damaged ``data.mdb`` is moved aside as ``data.mdb.broken-<unix ms>``, never deleted;
+2. the newest snapshot whose file matches its manifest (size and CRC32C) and whose store id is
+   the WAL's is copied into place (temporary name, fsync, rename); a damaged one is skipped for
+   the one before it;
+3. opening then replays the WAL records after the snapshot's sequence number.
+
+With no usable snapshot, a WAL that starts at sequence 1 is replayed whole. Otherwise the store
+refuses to open, saying which sequence numbers are missing: a partial state is never served.
+
+Point-in-time restore (:func:`restore_to`) builds a *new* data directory holding the state at a
+chosen sequence number: the newest good snapshot at or before it, and the WAL segments after the
+snapshot, cut after that record. It writes only inside its target directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import INDEXES_DIR, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .errors import CorruptionError, IndexesCorruptionError, InvalidInputError, WalGapError
+from .fsutil import copy_file_atomic, fsync_dir, make_dir
+from .snapshots import (
+    DATA_SUFFIX,
+    MANIFEST_SUFFIX,
+    Progress,
+    SnapshotManifest,
+    check_data,
+    first_needed_segment,
+    readable_manifests,
+    snapshot_lock,
+)
+from .wal import Wal, WalTail
+from .wal.format import SEGMENT_HEADER_SIZE, segment_name
+from .wal.segment import WalSegment
+
+log = logging.getLogger("rstmdb_storage")
+
+DATA_FILE = "data.mdb"
+LOCK_FILE = "lock.mdb"
+
+
+def choose_snapshot(
+    snapshots_dir: Path,
+    wal: Wal,
+    until_seq: int | None = None,
+    progress: Progress | None = None,
+) -> SnapshotManifest | None:
+    """The newest snapshot at or before *until_seq* whose file is intact and whose store id is
+    the WAL's, or None when there is none.
+
+    :raises WalGapError: that snapshot is good but the WAL after it is gone
+    """
+    ids = wal.segment_ids()
+    store_id = wal.segment_store_id(ids[0]) if ids else None
+    for manifest in reversed(readable_manifests(snapshots_dir)):
+        if until_seq is not None and manifest.seq > until_seq:
+            continue
+        if store_id is not None and manifest.store_id != store_id:
+            log.warning("skipping snapshot %s: it belongs to another store", manifest.name)
+            continue
+        try:
+            check_data(snapshots_dir, manifest, progress)
+        except CorruptionError as exc:
+            log.warning("skipping snapshot %s: %s", manifest.name, exc)
+            continue
+        if first_needed_segment(ids, manifest.seq) is None:
+            raise WalGapError(
+                f"snapshot {manifest.name} holds the state up to sequence {manifest.seq}, but "
+                f"WAL sequences {manifest.seq + 1}..{ids[0] - 1 if ids else 'end'} are missing "
+                f"from {wal.directory}",
+                path=str(wal.directory),
+            )
+        return manifest
+    return None
+
+
+def rebuild_from_snapshot(
+    config: StorageConfig, wal: Wal, reason: str, progress: Progress | None = None
+) -> SnapshotManifest | None:
+    """Replace ``indexes/data.mdb`` with the newest good snapshot; return its manifest, or
+    None when there is none and the WAL starts at sequence 1 (replay it all).
+
+    The caller holds the open lock, and no process has the environment open.
+
+    :raises IndexesCorruptionError: neither a snapshot nor the whole WAL is there to rebuild from
+    """
+    indexes = config.path / INDEXES_DIR
+    manifest = choose_snapshot(config.path / SNAPSHOTS_DIR, wal, progress=progress)
+    ids = wal.segment_ids()
+    if manifest is None and not (ids and ids[0] == 1):
+        raise IndexesCorruptionError(
+            f"{indexes} {reason}, and cannot be rebuilt: no intact snapshot is in "
+            f"{config.path / SNAPSHOTS_DIR} and the WAL starts at sequence "
+            f"{ids[0] if ids else '(no segment)'}, not 1",
+            path=str(indexes),
+        )
+    _move_aside(indexes)
+    if manifest is not None:
+        source = config.path / SNAPSHOTS_DIR / (manifest.name + DATA_SUFFIX)
+        copy_file_atomic(source, indexes / DATA_FILE, config.file_mode, _step(progress, "copy"))
+        log.warning(
+            "%s %s: rebuilt it from snapshot %s; the WAL after it is replayed next",
+            indexes,
+            reason,
+            manifest.name,
+        )
+    else:
+        log.warning("%s %s: rebuilding it from the whole WAL", indexes, reason)
+    return manifest
+
+
+def _move_aside(indexes: Path) -> None:
+    data = indexes / DATA_FILE
+    if data.exists():
+        aside = indexes / f"{DATA_FILE}.broken-{time.time_ns() // 1_000_000}"
+        os.replace(data, aside)
+        log.warning("moved the damaged %s aside to %s", data, aside)
+    # The reader table of the old file means nothing for the new one; nobody has it open.
+    (indexes / LOCK_FILE).unlink(missing_ok=True)
+    fsync_dir(indexes)
+
+
+def restore_to(
+    source: Path,
+    target: Path,
+    wal: Wal,
+    seq: int | None,
+    file_mode: int,
+    progress: Progress | None = None,
+) -> int:
+    """Build in *target* a data directory holding *source*'s state at WAL sequence *seq* (its
+    newest record when None), to be opened next; return that sequence number. *wal* reads
+    the source's WAL. Replay happens when the target is opened.
+
+    :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the source
+    """
+    if seq is not None and (type(seq) is not int or seq < 0):
+        raise InvalidInputError(f"seq: expected an int >= 0 or None, got {seq!r}")
+    if target.exists() and any(target.iterdir()):
+        raise InvalidInputError(f"restore target {target} is not empty")
+    with snapshot_lock(source / SNAPSHOTS_DIR, file_mode):  # compaction waits meanwhile
+        manifest = choose_snapshot(source / SNAPSHOTS_DIR, wal, seq, progress)
+        ids = wal.segment_ids()
+        if manifest is None and not (ids and ids[0] == 1):
+            first = ids[0] if ids else None
+            raise InvalidInputError(
+                f"sequence {seq} is not covered by {source}: no intact snapshot at or before it, "
+                f"and the WAL starts at {first}"
+            )
+        base = manifest.seq if manifest is not None else 0
+        try:
+            end = wal.tail_after(seq)
+        except WalGapError as exc:
+            raise InvalidInputError(f"sequence {seq} is not covered by {source}: {exc}") from exc
+        if end.applied_seq < base:
+            raise WalGapError(
+                f"the WAL in {wal.directory} ends at sequence {end.applied_seq}, before "
+                f"snapshot {manifest.name if manifest else ''} was taken"
+            )
+        first = first_needed_segment(ids, base)
+        assert first is not None  # choose_snapshot made sure, or the WAL starts at 1
+        for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
+            make_dir(target / name, file_mode)
+        copied = [i for i in ids if first <= i <= end.segment]
+        for number, first_seq in enumerate(copied, 1):
+            copy_file_atomic(
+                source / WAL_DIR / segment_name(first_seq),
+                target / WAL_DIR / segment_name(first_seq),
+                file_mode,
+            )
+            if progress is not None:
+                progress("copy", number, len(copied))
+        _cut_after(target / WAL_DIR, end, wal.store_id)
+        if manifest is not None:
+            for suffix in (DATA_SUFFIX, MANIFEST_SUFFIX):
+                name = manifest.name + suffix
+                copy_file_atomic(
+                    source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode
+                )
+    return end.applied_seq
+
+
+def _cut_after(wal_dir: Path, end: WalTail, store_id: bytes) -> None:
+    """Zero the copied segment holding the restore point from *end* on (later records, a
+    seal), so that the restored log ends there."""
+    segment = WalSegment.open(wal_dir, end.segment, store_id)
+    try:
+        zeros = bytes(1 << 20)
+        size = segment.size()
+        for start in range(max(end.offset, SEGMENT_HEADER_SIZE), size, len(zeros)):
+            segment.write(start, zeros[: min(len(zeros), size - start)])
+        segment.sync()
+    finally:
+        segment.close()
+
+
+def _step(progress: Progress | None, step: str) -> Callable[[int, int], None] | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(step, done, total)
