@@ -10,13 +10,22 @@ Run it from the repository root::
 
     python scripts/bench.py            # full run (100k records for gets, 10k listed)
     python scripts/bench.py --quick    # small counts, for CI smoke runs (< 60 s)
+    python scripts/bench.py --only snapshot --only replay   # just those rows and sections
 
 The exit status is 1 when the package does not behave as the benchmark assumes
 (the problems are printed under the table), not when a goal is missed.
 
 To add a comparison, write a function ``compare_xxx(bench) -> (ours, other)``
 returning two rates in ops/s (use :func:`paired_medians`) and list it in
-:data:`COMPARISONS`.
+:data:`COMPARISONS`. A figure that is not a pair of rates (latency percentiles,
+say) is a :class:`Section` in :data:`SECTIONS`: a function ``section_xxx(bench)``
+returning the lines printed under the table.
+
+Besides the per-operation rows, the run measures what SPEC.md asks of snapshots and
+recovery: ``create_snapshot()`` of a store of ``--snapshot-instances`` instances
+(1M) against ``cp`` of its LMDB file, the latency of durable puts in another
+process while snapshots run, and WAL replay on open (records per second, rebuilding
+a lost ``indexes/`` from ``--replay-records`` single-instance records).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.metadata
+import mmap
+import multiprocessing
 import os
 import platform
 import random
@@ -35,7 +46,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -68,6 +79,15 @@ LIST_MIN_PER_REPETITION = 20_000
 """Each listing repetition repeats the listing until it has listed at least this many
 instances (twice for 10k matches, ten times for --quick's 2k), so that no run is timed alone."""
 
+REPLAY_GOAL = 100_000
+"""SPEC.md's goal for recovery replay, in WAL records per second on open."""
+
+REPLAY_TXN_RECORDS = 2_000
+"""Records per write transaction of the replay ceiling (the store replays 2,000 per txn)."""
+
+WRITER_TIMEOUT = 300.0
+"""Seconds the latency section waits for its writer process before giving up."""
+
 
 # --------------------------------------------------------------------------
 # Settings and the dataset
@@ -84,6 +104,8 @@ class Settings:
     puts: int
     batches: int
     list_matches: int
+    snapshot_instances: int
+    replay_records: int
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -97,6 +119,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         puts=args.puts or (500 if quick else 3_000),
         batches=args.batches or (1 if quick else 3),
         list_matches=args.list_matches or (2_000 if quick else 10_000),
+        snapshot_instances=args.snapshot_instances or (20_000 if quick else 1_000_000),
+        replay_records=args.replay_records or (20_000 if quick else 200_000),
     )
 
 
@@ -189,16 +213,19 @@ def paired_medians(
     median rates; running the pair back to back keeps the machine's drift
     from favouring either side.
     """
-    ours_rates: list[float] = []
-    other_rates: list[float] = []
+    ours_median, other_median = rotated_medians([ours, other], repeats)
+    return ours_median, other_median
+
+
+def rotated_medians(runs: Sequence[Callable[[], float]], repeats: int) -> list[float]:
+    """:func:`paired_medians` for any number of sides: repetition ``r`` starts with side
+    ``r % len(runs)`` and goes round. Returns the median rate of each side, in order."""
+    rates: list[list[float]] = [[] for _ in runs]
     for rep in range(repeats):
-        if rep % 2 == 0:
-            ours_rates.append(ours())
-            other_rates.append(other())
-        else:
-            other_rates.append(other())
-            ours_rates.append(ours())
-    return statistics.median(ours_rates), statistics.median(other_rates)
+        for k in range(len(runs)):
+            side = (rep + k) % len(runs)
+            rates[side].append(runs[side]())
+    return [statistics.median(side_rates) for side_rates in rates]
 
 
 # --------------------------------------------------------------------------
@@ -235,20 +262,64 @@ def open_ceiling_env(path: Path, map_size: int) -> tuple[lmdb.Environment, Any]:
     return env, env.open_db(b"instances")
 
 
+def open_ours_fast(path: Path) -> Any:
+    """Our store in ``path`` with :func:`fast_config`."""
+    from rstmdb_storage import Storage
+
+    return Storage.open(fast_config(path))
+
+
 def open_ours(path: Path, durable: bool = True) -> Any:
-    """Our store in ``path``: the default fsync policy (every write), or none."""
-    from rstmdb_storage import Storage, StorageConfig
+    """Our store in ``path``: the default fsync policy (every write), or none. Automatic
+    snapshots are off, so that a snapshot started in the background by loading a store does
+    not run under the timings of gets, puts and listings (snapshots have rows of their own)."""
+    from rstmdb_storage import FsyncPolicy, Storage, StorageConfig
 
-    if durable:
-        return Storage.open(StorageConfig(data_dir=str(path)))
-    from rstmdb_storage import FsyncPolicy
+    policy = FsyncPolicy.every_write() if durable else FsyncPolicy.never()
+    return Storage.open(StorageConfig(data_dir=str(path), fsync_policy=policy, snapshot_interval=0))
 
-    return Storage.open(StorageConfig(data_dir=str(path), fsync_policy=FsyncPolicy.never()))
+
+def fast_config(path: Path) -> Any:
+    """A config for building big stores quickly: no fsync, and no automatic snapshots or
+    compaction (the replay comparison needs the whole WAL, from sequence number 1)."""
+    from rstmdb_storage import FsyncPolicy, StorageConfig
+
+    return StorageConfig(
+        data_dir=str(path),
+        fsync_policy=FsyncPolicy.never(),
+        snapshot_interval=0,
+        compaction_enabled=False,
+    )
 
 
 def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
     for start in range(0, len(seq), size):
         yield seq[start : start + size]
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``: a store built without fsync leaves
+    hundreds of MB dirty, and their writeback would otherwise land inside a timed run."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def remove_snapshot(data_dir: Path, manifest: Any) -> None:
+    """Delete a published snapshot's two files (so the next one is made afresh)."""
+    from rstmdb_storage.snapshots import DATA_SUFFIX, MANIFEST_SUFFIX
+
+    for suffix in (DATA_SUFFIX, MANIFEST_SUFFIX):
+        (data_dir / "snapshots" / (manifest.name + suffix)).unlink(missing_ok=True)
 
 
 class Bench:
@@ -360,6 +431,117 @@ class Bench:
         return conn
 
     @cached_property
+    def snapshot_store(self) -> tuple[Any, Path]:
+        """Our store holding ``snapshot_instances`` instances, built without fsync in batches
+        of 10k, then synced; and its data directory."""
+        data_dir = self.path("ours-snapshot")
+        storage = open_ours_fast(data_dir)
+        self.on_close(storage.close)
+        n = self.settings.snapshot_instances
+        for start in range(0, n, BATCH_SIZE):
+            with storage.batch() as b:
+                for i in range(start, min(n, start + BATCH_SIZE)):
+                    b.put_instance(make_instance(instance_fields(instance_id("snap", i), i)))
+        storage.checkpoint()
+        sync_tree(data_dir)
+        if storage.count_instances() != n:
+            raise RuntimeError(f"snapshot store holds {storage.count_instances()} instances")
+        return storage, data_dir
+
+    @cached_property
+    def snapshot_medians(self) -> dict[str, float]:
+        """Median rates (whole copies per second) of ``create_snapshot()`` and of copying
+        ``indexes/data.mdb`` with and without fsync, measured in rotation."""
+        storage, data_dir = self.snapshot_store
+        n = self.settings.snapshot_instances
+        source = data_dir / "indexes" / "data.mdb"
+        target = data_dir / "indexes" / "data.mdb.cp"
+
+        def snapshot() -> float:
+            gc.collect()
+            start = time.perf_counter()
+            manifest = storage.create_snapshot()
+            elapsed = time.perf_counter() - start
+            remove_snapshot(data_dir, manifest)
+            if manifest.instances != n:
+                raise RuntimeError(f"create_snapshot: manifest counts {manifest.instances}")
+            return 1 / elapsed
+
+        def copy(fsync: bool) -> float:
+            gc.collect()
+            start = time.perf_counter()
+            shutil.copyfile(source, target)
+            if fsync:
+                fsync_path(target)
+            elapsed = time.perf_counter() - start
+            target.unlink()
+            return 1 / elapsed
+
+        ours, cp_fsync, cp = rotated_medians(
+            [snapshot, lambda: copy(True), lambda: copy(False)], self.settings.repeats
+        )
+        return {"snapshot": ours, "cp+fsync": cp_fsync, "cp": cp}
+
+    @cached_property
+    def replay_medians(self) -> dict[str, float]:
+        """Median rates (records per second) of ``Storage.open`` rebuilding a deleted
+        ``indexes/`` from ``replay_records`` WAL records, and of the raw ceiling."""
+        n = self.settings.replay_records
+        data_dir = self.path("ours-replay")
+        config = fast_config(data_dir)
+        fields = [instance_fields(instance_id("replay", i), i) for i in range(n)]
+        from rstmdb_storage import Storage
+
+        with Storage.open(config) as storage:
+            first_seq = storage.put_instance(make_instance(fields[0]))
+            put = storage.put_instance
+            for f in fields[1:]:
+                put(make_instance(f))
+            last_seq = storage.applied_seq
+        if first_seq != 1 or last_seq != n:
+            raise RuntimeError(f"replay store: sequence numbers {first_seq}..{last_seq}")
+        frames = self.path("ceiling-replay") / "frames"
+        with open(frames, "wb") as out:
+            for seq, f in enumerate(fields, start=1):
+                value = envelope(encode_record(f, seq))
+                out.write(WAL_FRAME.pack(len(value), seq, crc32c.crc32c(value)) + value)
+        sync_tree(data_dir)
+        sync_tree(frames.parent)
+        del fields
+        indexes = data_dir / "indexes"
+        last_id = instance_id("replay", n - 1)
+
+        def ours() -> float:
+            shutil.rmtree(indexes)
+            gc.collect()
+            start = time.perf_counter()
+            storage = Storage.open(config)
+            elapsed = time.perf_counter() - start
+            try:
+                if storage.applied_seq != n or storage.get_instance(last_id) is None:
+                    raise RuntimeError(
+                        f"replay: applied_seq {storage.applied_seq} after open, expected {n}"
+                    )
+            finally:
+                storage.close()
+            return n / elapsed
+
+        def ceiling() -> float:
+            directory = self.workdir / "ceiling-replay" / "env"
+            shutil.rmtree(directory, ignore_errors=True)
+            directory.mkdir()
+            gc.collect()
+            start = time.perf_counter()
+            replayed = replay_ceiling(frames, directory)
+            elapsed = time.perf_counter() - start
+            if replayed != n:
+                raise RuntimeError(f"replay ceiling: {replayed} records")
+            return n / elapsed
+
+        ours_rate, ceiling_rate = paired_medians(ours, ceiling, self.settings.repeats)
+        return {"ours": ours_rate, "ceiling": ceiling_rate}
+
+    @cached_property
     def by_state_stores(self) -> tuple[Any, sqlite3.Connection]:
         """Both listing stores, checked once to list the same ids in the same order."""
         storage, conn = self.ours_by_state, self.sqlite_by_state
@@ -463,6 +645,37 @@ def run_sqlite_list(conn: sqlite3.Connection, expected: int) -> float:
                 raise RuntimeError("SQLite: wrong number of rows")
 
     return rate(expected * rounds, run)
+
+
+def replay_ceiling(frames: Path, directory: Path) -> int:
+    """The replay ceiling: read ``WAL_FRAME``-framed records from ``frames``, check each
+    frame's CRC32C, decode the record to find its id, and put it into a fresh raw LMDB
+    environment in ``directory``, :data:`REPLAY_TXN_RECORDS` per write transaction (no
+    indexes, no meta). Returns how many records it applied."""
+    env, db = open_ceiling_env(directory, map_size=1 << 32)
+    header, crc, loads = WAL_FRAME.size, crc32c.crc32c, cbor2.loads
+    count = 0
+    try:
+        with open(frames, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            view, offset, end = memoryview(m), 0, len(m)
+            try:
+                while offset < end:
+                    with env.begin(write=True, db=db) as txn:
+                        for _ in range(REPLAY_TXN_RECORDS):
+                            if offset >= end:
+                                break
+                            length, _seq, checksum = WAL_FRAME.unpack_from(view, offset)
+                            value = bytes(view[offset + header : offset + header + length])
+                            if crc(value) != checksum:
+                                raise RuntimeError(f"replay ceiling: CRC mismatch at {offset}")
+                            txn.put(loads(value[4:])[0].encode(), value)
+                            offset += header + length
+                            count += 1
+            finally:
+                view.release()
+    finally:
+        env.close()
+    return count
 
 
 class Counter:
@@ -652,6 +865,34 @@ def compare_iter_vs_sqlite(bench: Bench) -> tuple[float, float]:
     )
 
 
+def compare_snapshot_vs_cp_fsync(bench: Bench) -> tuple[float, float]:
+    """``create_snapshot()`` of the big store (compacting copy in one read transaction,
+    fsync, CRC32C pass, publish) against ``shutil.copyfile`` of its ``indexes/data.mdb``
+    plus fsync of the copy. Rates are whole copies per second, so the ratio is
+    time(cp) / time(snapshot)."""
+    medians = bench.snapshot_medians
+    return medians["snapshot"], medians["cp+fsync"]
+
+
+def compare_snapshot_vs_cp(bench: Bench) -> tuple[float, float]:
+    """As :func:`compare_snapshot_vs_cp_fsync`, against the copy without fsync (as
+    ``cp`` leaves it: in the page cache)."""
+    medians = bench.snapshot_medians
+    return medians["snapshot"], medians["cp"]
+
+
+def compare_replay_vs_goal(bench: Bench) -> tuple[float, float]:
+    """WAL records replayed per second by ``Storage.open`` rebuilding a deleted
+    ``indexes/``, against SPEC.md's 100k records/s (a constant, not a measurement)."""
+    return bench.replay_medians["ours"], float(REPLAY_GOAL)
+
+
+def compare_replay_vs_ceiling(bench: Bench) -> tuple[float, float]:
+    """The same replay against :func:`replay_ceiling` on the same records."""
+    medians = bench.replay_medians
+    return medians["ours"], medians["ceiling"]
+
+
 @dataclass(frozen=True)
 class Comparison:
     what: str
@@ -673,6 +914,204 @@ COMPARISONS: list[Comparison] = [
     Comparison(
         "iter_by_state (lazy listing)", "SQLite WAL, indexed + cbor2", None, compare_iter_vs_sqlite
     ),
+    Comparison("create_snapshot", "copyfile data.mdb + fsync", 0.5, compare_snapshot_vs_cp_fsync),
+    Comparison("create_snapshot", "copyfile data.mdb, no fsync", None, compare_snapshot_vs_cp),
+    Comparison("WAL replay on open", "SPEC goal, 100k records/s", 1.0, compare_replay_vs_goal),
+    Comparison(
+        "WAL replay on open",
+        "read+crc32c+cbor2+lmdb put (ceiling)",
+        None,
+        compare_replay_vs_ceiling,
+    ),
+]
+
+
+# --------------------------------------------------------------------------
+# Sections: figures that are not a pair of rates, printed under the table
+# --------------------------------------------------------------------------
+
+
+def latency_writer(data_dir: str, conn: Any, stop: Any, done: Any) -> None:
+    """The writer process of :func:`section_writer_latency`.
+
+    Opens the store with the default fsync policy (every write) but no automatic snapshots
+    or compaction (only the main process's snapshots are to run), makes a few untimed
+    puts, answers ``"ready"``, then serves commands from ``conn``: ``("count", n)`` makes
+    ``n`` durable puts, ``("until_stop",)`` makes puts until ``stop`` is set; each answers
+    the list of (start, end) ``time.monotonic()`` pairs of its puts, and keeps ``done``
+    (a shared counter) up to date. ``None`` closes the store and ends the process.
+    """
+    sys.stdout.reconfigure(line_buffering=True)
+    from rstmdb_storage import Storage, StorageConfig
+
+    config = StorageConfig(data_dir=data_dir, snapshot_interval=0, compaction_enabled=False)
+    storage = Storage.open(config)
+    counter = Counter()
+    put, clock = storage.put_instance, time.monotonic
+
+    def one_put() -> tuple[float, float]:
+        (i,) = counter.take(1)
+        inst = make_instance(instance_fields(instance_id("latency", i), i))
+        start = clock()
+        put(inst)
+        return start, clock()
+
+    try:
+        for _ in range(20):
+            one_put()
+        conn.send("ready")
+        while (command := conn.recv()) is not None:
+            times: list[tuple[float, float]] = []
+            done.value = 0
+            if command[0] == "count":
+                for _ in range(command[1]):
+                    times.append(one_put())
+                    done.value += 1
+            else:
+                while not stop.is_set():
+                    times.append(one_put())
+                    done.value += 1
+            conn.send(times)
+    finally:
+        storage.close()
+
+
+def latencies_ms(times: list[tuple[float, float]]) -> list[float]:
+    """Sorted durations in milliseconds of (start, end) pairs in seconds."""
+    return sorted((end - start) * 1000 for start, end in times)
+
+
+def percentile(ms: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of sorted ``ms``, nearest rank."""
+    return ms[min(len(ms) - 1, int(len(ms) * q))]
+
+
+def latency_line(label: str, ms: list[float], per_second: float) -> str:
+    return (
+        f"  {label:<16} {len(ms):>7,}  {percentile(ms, 0.5):>7.2f}  "
+        f"{percentile(ms, 0.99):>7.2f}  {ms[-1]:>8.2f}  {per_second:>9,.0f}"
+    )
+
+
+def overlapping(
+    times: list[tuple[float, float]], intervals: list[tuple[float, float]]
+) -> tuple[list[tuple[float, float]], int]:
+    """The (start, end) pairs of ``times`` that overlap one of ``intervals``, and how many
+    lie wholly inside one."""
+    over = [(s, e) for s, e in times if any(s < b and e > a for a, b in intervals)]
+    inside = sum(1 for s, e in over if any(a <= s and e <= b for a, b in intervals))
+    return over, inside
+
+
+def section_writer_latency(bench: Bench) -> list[str]:
+    """Durable ``put_instance`` latency in another process, without and while the main
+    process runs ``create_snapshot()`` of the big store in a loop.
+
+    The writer makes ``puts`` puts with nothing else running. Then, for each phase, it
+    puts until the main process has repeated the phase's operation at least ``repeats``
+    times and the writer has made at least ``puts`` puts: first ``create_snapshot()``,
+    then, for reference, ``copyfile`` of ``data.mdb`` + fsync (what the filesystem alone
+    does to a writer's fdatasync). A put counts for a phase when its time overlaps one of
+    the operations; puts/s counts the puts wholly inside them.
+    """
+    storage, data_dir = bench.snapshot_store
+    settings = bench.settings
+    source = data_dir / "indexes" / "data.mdb"
+    target = data_dir / "indexes" / "data.mdb.cp"
+
+    def snapshot() -> None:
+        remove_snapshot(data_dir, storage.create_snapshot())
+
+    def copy() -> None:
+        shutil.copyfile(source, target)
+        fsync_path(target)
+
+    def uncopy() -> None:
+        target.unlink()
+
+    phases: list[tuple[str, Callable[[], None], Callable[[], None]]] = [
+        ("during snapshot", snapshot, lambda: None),
+        ("during cp+fsync", copy, uncopy),
+    ]
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    stop, done = ctx.Event(), ctx.Value("q", 0, lock=False)
+    writer = ctx.Process(target=latency_writer, args=(str(data_dir), child, stop, done))
+    writer.start()
+    results: list[tuple[str, list[tuple[float, float]], list[tuple[float, float]]]] = []
+
+    def receive() -> Any:
+        if not parent.poll(WRITER_TIMEOUT):
+            raise RuntimeError(f"latency writer: no answer in {WRITER_TIMEOUT:.0f} s")
+        return parent.recv()
+
+    try:
+        if receive() != "ready":
+            raise RuntimeError("latency writer did not start")
+        parent.send(("count", settings.puts))
+        idle = receive()
+        for label, operation, cleanup in phases:
+            stop.clear()
+            parent.send(("until_stop",))
+            intervals: list[tuple[float, float]] = []
+            deadline = time.monotonic() + WRITER_TIMEOUT
+            while len(intervals) < settings.repeats or done.value < settings.puts:
+                if time.monotonic() > deadline or not writer.is_alive():
+                    raise RuntimeError("latency writer stopped or took too long")
+                start = time.monotonic()
+                operation()
+                intervals.append((start, time.monotonic()))
+                cleanup()
+            stop.set()
+            results.append((label, receive(), intervals))
+        parent.send(None)
+        writer.join(WRITER_TIMEOUT)
+    finally:
+        if writer.is_alive():
+            writer.kill()
+            writer.join()
+    if writer.exitcode != 0:
+        raise RuntimeError(f"latency writer exited with {writer.exitcode}")
+
+    idle_ms = latencies_ms(idle)
+    idle_rate = len(idle) / (idle[-1][1] - idle[0][0])
+    lines = [
+        f"writer latency while create_snapshot runs ({settings.snapshot_instances:,} "
+        f"instances; durable put_instance, default policy, in another process):",
+        f"  {'':<16} {'puts':>7}  {'p50 ms':>7}  {'p99 ms':>7}  {'max ms':>8}  {'puts/s':>9}  "
+        f"{'ops':>4}  {'op p50 ms':>9}  {'op max ms':>9}",
+        latency_line("no snapshot", idle_ms, idle_rate),
+    ]
+    ratios = []
+    for label, times, intervals in results:
+        over, inside = overlapping(times, intervals)
+        if not over:
+            raise RuntimeError(f"{label}: no put overlapped the operation")
+        durations = [b - a for a, b in intervals]
+        rate_inside = inside / sum(durations)
+        ms = latencies_ms(over)
+        lines.append(
+            f"{latency_line(label, ms, rate_inside)}  {len(intervals):>4}"
+            f"  {statistics.median(durations) * 1000:>9,.0f}  {max(durations) * 1000:>9,.0f}"
+        )
+        ratios.append(
+            f"  {label} / no snapshot: p50 {percentile(ms, 0.5) / percentile(idle_ms, 0.5):.2f}x,"
+            f" p99 {percentile(ms, 0.99) / percentile(idle_ms, 0.99):.2f}x,"
+            f" puts/s {rate_inside / idle_rate:.2f}x;"
+            f" longest put = {ms[-1] / 1000 / statistics.median(durations):.0%} of the median"
+            f" operation"
+        )
+    return lines + ratios
+
+
+@dataclass(frozen=True)
+class Section:
+    name: str
+    run: Callable[[Bench], list[str]] = field(repr=False)
+
+
+SECTIONS: list[Section] = [
+    Section("writer latency while create_snapshot runs", section_writer_latency),
 ]
 
 
@@ -758,9 +1197,16 @@ def machine_facts(workdir: Path, settings: Settings) -> list[tuple[str, str]]:
             f"repeats={settings.repeats} records={settings.records} "
             f"lookups={settings.lookups} puts={settings.puts} "
             f"batches={settings.batches}x{BATCH_SIZE} "
-            f"list={settings.list_matches} of {settings.list_matches * len(LIST_STATES)}",
+            f"list={settings.list_matches} of {settings.list_matches * len(LIST_STATES)} "
+            f"snapshot-instances={settings.snapshot_instances} "
+            f"replay-records={settings.replay_records}",
         ),
     ]
+
+
+def format_rate(value: float) -> str:
+    """Whole ops/s with separators; three significant digits below 100 (snapshot rows)."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def print_table(rows: list[tuple[Comparison, float, float]]) -> None:
@@ -772,8 +1218,8 @@ def print_table(rows: list[tuple[Comparison, float, float]]) -> None:
             (
                 comp.what,
                 comp.against,
-                f"{ours:,.0f}",
-                f"{other:,.0f}",
+                format_rate(ours),
+                format_rate(other),
                 f"{ratio:.2f}",
                 "-" if comp.goal is None else f">= {comp.goal:g}",
                 "-" if comp.goal is None else "yes" if ratio >= comp.goal else "NO",
@@ -811,6 +1257,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         f"hold that many in each of {len(LIST_STATES)} states",
     )
     parser.add_argument(
+        "--snapshot-instances",
+        type=int,
+        help="instances in the store that create_snapshot copies (default 1M, quick 20k)",
+    )
+    parser.add_argument(
+        "--replay-records",
+        type=int,
+        help="single-instance WAL records replayed on open (default 200k, quick 20k)",
+    )
+    parser.add_argument(
         "--tmp-dir",
         type=Path,
         default=default_tmp_dir(),
@@ -818,7 +1274,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "default: beside the repository, so that a killed run leaves nothing in the work tree)",
     )
     parser.add_argument(
-        "--only", metavar="TEXT", help="run only comparisons whose name contains TEXT"
+        "--only",
+        metavar="TEXT",
+        action="append",
+        help="run only comparisons and sections whose name contains TEXT (repeatable: any)",
     )
     return parser.parse_args(argv)
 
@@ -827,9 +1286,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)  # progress lines interleave with tracebacks
     settings = settings_from(args)
-    comparisons = [
-        c for c in COMPARISONS if not args.only or args.only in f"{c.what} vs {c.against}"
-    ]
+
+    def selected(name: str) -> bool:
+        return not args.only or any(text in name for text in args.only)
+
+    comparisons = [c for c in COMPARISONS if selected(f"{c.what} vs {c.against}")]
+    sections = [s for s in SECTIONS if selected(s.name)]
     workdir = Path(tempfile.mkdtemp(prefix=".bench-", dir=args.tmp_dir))
     bench = Bench(workdir, settings)
     problems: list[str] = []
@@ -857,14 +1319,38 @@ def main(argv: list[str] | None = None) -> int:
             rows.append((comp, ours, other))
             took = time.perf_counter() - t0
             print(f"  {comp.what} vs {comp.against}: {ours / other:.2f} ({took:.1f} s)")
+        section_lines: list[str] = []
+        for section in sections:
+            t0 = time.perf_counter()
+            try:
+                section_lines += ["", *section.run(bench)]
+            except Exception as exc:
+                traceback.print_exc()
+                problems.append(f"{section.name}: {exc!r}")
+                continue
+            print(f"  {section.name} ({time.perf_counter() - t0:.1f} s)")
         print()
         took = time.perf_counter() - started
         print(f"medians of {settings.repeats} repetitions, in {took:.0f} s")
-        print_table(rows)
+        if rows:
+            print_table(rows)
         if any("_by_state" in comp.what for comp, _, _ in rows):
             print("listing rows: ops/s are instances listed (and decoded) per second")
+        if any(comp.what == "create_snapshot" for comp, _, _ in rows):
+            print(
+                f"create_snapshot rows: ops/s are whole copies of the "
+                f"{settings.snapshot_instances:,}-instance store per second (1 / seconds), "
+                f"so the ratio is time(copy) / time(snapshot); >= 0.5 is 'at most 2x cp'"
+            )
+        if any(comp.what == "WAL replay on open" for comp, _, _ in rows):
+            print(
+                f"replay rows: ops/s are WAL records applied per second, rebuilding a lost "
+                f"indexes/ from {settings.replay_records:,} single-instance records"
+            )
         if any(comp.goal is None for comp, _, _ in rows):
             print("rows without a goal are shown for information")
+        for line in section_lines:
+            print(line)
     finally:
         problems += bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
