@@ -36,6 +36,46 @@ def main() -> None:
     """Inspect and check an rstmdb-storage data directory."""
 
 
+class _ProgressBars:
+    """Turns the store's ``progress(step, done, total)`` calls into one progress bar per step
+    on stderr (a count, for a step whose total is not known in advance)."""
+
+    def __init__(self) -> None:
+        self._step: str | None = None
+        self._bar: Any = None
+        self._done = 0
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        if step != self._step:
+            self.close()
+            self._step = step
+            if total:
+                self._bar = click.progressbar(length=total, label=step, file=sys.stderr)
+                self._bar.__enter__()
+        if self._bar is not None:
+            self._bar.update(done - self._done)
+        self._done = done
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+        elif self._done:
+            click.echo(f"{self._step}: {self._done}", err=True)
+        self._step, self._bar, self._done = None, None, 0
+
+
+def _open(data_dir: str) -> Storage:
+    bars = _ProgressBars()
+    try:
+        return Storage.open(data_dir, progress=bars)  # shows a rebuild of indexes/, if any
+    finally:
+        bars.close()
+
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=lambda v: v.hex()))
+
+
 @main.command()
 @data_dir_argument
 @_reports_errors
@@ -44,12 +84,14 @@ def info(data_dir: str) -> None:
 
     Example: rstmdb-storage info /var/lib/rstmdb
     """
-    with Storage.open(data_dir) as storage:
+    with _open(data_dir) as storage:
         report = {
             "data_dir": data_dir,
             "instances": storage.count_instances(),
             "applied_seq": storage.applied_seq,
             "wal_segments": storage.wal_segments(),
+            "snapshots": [manifest.seq for manifest in storage.list_snapshots()],
+            "wal_holds": storage.wal_holds(),
         }
     click.echo(json.dumps(report, indent=2))
 
@@ -63,7 +105,7 @@ def get(data_dir: str, instance_id: str) -> None:
 
     Example: rstmdb-storage get /var/lib/rstmdb order-1
     """
-    with Storage.open(data_dir) as storage:
+    with _open(data_dir) as storage:
         inst = storage.get_instance(instance_id)
     if inst is None:
         click.echo(f"no instance {instance_id!r}", err=True)
@@ -83,7 +125,7 @@ def wal(data_dir: str, from_seq: int, limit: int) -> None:
 
     Example: rstmdb-storage wal /var/lib/rstmdb --from 100 --limit 5
     """
-    with Storage.open(data_dir) as storage:
+    with _open(data_dir) as storage:
         for record in storage.read_wal(from_seq, limit):
             click.echo(f"{record.seq}\t{record.timestamp_ms}\t{len(record.payload)} bytes")
 
@@ -92,13 +134,64 @@ def wal(data_dir: str, from_seq: int, limit: int) -> None:
 @data_dir_argument
 @_reports_errors
 def verify(data_dir: str) -> None:
-    """Check every instance, the meta table and the WAL; exit code 1 if anything is wrong.
+    """Check every instance, index, snapshot, the meta table and the WAL; exit code 1 if
+    anything is wrong.
 
     Example: rstmdb-storage verify /var/lib/rstmdb
     """
-    with Storage.open(data_dir) as storage:
+    with _open(data_dir) as storage:
         findings = storage.verify()
     for finding in findings:
         click.echo(str(finding))
     click.echo(f"{len(findings)} problem(s) found")
     sys.exit(1 if findings else 0)
+
+
+@main.command()
+@data_dir_argument
+@_reports_errors
+def snapshot(data_dir: str) -> None:
+    """Take a snapshot now and print its manifest as JSON.
+
+    Example: rstmdb-storage snapshot /var/lib/rstmdb
+    """
+    bars = _ProgressBars()
+    with _open(data_dir) as storage:
+        manifest = storage.create_snapshot(progress=bars)
+    bars.close()
+    _print_json(asdict(manifest))
+
+
+@main.command()
+@data_dir_argument
+@_reports_errors
+def compact(data_dir: str) -> None:
+    """Snapshot if anything changed, then delete the snapshots and WAL segments no longer
+    needed; print what was done as JSON.
+
+    Example: rstmdb-storage compact /var/lib/rstmdb
+    """
+    bars = _ProgressBars()
+    with _open(data_dir) as storage:
+        result = storage.compact(progress=bars)
+    bars.close()
+    _print_json(asdict(result))
+
+
+@main.command()
+@click.argument("source", type=click.Path(file_okay=False, exists=True))
+@click.argument("target", type=click.Path(file_okay=False))
+@click.option("--seq", type=int, default=None, help="sequence number to restore to [newest]")
+@_reports_errors
+def restore(source: str, target: str, seq: int | None) -> None:
+    """Build in TARGET (new or empty) a store holding SOURCE's state at a WAL sequence number:
+    point-in-time restore from a snapshot and the WAL after it.
+
+    Example: rstmdb-storage restore /var/lib/rstmdb /tmp/restored --seq 52117
+    """
+    bars = _ProgressBars()
+    try:
+        restored = Storage.restore(source, target, seq=seq, progress=bars)
+    finally:
+        bars.close()
+    click.echo(f"restored {target} to sequence {restored}")

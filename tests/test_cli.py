@@ -25,6 +25,12 @@ def run(*args: str) -> tuple[int, str]:
     return result.exit_code, result.output
 
 
+def run_json(*args: str) -> tuple[int, object]:
+    """Run a command that prints JSON on stdout (progress goes to stderr)."""
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, json.loads(result.stdout)
+
+
 @pytest.mark.parametrize("name", sorted(main.commands))
 def test_every_command_has_help_with_an_example(name: str) -> None:
     help_text = main.commands[name].help or ""
@@ -37,6 +43,22 @@ def test_info_reports_counts(filled: Path) -> None:
     assert code == 0
     report = json.loads(output)
     assert (report["instances"], report["applied_seq"], report["wal_segments"]) == (2, 2, [1])
+    assert (report["snapshots"], report["wal_holds"]) == ([], {})
+
+
+def test_snapshot_compact_and_restore(filled: Path, tmp_path: Path) -> None:
+    code, manifest = run_json("snapshot", str(filled))
+    assert code == 0 and manifest["seq"] == 2
+    with Storage.open(filled) as storage:
+        storage.put_instance(Instance(id="order-3", machine="order", version=1, state="new"))
+    code, result = run_json("compact", str(filled))
+    assert code == 0 and result["snapshots_created"] == 1
+    code, output = run("restore", str(filled), str(tmp_path / "back"), "--seq", "2")
+    assert code == 0 and "to sequence 2" in output
+    with Storage.open(tmp_path / "back") as restored:
+        assert [inst.id for inst in restored.iter_instances()] == ["order-1", "order-2"]
+    code, output = run("restore", str(filled), str(tmp_path / "back"))
+    assert code == 1 and "not empty" in output
 
 
 def test_get_prints_the_instance_and_fails_when_absent(filled: Path) -> None:
