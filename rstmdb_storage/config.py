@@ -146,6 +146,9 @@ class StorageConfig:
     idempotency_retention_ms: int = 24 * 3600 * 1000
     #: permission bits of the files and directories the store creates (private by default)
     file_mode: int = 0o600
+    #: open for reading only (lookup processes, read-only copies): takes no write lock,
+    #: writes nothing, replays nothing; serves the state LMDB holds
+    read_only: bool = False
 
     @property
     def path(self) -> Path:
@@ -158,8 +161,9 @@ class StorageConfig:
         _check_int("snapshot_interval", self.snapshot_interval, minimum=0)
         _check_int("max_wal_segments", self.max_wal_segments, minimum=1)
         _check_int("snapshots_kept", self.snapshots_kept, minimum=1)
-        if not isinstance(self.compaction_enabled, bool):
-            raise ConfigError(f"compaction_enabled: need a bool, got {self.compaction_enabled!r}")
+        for name in ("compaction_enabled", "read_only"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}: need a bool, got {getattr(self, name)!r}")
         _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB)
         if not isinstance(self.fsync_policy, FsyncPolicy):
             raise ConfigError(

@@ -115,5 +115,9 @@ class StorageFailedError(StorageError):
     """
 
 
+class ReadOnlyError(StorageError):
+    """Raised when a store opened with ``read_only=True`` is asked to write."""
+
+
 class StorageClosedError(StorageError):
     """Raised when a closed :class:`~rstmdb_storage.Storage` is used."""

@@ -59,6 +59,7 @@ from .errors import (
     InstanceNotFoundError,
     InvalidInputError,
     InvalidTypeError,
+    ReadOnlyError,
     RecordTooLargeError,
     StorageClosedError,
     StorageError,
@@ -146,7 +147,7 @@ class Storage:
         #: WAL segments left by the last automatic compaction (retention or holds may keep
         #: more than ``max_wal_segments``; then only a new segment makes it due again)
         self._segments_left = 0
-        self._flusher = _Flusher(self)
+        self._flusher = None if config.read_only else _Flusher(self)
 
     # --- opening and closing --------------------------------------------------------------------
 
@@ -169,6 +170,8 @@ class Storage:
         if not isinstance(config, StorageConfig):
             config = StorageConfig(data_dir=config)
         config.validate()
+        if config.read_only:
+            return cls._open_read_only(config)
         root = config.path
         try:
             make_dir(root, config.file_mode)
@@ -193,6 +196,19 @@ class Storage:
                     ) from exc
                 restored = rebuild_from_snapshot(config, _probe_wal(config), str(exc), progress)
                 return cls._open_environment(config, restored, progress)
+
+    @classmethod
+    def _open_read_only(cls, config: StorageConfig) -> Storage:
+        env = lmdb_env.acquire(config)
+        try:
+            meta = Meta(env.meta)
+            with env.read() as txn:
+                meta.check_all(txn)
+                store_id = meta.store_id(txn)
+            return cls(config, env, _wal(config, store_id))
+        except BaseException:
+            lmdb_env.release(env)
+            raise
 
     @classmethod
     def _open_environment(
@@ -226,9 +242,10 @@ class Storage:
         if self._closed:
             return
         try:
-            self._flusher.stop()
-            if checkpoint and not self._env.stale and self._wal.usable:
-                self.checkpoint()
+            if self._flusher is not None:
+                self._flusher.stop()
+                if checkpoint and not self._env.stale and self._wal.usable:
+                    self.checkpoint()
         finally:
             self._closed = True
             try:
@@ -353,7 +370,7 @@ class Storage:
         transactions of at most 10,000 entries each, so writers are held up only briefly.
         It is housekeeping, not a change: it does not go through the WAL.
         """
-        env = self._live_env()
+        env = self._writable_env()
         now = time.time_ns() // 1_000_000
         purged, after = 0, None
         while True:
@@ -389,11 +406,12 @@ class Storage:
             manifest = storage.create_snapshot()
             print(manifest.seq, manifest.size, manifest.instances)
         """
+        self._writable_env()
         with snapshot_lock(self._snapshots_dir, self.config.file_mode):
             return self._snapshot_locked(progress)
 
     def _snapshot_locked(self, progress: Progress | None) -> SnapshotManifest:
-        env = self._live_env()
+        env = self._writable_env()
         directory = self._snapshots_dir
         with env.read() as txn:
             seq = self._meta.tail(txn).applied_seq
@@ -433,6 +451,7 @@ class Storage:
             result = storage.compact()
             print(result.snapshots_created, result.segments_deleted, result.bytes_reclaimed)
         """
+        self._writable_env()
         with snapshot_lock(self._snapshots_dir, self.config.file_mode):
             created = 0
             newest = published_seqs(self._snapshots_dir)
@@ -452,7 +471,7 @@ class Storage:
         )
         freed = sum(delete_snapshot(directory, manifest) for manifest in planned.snapshots)
         if planned.snapshots:
-            env = self._live_env()
+            env = self._writable_env()
             with env.write_mutex, env.begin_write() as txn:
                 for manifest in planned.snapshots:
                     txn.delete(manifest.seq.to_bytes(8, "big"), db=env.dbs[DB_SNAPSHOTS])
@@ -483,14 +502,14 @@ class Storage:
         check_name("hold name", name)
         if type(from_seq) is not int or not 0 <= from_seq < 2**63:
             raise InvalidInputError(f"from_seq: expected an int >= 0, got {from_seq!r}")
-        env = self._live_env()
+        env = self._writable_env()
         with env.write_mutex, env.begin_write() as txn:
             self._meta.write_hold(txn, name, from_seq)
 
     def release_wal(self, name: str) -> bool:
         """Drop the WAL hold *name*; return whether there was one."""
         check_name("hold name", name)
-        env = self._live_env()
+        env = self._writable_env()
         with env.write_mutex, env.begin_write() as txn:
             return self._meta.delete_hold(txn, name)
 
@@ -698,7 +717,7 @@ class Storage:
         index that is still partial until the call returns. Writes made meanwhile keep the
         indexes right for what they touch.
         """
-        env = self._live_env()
+        env = self._writable_env()
         indexed, after = 0, None
         with env.write_mutex:
             self._wal.check_usable()
@@ -899,12 +918,12 @@ class Storage:
                 f"WAL record of {len(payload)} bytes is larger than max_record_size "
                 f"({self.config.max_record_size})"
             )
-        env = self._live_env()
+        env = self._writable_env()
         with env.write_mutex:
             self._wal.check_usable()
             seq = self._write_locked(env, changes, payload, known, idempotency_key)
             self._dirty = True
-        if self._flusher.pid != os.getpid():
+        if self._flusher is not None and self._flusher.pid != os.getpid():
             self._flusher = _Flusher(self)  # forked: threads do not survive a fork
         return seq
 
@@ -980,7 +999,7 @@ class Storage:
         if count:
             total = self._meta.add_changes(txn, count)
             interval = self.config.snapshot_interval
-            if interval and total // interval != (total - count) // interval:
+            if interval and total // interval != (total - count) // interval and self._flusher:
                 self._flusher.wake()
 
     def _recover(self, progress: Progress | None = None) -> None:
@@ -1042,7 +1061,7 @@ class Storage:
         thread, when there were writes) and at close. The WAL segment being appended to is
         synced first, so LMDB on disk never gets ahead of the WAL.
         """
-        env = self._live_env()
+        env = self._writable_env()
         with env.write_mutex:
             applied = self._checkpoint_locked(env)
         env.sync()  # outside the mutex: writers go on while the data file is flushed
@@ -1121,6 +1140,12 @@ class Storage:
             running.join()
 
     # --- plumbing -------------------------------------------------------------------------------
+
+    def _writable_env(self) -> lmdb_env.LmdbEnvironment:
+        """The environment, for a change: refused when the store is open read-only."""
+        if self.config.read_only:
+            raise ReadOnlyError(f"storage at {self.config.path} is open read-only")
+        return self._live_env()
 
     def _live_env(self) -> lmdb_env.LmdbEnvironment:
         env = self._env

@@ -61,11 +61,12 @@ class LmdbEnvironment:
         self.write_mutex = threading.Lock()
         #: counts threads inside LMDB calls outside the write mutex (see :class:`ForkGate`)
         self.gate = ForkGate()
-        self._users_fd = _lock_file(path / USERS_LOCK_NAME, config.file_mode, fcntl.LOCK_SH)
+        self.read_only = config.read_only
+        self._users_fd = _users_lock(path, config)
         try:
             self.env, self.dbs = _open(path, config)
         except BaseException:
-            os.close(self._users_fd)
+            self._release_users_lock()
             raise
         self.instances = self.dbs[DB_INSTANCES]
         self.meta = self.dbs[DB_META]
@@ -130,7 +131,12 @@ class LmdbEnvironment:
         try:
             self.env.close()
         finally:
-            os.close(self._users_fd)  # the lock goes with the last descriptor (a fork shares it)
+            self._release_users_lock()
+
+    def _release_users_lock(self) -> None:
+        if self._users_fd >= 0:
+            os.close(self._users_fd)  # the lock goes with the last descriptor (forks share it)
+            self._users_fd = -1
 
 
 class ForkGate:
@@ -204,8 +210,21 @@ def in_use(config: StorageConfig) -> bool:
     return False
 
 
-def _lock_file(path: Path, mode: int, operation: int) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
+def _users_lock(path: Path, config: StorageConfig) -> int:
+    """The shared lock on ``users.lock`` every process with the environment open holds; a
+    read-only opener of a directory it cannot write takes it only if the file exists (-1 if
+    it cannot)."""
+    if not config.read_only:
+        return _lock_file(path / USERS_LOCK_NAME, config.file_mode, fcntl.LOCK_SH)
+    try:
+        return _lock_file(path / USERS_LOCK_NAME, config.file_mode, fcntl.LOCK_SH, read_only=True)
+    except OSError:
+        return -1
+
+
+def _lock_file(path: Path, mode: int, operation: int, read_only: bool = False) -> int:
+    flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
+    fd = os.open(path, flags | os.O_CLOEXEC, mode)
     try:
         fcntl.flock(fd, operation)
     except BaseException:
@@ -217,7 +236,7 @@ def _lock_file(path: Path, mode: int, operation: int) -> int:
 def acquire(config: StorageConfig, lock_held: bool = False) -> LmdbEnvironment:
     """The environment of *config*'s data directory in this process, opened if needed (under
     :func:`open_lock`, unless the caller holds it: *lock_held*)."""
-    if not lock_held:
+    if not lock_held and not config.read_only:
         with open_lock(config):
             return acquire(config, lock_held=True)
     path = config.path / INDEXES_DIR
@@ -229,6 +248,11 @@ def acquire(config: StorageConfig, lock_held: bool = False) -> LmdbEnvironment:
                 _drop_inherited(env)
             env = LmdbEnvironment(path, config)
             _registry[key] = env
+        elif env.read_only and not config.read_only:
+            raise StorageError(
+                f"{path} is open read-only in this process; close those stores before opening "
+                f"it for writing"
+            )
         env.refs += 1
         return env
 
@@ -289,7 +313,7 @@ def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[byt
     try:
         for attempt in range(_OPEN_ATTEMPTS):
             try:
-                return _open_unlocked(path, config)
+                return _open_once(path, config)
             except lmdb.InvalidParameterError:
                 if attempt == _OPEN_ATTEMPTS - 1:
                     raise
@@ -304,9 +328,10 @@ def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[byt
         raise StorageError(f"{path}: cannot open the LMDB environment ({exc})") from exc
 
 
-def _open_unlocked(
-    path: Path, config: StorageConfig
-) -> tuple[lmdb.Environment, dict[bytes, object]]:
+def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[bytes, object]]:
+    read_only = config.read_only
+    if read_only and not (path / "data.mdb").exists():
+        raise StorageError(f"{path} holds no LMDB environment to open read-only")
     env = lmdb.open(
         str(path),
         map_size=config.map_size,
@@ -318,11 +343,18 @@ def _open_unlocked(
         metasync=False,
         writemap=False,
         readahead=False,
-        lock=True,
-        create=True,
+        readonly=read_only,
+        # Without write access to the lock file there is no reader table: only safe when
+        # nobody writes, which is so when nobody can.
+        lock=not read_only or _writable(path / "lock.mdb"),
+        create=not read_only,
         mode=config.file_mode,
     )
     try:
+        if read_only:
+            # py-lmdb keeps handles opened in a read transaction of our own only until it
+            # ends; without one it opens them in a transaction it commits.
+            return env, {name: env.open_db(name, create=False) for name in ALL_DATABASES}
         env.reader_check()
         with env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn, create=True) for name in ALL_DATABASES}
@@ -330,3 +362,9 @@ def _open_unlocked(
         env.close()
         raise
     return env, dbs
+
+
+def _writable(path: Path) -> bool:
+    if path.exists():
+        return os.access(path, os.W_OK)
+    return os.access(path.parent, os.W_OK)

@@ -59,7 +59,10 @@ class WalSegment:
     def open(cls, directory: Path, first_seq: int, store_id: bytes) -> WalSegment:
         """Open an existing segment and check that its header is this store's."""
         path = directory / segment_name(first_seq)
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except PermissionError:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a read-only copy: reading is all
         segment = cls(path, fd, first_seq)
         try:
             found_seq, found_store = decode_segment_header(
