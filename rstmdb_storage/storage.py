@@ -111,6 +111,7 @@ from .wal.format import (
     CHANGE_PUT,
     SEGMENT_HEADER_SIZE,
 )
+from .wal.shared_sync import SharedSync
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -118,6 +119,12 @@ _RETRY = object()
 
 #: records applied per LMDB transaction when replaying (bounds a transaction's dirty pages)
 REPLAY_CHUNK = 2000
+
+#: a wait for the write lock longer than this means another writer held it: contention
+_CONTENDED_WAIT = 0.0002
+#: how long group commit stays on after contention was last seen, in seconds
+_GROUP_WINDOW = 0.5
+SYNC_LOCK_NAME = "sync.lock"
 
 
 class Storage:
@@ -147,6 +154,9 @@ class Storage:
         #: WAL segments left by the last automatic compaction (retention or holds may keep
         #: more than ``max_wal_segments``; then only a new segment makes it due again)
         self._segments_left = 0
+        #: group commit is used until then (see _note_contention)
+        self._group_until = 0.0
+        self._shared_sync: SharedSync | None = None
         self._flusher = None if config.read_only else _Flusher(self)
 
     # --- opening and closing --------------------------------------------------------------------
@@ -248,6 +258,8 @@ class Storage:
                     self.checkpoint()
         finally:
             self._closed = True
+            if self._shared_sync is not None and self._shared_sync.pid == os.getpid():
+                self._shared_sync.close()
             try:
                 self._wal.close()
             finally:
@@ -267,13 +279,15 @@ class Storage:
         :raises InvalidInputError: the id is empty or too long
         :raises CorruptionError: the stored value fails its checksum
         """
-        if type(instance_id) is not str or not 0 < len(instance_id) <= MAX_ID_BYTES:
-            check_id(instance_id)  # raises the precise error, or accepts a long Unicode id
+        if type(instance_id) is not str:
+            check_id(instance_id)  # raises InvalidTypeError
         try:
             key = instance_id.encode()
         except UnicodeEncodeError:
             check_id(instance_id)  # raises InvalidInputError
             raise
+        if not 0 < len(key) <= MAX_ID_BYTES or b"\x00" in key:
+            check_id(instance_id)  # raises the precise InvalidInputError
         env = self._env
         if env.stale or self._closed:
             env = self._live_env()
@@ -866,10 +880,10 @@ class Storage:
             idempotency_key=idempotency_key,
         )
         stored = self.get_instance(instance_id)
-        if stored is None or stored.last_wal_offset != seq:  # moved on since: rebuild locally
-            moved.last_wal_offset = seq
-            return moved
-        return stored
+        if stored is not None and (stored.last_wal_offset == seq or idempotency_key is not None):
+            return stored  # ours; or, for a retry the key absorbed, the instance as it is now
+        moved.last_wal_offset = seq  # moved on since our write: ours, rebuilt locally
+        return moved
 
     @contextlib.contextmanager
     def batch(self, *, idempotency_key: str | None = None) -> Iterator[Batch]:
@@ -919,10 +933,20 @@ class Storage:
                 f"({self.config.max_record_size})"
             )
         env = self._writable_env()
-        with env.write_mutex:
-            self._wal.check_usable()
-            seq = self._write_locked(env, changes, payload, known, idempotency_key)
-            self._dirty = True
+        if self._grouping():
+            seq = self._commit_grouped(env, changes, payload, idempotency_key)
+        else:
+            contended = not env.write_mutex.acquire(blocking=False)
+            if contended:
+                env.write_mutex.acquire()
+            try:
+                self._wal.check_usable()
+                seq = self._write_locked(env, changes, payload, known, idempotency_key)
+                self._dirty = True
+            finally:
+                env.write_mutex.release()
+            if contended:
+                self._note_contention()
         if self._flusher is not None and self._flusher.pid != os.getpid():
             self._flusher = _Flusher(self)  # forked: threads do not survive a fork
         return seq
@@ -940,7 +964,10 @@ class Storage:
         growths = 0
         while True:
             try:
+                started = time.perf_counter()
                 with env.begin_write() as txn:
+                    if time.perf_counter() - started > _CONTENDED_WAIT:
+                        self._note_contention()  # another process held the write lock
                     tail, caught_up = self._apply_pending(txn, self._meta.tail(txn))
                     if not caught_up:
                         continue  # commit this chunk of replay, then go on
@@ -969,6 +996,181 @@ class Storage:
                 growths += 1
                 env.grow(growths)
 
+    # --- group commit ---------------------------------------------------------------------------
+    #
+    # Under contention (another thread or process was found holding the write lock, or records
+    # of other writers were waiting) durable writes take three steps instead of one, so that
+    # one fdatasync serves many of them (see wal/shared_sync.py): append under the write lock
+    # without syncing; sync outside it, unless another writer's sync covered the record; apply
+    # every synced record, whoever wrote it. Nothing is visible before it is durable, and
+    # conditions are judged at append time against the state every earlier record leads to,
+    # which is what applying them in order reaches again.
+
+    def _grouping(self) -> bool:
+        return (
+            self.config.fsync_policy.mode == "every_write" and time.monotonic() < self._group_until
+        )
+
+    def _note_contention(self) -> None:
+        if self.config.fsync_policy.mode == "every_write":
+            self._group_until = time.monotonic() + _GROUP_WINDOW
+
+    def _commit_grouped(
+        self,
+        env: lmdb_env.LmdbEnvironment,
+        changes: list[list[Any]],
+        payload: bytes,
+        idempotency_key: str | None,
+    ) -> int:
+        with env.write_mutex:
+            self._wal.check_usable()
+            seq = self._append_locked(env, changes, payload, idempotency_key)
+        synced = self._sync_through(seq)
+        with env.write_mutex:
+            self._apply_through(env, seq, synced)
+            self._dirty = True
+        return seq
+
+    def _append_locked(
+        self,
+        env: lmdb_env.LmdbEnvironment,
+        changes: list[list[Any]],
+        payload: bytes,
+        idempotency_key: str | None,
+    ) -> int:
+        """Step 1: judge and append the record, advance the append tail; return its sequence
+        number (or, for a retry with a known idempotency key, the first write's)."""
+        written: int | None = None
+        growths = 0
+        while True:
+            try:
+                with env.begin_write() as txn:
+                    applied = self._meta.tail(txn)
+                    appended = self._past_crashed_appends(self._meta.append_tail(txn, applied))
+                    if written is None:
+                        if appended != applied:
+                            self._note_contention()
+                        timestamp_ms = time.time_ns() // 1_000_000
+                        first = self._judge(
+                            txn, env, applied, appended, changes, idempotency_key, timestamp_ms
+                        )
+                        if first is not None:
+                            return first  # steps 2 and 3 make the first write durable, visible
+                        appended = self._wal.append(appended, timestamp_ms, payload)
+                        written = appended.applied_seq
+                    self._meta.write_append_tail(txn, appended)
+                return written
+            except lmdb.MapFullError:
+                # Aborted: our record, if appended, is found past the append tail next time.
+                growths += 1
+                env.grow(growths)
+
+    def _past_crashed_appends(self, tail: WalTail) -> WalTail:
+        """The append tail moved past complete records a writer appended before it crashed."""
+        while (step := self._wal.next_record(tail)) is not None:
+            record, tail = step
+            if record is not None:
+                self._wal.mark_unsynced(tail.segment)
+        return tail
+
+    def _judge(
+        self,
+        txn: Any,
+        env: lmdb_env.LmdbEnvironment,
+        applied: WalTail,
+        appended: WalTail,
+        changes: list[list[Any]],
+        idempotency_key: str | None,
+        timestamp_ms: int,
+    ) -> int | None:
+        """Judge *changes* against the state after every record before them: the first
+        write's sequence number for a known idempotency key; raises when a condition fails."""
+        must_check = any(c[0] == CHANGE_DELETE or is_conditional(c) for c in changes)
+        if idempotency_key is None and not must_check:
+            return None
+        # Records appended but not applied yet are applied in a nested transaction thrown away
+        # afterwards: what they change is not durable yet.
+        view = txn if appended == applied else env.env.begin(write=True, parent=txn)
+        try:
+            if view is not txn:
+                self._apply_records(view, applied, appended.applied_seq)
+            if idempotency_key is not None:
+                first = remembered_write(
+                    view, env.dbs[DB_IDEMPOTENCY], idempotency_key, timestamp_ms
+                )
+                if first is not None:
+                    return first
+            if must_check:
+                _raise_failure(view, env.dbs, appended.next_seq, changes)
+            return None
+        finally:
+            if view is not txn:
+                view.abort()
+
+    def _sync_through(self, seq: int) -> int:
+        """Step 2: make the records up to *seq* durable, sharing the sync; return the sequence
+        number known durable."""
+        shared = self._shared_sync
+        if shared is None or shared.pid != os.getpid():
+            shared = self._shared_sync = SharedSync(
+                self.config.path / INDEXES_DIR / SYNC_LOCK_NAME,
+                self.config.path / WAL_DIR,
+                self._boot_id,
+                self.config.file_mode,
+            )
+        try:
+            synced, covered = shared.sync_through(seq, self._append_tail_now)
+        except OSError as exc:
+            raise self._wal.failed(exc, str(self.config.path / WAL_DIR)) from exc
+        if covered:
+            self._note_contention()
+        return synced
+
+    def _append_tail_now(self) -> WalTail:
+        return self._read_with_retry(lambda txn: self._meta.append_tail(txn, self._meta.tail(txn)))
+
+    def _apply_through(self, env: lmdb_env.LmdbEnvironment, seq: int, synced: int) -> None:
+        """Step 3: apply every synced record not applied yet, unless another writer applied
+        record *seq* already."""
+        growths = 0
+        while True:
+            try:
+                with env.begin_write() as txn:
+                    applied = self._meta.tail(txn)
+                    if applied.applied_seq >= seq:
+                        return
+                    tail, changed = self._apply_records(txn, applied, synced)
+                    self._meta.write_tail(txn, tail)
+                    self._count_changes(txn, changed)
+                return
+            except lmdb.MapFullError:
+                growths += 1
+                env.grow(growths)
+
+    def _apply_records(
+        self, txn: Any, tail: WalTail, until_seq: int
+    ) -> tuple[WalTail, list[list[Any]]]:
+        """Apply the records after *tail* up to *until_seq*, all of which exist."""
+        changed: list[list[Any]] = []
+        while tail.applied_seq < until_seq:
+            step = self._wal.next_record(tail)
+            if step is None:
+                raise WalGapError(
+                    f"the WAL ends at sequence {tail.applied_seq}, before {until_seq}",
+                    path=str(self.config.path / WAL_DIR),
+                )
+            record, tail = step
+            if record is not None:
+                changed.extend(self._apply_record(txn, record, tail))
+        return tail, changed
+
+    def _apply_record(self, txn: Any, record: WalRecord, tail: WalTail) -> list[list[Any]]:
+        changes = decode_changes(
+            record.payload, f"WAL record {record.seq} in segment {tail.segment}"
+        )
+        apply_changes(txn, self._env.dbs, record.seq, record.timestamp_ms, changes)
+        return changes
+
     def _apply_pending(
         self, txn: Any, tail: WalTail, strict: bool = False, limit: int = REPLAY_CHUNK
     ) -> tuple[WalTail, bool]:
@@ -981,11 +1183,8 @@ class Storage:
                 break
             record, tail = step
             if record is not None:
-                where = f"WAL record {record.seq} in segment {tail.segment}"
-                changes = decode_changes(record.payload, where)
-                apply_changes(txn, self._env.dbs, record.seq, record.timestamp_ms, changes)
+                changed.extend(self._apply_record(txn, record, tail))
                 self._wal.mark_unsynced(tail.segment)
-                changed.extend(changes)
                 applied += 1
         if tail != start:
             self._wal.sync()  # what becomes visible must be durable first

@@ -90,3 +90,33 @@ def test_purge_reclaims_expired_keys_only(data_dir: Path) -> None:
         assert purged == 3
         first = storage.put_instance(order("o0", "again"), idempotency_key="k0")
         assert first == 1  # the long-lived key is still remembered
+
+
+def test_a_transition_whose_key_is_found_only_inside_the_write_returns_what_is_stored(
+    storage: Storage, monkeypatch
+) -> None:
+    storage.put_instance(order("o"))
+    first = storage.transition("o", "pending", "paid", event_id="a", idempotency_key="step-1")
+    storage.put_instance(order("o", "shipped"))
+    # As if the retry checked its key just before the first write landed (a race between two
+    # workers): the write itself finds the key and writes nothing.
+    monkeypatch.setattr(storage, "_remembered", lambda key: None)
+    monkeypatch.setattr(storage, "get_instance", _moved_back_to_pending(storage))
+    again = storage.transition("o", "pending", "paid", event_id="b", idempotency_key="step-1")
+    assert again.state == "shipped" and again.last_event_id != "b"
+    assert storage.applied_seq == first.last_wal_offset + 1  # nothing more was written
+
+
+def _moved_back_to_pending(storage: Storage):
+    """get_instance that shows the retry its stale read once ("pending"), then the truth."""
+    real = storage.get_instance
+    calls = []
+
+    def get(instance_id: str):
+        calls.append(instance_id)
+        inst = real(instance_id)
+        if len(calls) == 1:
+            inst.state = "pending"
+        return inst
+
+    return get

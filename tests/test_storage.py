@@ -41,6 +41,14 @@ def test_get_of_absent_id_is_none(storage: Storage) -> None:
     assert storage.get_instance("nobody") is None
 
 
+@pytest.mark.parametrize("bad_id", ["", "a\x00b", "ü" * 200, "x" * 256])
+def test_get_refuses_an_id_that_no_put_accepts(storage: Storage, bad_id: str) -> None:
+    with pytest.raises(InvalidInputError):
+        storage.put_instance(order(bad_id))
+    with pytest.raises(InvalidInputError):
+        storage.get_instance(bad_id)
+
+
 def test_sequence_numbers_are_gap_free_and_increasing(storage: Storage) -> None:
     seqs = [storage.put_instance(order(f"o{i}")) for i in range(50)]
     assert seqs == list(range(1, 51))

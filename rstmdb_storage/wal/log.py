@@ -186,12 +186,17 @@ class Wal:
         try:
             segment.sync()
         except OSError as exc:
-            # Never retry: the kernel may already have dropped the pages it failed to write.
-            self._failed = exc
-            raise StorageFailedError(
-                f"fdatasync of {segment.path} failed ({exc.strerror}); writes are refused "
-                f"until the store is reopened"
-            ) from exc
+            raise self.failed(exc, str(segment.path)) from exc
+
+    def failed(self, exc: OSError, path: str) -> StorageFailedError:
+        """Record that a sync of *path* failed (every later write is refused) and return the
+        error to raise. Never retry: the kernel may already have dropped the pages it failed
+        to write."""
+        self._failed = exc
+        return StorageFailedError(
+            f"fdatasync of {path} failed ({exc.strerror}); writes are refused until the store "
+            f"is reopened"
+        )
 
     def mark_unsynced(self, first_seq: int) -> None:
         """Count records found in segment *first_seq* as unsynced: they were read past the

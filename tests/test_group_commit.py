@@ -1,0 +1,126 @@
+"""Group commit: concurrent durable writers share fdatasyncs, nothing is visible before it is
+durable, and conditions are judged against every record appended before theirs."""
+
+from __future__ import annotations
+
+import errno
+import os
+import threading
+
+import cbor2
+import pytest
+from helpers import order
+
+from rstmdb_storage import (
+    ConflictError,
+    InstanceNotFoundError,
+    Storage,
+    StorageConfig,
+    StorageFailedError,
+)
+from rstmdb_storage.wal import shared_sync
+
+
+@pytest.fixture
+def grouped(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> Storage:
+    """The store with group commit on for every write, as under contention."""
+    monkeypatch.setattr(storage, "_grouping", lambda: True)
+    return storage
+
+
+def append_only(storage: Storage, instance, **condition) -> int:
+    """Step 1 of a grouped write and no more: a writer paused between appending and syncing."""
+    change, _ = storage._put_change(instance, condition.get("state"), condition.get("seq"))
+    payload = cbor2.dumps([change])
+    env = storage._env
+    with env.write_mutex:
+        return storage._append_locked(env, [change], payload, None)
+
+
+def test_grouped_writes_read_back_like_any_other(grouped: Storage) -> None:
+    seqs = [grouped.put_instance(order(f"o{i}")) for i in range(5)]
+    assert seqs == [1, 2, 3, 4, 5]
+    moved = grouped.transition("o1", "pending", "paid")
+    assert moved.state == "paid" and moved.last_wal_offset == 6
+    with pytest.raises(ConflictError):
+        grouped.transition("o1", "pending", "paid")
+    assert grouped.put_instance(order("o9"), idempotency_key="k") == 7
+    assert grouped.put_instance(order("o9", state="other"), idempotency_key="k") == 7
+    assert grouped.get_instance("o9").state == "pending"
+    with pytest.raises(InstanceNotFoundError):
+        grouped.delete_instance("absent")
+    assert grouped.applied_seq == 7 and grouped.verify() == []
+
+
+def test_an_appended_record_is_invisible_until_a_sync_covers_it(grouped: Storage) -> None:
+    grouped.put_instance(order("o"))
+    seq = append_only(grouped, order("o", state="paid"))
+    assert grouped.get_instance("o").state == "pending"  # appended, not durable: not visible
+    assert grouped.applied_seq == 1
+    grouped.put_instance(order("other"))  # its sync covers the record before it, too
+    assert grouped.get_instance("o").state == "paid"
+    assert grouped.get_instance("o").last_wal_offset == seq == 2
+
+
+def test_conditions_are_judged_against_records_appended_before(grouped: Storage) -> None:
+    grouped.put_instance(order("o"))
+    append_only(grouped, order("o", state="paid"), state="pending")  # pending, unapplied
+    with pytest.raises(ConflictError):
+        grouped.put_instance(order("o", state="shipped"), expected_state="pending")
+    assert grouped.put_instance(order("o", state="shipped"), expected_state="paid") == 3
+    assert grouped.get_instance("o").state == "shipped"
+    assert [r.seq for r in grouped.read_wal()] == [1, 2, 3]  # the refused write wrote nothing
+
+
+def test_a_retry_of_a_pending_keyed_write_waits_for_it_to_be_durable(grouped: Storage) -> None:
+    change, _ = grouped._put_change(order("o"), None, None)
+    changes = [change, [4, "key", 60_000]]  # put + idempotency key, as _commit builds them
+    env = grouped._env
+    with env.write_mutex:
+        first = grouped._append_locked(env, changes, cbor2.dumps(changes), "key")
+    assert grouped.get_instance("o") is None
+    assert grouped.put_instance(order("o", state="x"), idempotency_key="key") == first
+    assert grouped.get_instance("o").state == "pending"  # the first write, now durable
+
+
+def test_threads_share_fsyncs(data_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+    syncs = []
+    real = os.fdatasync
+    monkeypatch.setattr(shared_sync.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    config = StorageConfig(data_dir=data_dir, snapshot_interval=0)
+    threads, per_thread = 8, 40
+    seqs: list[int] = []
+    with Storage.open(config) as storage:
+        storage._note_contention()  # start grouped; contention keeps it so
+
+        def writer(name: str) -> None:
+            for i in range(per_thread):
+                seqs.append(storage.put_instance(order(f"{name}-{i}")))
+
+        workers = [threading.Thread(target=writer, args=(f"t{n}",)) for n in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        assert sorted(seqs) == list(range(1, threads * per_thread + 1))
+        assert storage.count_instances() == threads * per_thread
+        assert storage.verify() == []
+    assert 0 < len(syncs) < threads * per_thread  # some fdatasyncs served several writes
+
+
+def test_a_failed_shared_sync_fails_the_store_and_shows_nothing(
+    grouped: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grouped.put_instance(order("o"))
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(shared_sync.os, "fdatasync", broken)
+    with pytest.raises(StorageFailedError, match="fdatasync"):
+        grouped.put_instance(order("o", state="paid"))
+    monkeypatch.undo()
+    monkeypatch.setattr(grouped, "_grouping", lambda: True)
+    assert grouped.get_instance("o").state == "pending"
+    with pytest.raises(StorageFailedError):  # fail-stop: no write until reopened
+        grouped.put_instance(order("p"))
