@@ -1,0 +1,363 @@
+"""The examples run as their users run them: as separate processes on a data directory.
+
+* ``examples/multiprocess_workers.py`` with 3 workers and 60 orders exits 0, and its summary
+  (the JSON line ``--json`` adds) says what the store confirms: every order ``delivered``, each
+  of the 4 steps of each order written once, one WAL record per step plus the seed batch, the
+  WAL hold released; the same with idempotency keys shared by all workers (``--key-scope step``);
+* ``examples/lookup_service.py`` on port 0, over a store this test fills: the first stdout line
+  is its URL; lookups by id (ids with ``/`` and non-ASCII text too, bytes and ``inf`` in a
+  context), paging by state, metadata and time with cursors (every match exactly once), counts,
+  writes made by this process after it started, 400 for bad parameters, 404 for unknown ids and
+  routes, 405 for other methods, and a clean exit on SIGTERM;
+* the service and the workers example at once on one directory: every answer given while the
+  workers run counts all the orders of the run or none (the seed is one batch), and at the end
+  the service sees what the workers wrote.
+
+Reading the service's first stdout line is the only synchronisation; nothing sleeps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from rstmdb_storage import Instance, Storage
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKERS = ROOT / "examples" / "multiprocess_workers.py"
+SERVICE = ROOT / "examples" / "lookup_service.py"
+PIPELINE = ["pending", "paid", "packed", "shipped", "delivered"]
+STARTUP_TIMEOUT_S = 30  # a bound on a hung service, not a delay: the URL line ends the wait
+# No proxy from the environment for requests to 127.0.0.1.
+HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def child_env() -> dict[str, str]:
+    path = os.environ.get("PYTHONPATH")
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), path])))
+
+
+def workers_command(data_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, str(WORKERS), "--data-dir", str(data_dir), "--json", *args]
+
+
+def run_workers(tmp_path: Path, data_dir: Path, *args: str) -> dict[str, Any]:
+    done = subprocess.run(
+        workers_command(data_dir, *args),
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return check_workers_output(done.returncode, done.stdout, done.stderr)
+
+
+def check_workers_output(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
+    assert returncode == 0, f"exit status {returncode}\n{stdout}\n{stderr}"
+    summary = json.loads(stdout.splitlines()[-1])
+    assert summary["ok"], summary["problems"]
+    assert f"OK: every order of run {summary['run']} entered each state exactly once" in stdout
+    assert f"conflicts (another worker won the race): {summary['conflicts']}" in stdout
+    return summary
+
+
+@contextmanager
+def lookup_service(tmp_path: Path, data_dir: Path) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Start the service on a free port; yield its URL (its first stdout line) and process."""
+    log = tmp_path / "service.log"
+    with log.open("w") as err:  # a file, not a pipe nobody reads, for the service's stderr
+        service = subprocess.Popen(
+            [sys.executable, str(SERVICE), "--data-dir", str(data_dir), "--port", "0"],
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
+        try:
+            assert service.stdout is not None
+            ready, _, _ = select.select([service.stdout], [], [], STARTUP_TIMEOUT_S)
+            line = service.stdout.readline() if ready else ""
+            assert line.startswith("http://127.0.0.1:"), (
+                f"no URL from the service (exit {service.poll()}): {line!r}\n{log.read_text()}"
+            )
+            yield line.strip(), service
+        finally:
+            service.terminate()
+            try:
+                service.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait()
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with HTTP.open(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            assert error.headers["Content-Type"] == "application/json"
+            return error.code, json.loads(error.read())
+
+
+def all_pages(url: str, limit: int, **params: Any) -> tuple[list[dict[str, Any]], list[int]]:
+    """Every item of a listing, following next_cursor; and the size of each page."""
+    items: list[dict[str, Any]] = []
+    sizes: list[int] = []
+    cursor = None
+    while True:
+        query = dict(params, limit=limit) | ({"cursor": cursor} if cursor else {})
+        status, body = get(f"{url}?{urlencode(query)}")
+        assert status == 200, body
+        assert body["count"] == len(body["items"]) <= limit
+        items += body["items"]
+        sizes.append(body["count"])
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return items, sizes
+
+
+# --- the workers example ------------------------------------------------------------------------
+
+
+def test_workers_move_every_order_to_delivered_exactly_once(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    summary = run_workers(tmp_path, data_dir, "--workers", "3", "--orders", "60")
+
+    assert summary["run_counts"] == {"delivered": 60}
+    assert summary["count_by_state"] == {"delivered": 60}
+    assert summary["exactly_once"] is True
+    assert summary["transitions_written"] == summary["transitions_expected"] == 60 * 4
+    assert summary["absorbed_by_key"] == 0
+    assert summary["conflicts"] >= 0
+    assert summary["deliberate_retries"] >= 3  # each worker repeats at least its first step
+    # A fresh store: the seed batch is record 1, then one record per step and nothing else
+    # (the seed's retry and the deliberate retries wrote nothing).
+    assert summary["first_seq"] == 1
+    assert summary["wal_records_run"] == summary["applied_seq"] == 1 + 240
+
+    with Storage.open(data_dir) as storage:
+        assert storage.applied_seq == 241
+        assert storage.count_by_state("order") == {"delivered": 60}
+        assert storage.wal_holds() == {}  # the example released its hold
+        orders = storage.list_by_metadata("run", summary["run"])
+        assert len(orders) == 60
+        for order in orders:
+            assert order.last_event_id.startswith(f"{order.id}->delivered@worker-")
+        assert storage.verify() == []
+
+
+def test_workers_with_keys_shared_by_all_workers(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    args = ("--workers", "2", "--orders", "30", "--key-scope", "step")
+    summary = run_workers(tmp_path, data_dir, *args)
+
+    assert summary["run_counts"] == {"delivered": 30}
+    assert summary["exactly_once"] is True
+    assert summary["transitions_written"] == 120
+    assert summary["wal_records_run"] == summary["applied_seq"] == 121
+    assert summary["absorbed_by_key"] >= 0
+
+
+# --- the lookup service -------------------------------------------------------------------------
+
+
+ODD_ID = "odd/id ü"  # a "/" and non-ASCII text: percent-encoded in the URL
+
+
+def fill(data_dir: Path) -> dict[str, int]:
+    """25 orders (13 pending, 12 paid) and one odd instance; return each id's WAL sequence."""
+    seqs: dict[str, int] = {}
+    with Storage.open(data_dir) as storage:
+        for n in range(1, 26):
+            seqs[f"order-{n:02d}"] = storage.put_instance(
+                Instance(
+                    id=f"order-{n:02d}",
+                    machine="order",
+                    version=1,
+                    state="pending" if n % 2 else "paid",
+                    ctx={"total": n * 1.5, "lines": [n, "x"]},
+                    metadata={"customer": "alice" if n % 3 else "bob", "priority": n % 3},
+                )
+            )
+        seqs[ODD_ID] = storage.put_instance(
+            Instance(
+                id=ODD_ID,
+                machine="parcel",
+                version=2,
+                state="lost",
+                ctx={"blob": b"\x00\x01", "ratio": float("inf")},
+            )
+        )
+    return seqs
+
+
+def test_lookup_service_answers_from_the_store(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    seqs = fill(data_dir)
+    pending = [f"order-{n:02d}" for n in range(1, 26) if n % 2]
+    alice = [f"order-{n:02d}" for n in range(1, 26) if n % 3]
+
+    with lookup_service(tmp_path, data_dir) as (url, service):
+        assert get(f"{url}/health") == (
+            200,
+            {"status": "ok", "instances": 26, "applied_seq": 26},
+        )
+
+        # by id
+        status, body = get(f"{url}/instances/order-03")
+        assert status == 200
+        assert body | {"created_at": 0, "updated_at": 0} == {
+            "id": "order-03",
+            "machine": "order",
+            "version": 1,
+            "state": "pending",
+            "ctx": {"total": 4.5, "lines": [3, "x"]},
+            "metadata": {"customer": "bob", "priority": 0},
+            "status": "active",
+            "last_event_id": None,
+            "last_wal_offset": seqs["order-03"],
+            "created_at": 0,
+            "updated_at": 0,
+        }
+        assert body["created_at"] == body["updated_at"] > 0
+        status, body = get(f"{url}/instances/{quote(ODD_ID, safe='')}")
+        assert status == 200
+        assert (body["id"], body["state"]) == (ODD_ID, "lost")
+        assert body["ctx"] == {"blob": {"$base64": "AAE="}, "ratio": "inf"}
+        status, body = get(f"{url}/instances/order-99")
+        assert status == 404
+        assert "order-99" in body["error"]
+
+        # by state: three pages of at most 5, every pending order exactly once, in id order
+        items, sizes = all_pages(f"{url}/by-state/order/pending", 5)
+        assert [item["id"] for item in items] == pending
+        assert sizes == [5, 5, 3]
+        assert all(item["state"] == "pending" for item in items)
+
+        # by metadata, exact (str and int labels) and range
+        items, _ = all_pages(f"{url}/by-metadata/customer/alice", 4)
+        assert sorted(item["id"] for item in items) == alice
+        status, body = get(f"{url}/by-metadata/priority/0?type=int")
+        assert status == 200
+        assert sorted(item["id"] for item in body["items"]) == [
+            f"order-{n:02d}" for n in range(3, 26, 3)
+        ]
+        assert body["next_cursor"] is None
+        items, _ = all_pages(f"{url}/by-metadata/priority", 3, start=1, type="int")
+        assert len(items) == 25 - 8
+        assert all(item["metadata"]["priority"] >= 1 for item in items)
+
+        # by time: everything, newest first, exactly once
+        items, _ = all_pages(f"{url}/by-time", 7, start_ms=0, newest_first="true")
+        assert sorted(item["id"] for item in items) == sorted(seqs)
+        times = [item["updated_at"] for item in items]
+        assert times == sorted(times, reverse=True)
+
+        assert get(f"{url}/counts/order") == (
+            200,
+            {"machine": "order", "counts": {"paid": 12, "pending": 13}, "total": 25},
+        )
+        assert get(f"{url}/counts/nothing")[1]["total"] == 0
+
+        # writes made by another process after the service opened the store
+        with Storage.open(data_dir) as storage:
+            moved = storage.transition("order-01", "pending", "paid", event_id="evt-1")
+        status, body = get(f"{url}/instances/order-01")
+        assert status == 200
+        assert (body["state"], body["last_event_id"]) == ("paid", "evt-1")
+        assert body["last_wal_offset"] == moved.last_wal_offset
+        assert get(f"{url}/counts/order")[1]["counts"] == {"paid": 13, "pending": 12}
+
+        # bad parameters: 400 with a message, whether the service or the store refuses them
+        _, page = get(f"{url}/by-state/order/pending?limit=2")
+        state_cursor = page["next_cursor"]
+        for bad in [
+            "/by-state/order/pending?limit=abc",
+            "/by-state/order/pending?limit=0",
+            "/by-state/order/pending?limit=-3",
+            "/by-state/order/pending?limit=1001",
+            "/by-state/order/pending?limit=2&limit=3",
+            "/by-state/order/pending?cursor=not-a-cursor",
+            f"/by-metadata/customer/alice?cursor={state_cursor}",  # another query's cursor
+            "/by-state/order/pending?colour=red",
+            "/by-metadata/priority/high?type=int",
+            "/by-metadata/priority/1?type=complex",
+            "/by-metadata/priority/nan?type=float",
+            "/by-metadata/priority",
+            "/by-time?start_ms=yesterday",
+            "/by-time?start_ms=-1",
+            "/by-time?newest_first=maybe",
+            "/instances/%FF",
+            "/instances/" + "x" * 300,
+        ]:
+            status, body = get(url + bad)
+            assert status == 400, (bad, body)
+            assert isinstance(body["error"], str) and body["error"], bad
+
+        for unknown in ["/", "/nothing", "/instances", "/instances/a/b", "/by-state/order"]:
+            status, body = get(url + unknown)
+            assert status == 404, (unknown, body)
+
+        request = urllib.request.Request(f"{url}/instances/order-01", method="DELETE")
+        try:
+            HTTP.open(request, timeout=10)
+            raise AssertionError("DELETE was accepted")
+        except urllib.error.HTTPError as error:
+            with error:
+                assert error.code == 405
+
+        service.terminate()
+        assert service.wait(timeout=10) == 0  # SIGTERM closes the store and exits cleanly
+
+
+def test_lookup_service_beside_the_workers(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    Storage.open(data_dir).close()  # an empty store: a service that only reads creates none
+    with lookup_service(tmp_path, data_dir) as (url, _service):
+        workers = subprocess.Popen(
+            workers_command(data_dir, "--workers", "2", "--orders", "20"),
+            cwd=tmp_path,
+            env=child_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            while workers.poll() is None:  # ask all the while the workers write
+                status, body = get(f"{url}/counts/order")
+                assert status == 200
+                assert body["total"] in (0, 20), body  # the seed is one batch: all or none
+                assert set(body["counts"]) <= set(PIPELINE), body
+            stdout, stderr = workers.communicate(timeout=60)
+        finally:
+            if workers.poll() is None:
+                workers.kill()
+                workers.communicate()
+        summary = check_workers_output(workers.returncode, stdout, stderr)
+
+        assert get(f"{url}/counts/order")[1] == {
+            "machine": "order",
+            "counts": {"delivered": 20},
+            "total": 20,
+        }
+        assert get(f"{url}/health")[1]["applied_seq"] == summary["applied_seq"] == 81
+        items, _ = all_pages(f"{url}/by-metadata/run/{summary['run']}", 8)
+        assert len({item["id"] for item in items}) == len(items) == 20
+        for item in items:
+            assert item["state"] == "delivered"
+            status, body = get(f"{url}/instances/{quote(item['id'])}")
+            assert status == 200
+            assert body == item
