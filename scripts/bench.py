@@ -26,11 +26,18 @@ recovery: ``create_snapshot()`` of a store of ``--snapshot-instances`` instances
 (1M) against ``cp`` of its LMDB file, the latency of durable puts in another
 process while snapshots run, and WAL replay on open (records per second, rebuilding
 a lost ``indexes/`` from ``--replay-records`` single-instance records).
+
+Many processes (SPEC.md guarantee 6): durable puts per second of 1, 2 and 4 writer
+processes on one data directory against as many SQLite processes on one file, and
+lookups per second of 1 and 2 reader processes while a writer process puts, each run
+``--mp-seconds`` long (lookups half of it) in worker processes that :class:`MpPool`
+spawns once and starts together. They use only the public API.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import importlib.metadata
 import mmap
@@ -88,6 +95,28 @@ REPLAY_TXN_RECORDS = 2_000
 WRITER_TIMEOUT = 300.0
 """Seconds the latency section waits for its writer process before giving up."""
 
+MP_WRITER_COUNTS = (1, 2, 4)
+"""Writer processes of the multi-process durable-put rows (SPEC's goal is on 4)."""
+
+MP_READER_COUNTS = (1, 2)
+"""Reader processes of the multi-process lookup rows (each with one writer process)."""
+
+MP_WRITERS_GOAL = 2.0
+"""SPEC.md's goal for 4 writer processes against SQLite with 4 processes."""
+
+MP_PUT_CAP_RATE = 8_000
+"""Instances each writer process builds per second of its run, before the run (puts beyond
+that many write the same ids again)."""
+
+MP_LOOKUP_IDS = 50_000
+"""Random existing ids each reader process draws once and then looks up in turn."""
+
+MP_START_DELAY = 0.05
+"""Seconds between releasing the worker processes and the common start of a timed run."""
+
+MP_BUSY_TIMEOUT_MS = 60_000
+"""SQLite busy timeout of the worker processes: a writer waits for the lock, never fails."""
+
 
 # --------------------------------------------------------------------------
 # Settings and the dataset
@@ -106,6 +135,8 @@ class Settings:
     list_matches: int
     snapshot_instances: int
     replay_records: int
+    mp_seconds: float
+    """Seconds of each multi-process durable-put run (lookup runs take half of it)."""
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -121,6 +152,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         list_matches=args.list_matches or (2_000 if quick else 10_000),
         snapshot_instances=args.snapshot_instances or (20_000 if quick else 1_000_000),
         replay_records=args.replay_records or (20_000 if quick else 200_000),
+        mp_seconds=args.mp_seconds or (0.5 if quick else 2.0),
     )
 
 
@@ -335,6 +367,20 @@ class Bench:
         rng = random.Random(20260101)
         n = settings.records
         self.lookup_ids = [instance_id("order", rng.randrange(n)) for _ in range(settings.lookups)]
+        self._mp_pool: MpPool | None = None
+        self.mp_put_rates: dict[int, tuple[float, float]] = {}
+        """(ours, SQLite) median puts/s of each writer-process count measured so far."""
+        self.mp_put_totals = {"ours": [0, 0], "sqlite": [0, 0]}
+        """Acknowledged puts and distinct ids written so far into each multi-process put store."""
+
+    def mp_pool(self) -> MpPool:
+        """The worker processes of the multi-process rows, spawned on first use (again after
+        a failure, which kills them)."""
+        if self._mp_pool is None or self._mp_pool.broken:
+            size = max(max(MP_WRITER_COUNTS), max(MP_READER_COUNTS) + 1)
+            self._mp_pool = MpPool(size)
+            self.on_close(self._mp_pool.close)
+        return self._mp_pool
 
     def path(self, name: str) -> Path:
         p = self.workdir / name
@@ -540,6 +586,11 @@ class Bench:
 
         ours_rate, ceiling_rate = paired_medians(ours, ceiling, self.settings.repeats)
         return {"ours": ours_rate, "ceiling": ceiling_rate}
+
+    @cached_property
+    def mp_lookups(self) -> dict[tuple[str, int, bool], tuple[float, float]]:
+        """:func:`measure_mp_lookups`, once for both reader-process rows."""
+        return measure_mp_lookups(self)
 
     @cached_property
     def by_state_stores(self) -> tuple[Any, sqlite3.Connection]:
@@ -893,6 +944,445 @@ def compare_replay_vs_ceiling(bench: Bench) -> tuple[float, float]:
     return medians["ours"], medians["ceiling"]
 
 
+# --------------------------------------------------------------------------
+# Many processes: durable writers, and readers while a writer runs
+# --------------------------------------------------------------------------
+
+
+def mp_open(kind: str, path: str) -> Any:
+    """What a worker process writes or reads with: our store with the default config (fsync
+    every write) and no automatic snapshots, or a SQLite connection as :func:`open_sqlite` that
+    waits up to :data:`MP_BUSY_TIMEOUT_MS` for the write lock."""
+    if kind == "ours":
+        from rstmdb_storage import Storage, StorageConfig
+
+        return Storage.open(StorageConfig(data_dir=path, snapshot_interval=0))
+    conn = open_sqlite(Path(path))
+    conn.execute(f"PRAGMA busy_timeout = {MP_BUSY_TIMEOUT_MS}")
+    return conn
+
+
+def mp_put_call(kind: str, handle: Any, prefix: str, cap: int) -> tuple[Callable[..., Any], list]:
+    """One durable single put and its ``cap`` prepared arguments (fresh ids ``prefix-i``):
+    ``put_instance`` of an Instance, or an autocommit INSERT OR REPLACE of the same fields'
+    CBOR record bytes."""
+    fields = [instance_fields(instance_id(prefix, i), i) for i in range(cap)]
+    if kind == "ours":
+        return handle.put_instance, [make_instance(f) for f in fields]
+    execute = handle.execute
+    sql = "INSERT OR REPLACE INTO instances (id, value) VALUES (?, ?)"
+    return (lambda row: execute(sql, row)), [
+        (f["id"], encode_record(f, i)) for i, f in enumerate(fields)
+    ]
+
+
+def mp_get_call(kind: str, handle: Any) -> Callable[[str], Any]:
+    """One lookup by id, decoded: ``get_instance``, or SELECT by primary key + cbor2.loads."""
+    if kind == "ours":
+        return handle.get_instance
+    execute, loads = handle.execute, cbor2.loads
+    sql = "SELECT value FROM instances WHERE id = ?"
+
+    def get(iid: str) -> Any:
+        row = execute(sql, (iid,)).fetchone()
+        return None if row is None else loads(row[0])
+
+    return get
+
+
+def mp_worker(index: int, conn: Any, go: Any, stop: Any, start: Any) -> None:
+    """A worker process of :class:`MpPool` (module level, so that 'spawn' can import it).
+
+    Serves commands from ``conn`` until ``None``:
+
+    - ``("puts", kind, path, prefix, cap, seconds)``: durable single puts of fresh ids for
+      ``seconds`` from the common start;
+    - ``("puts_until_stop", kind, path, prefix, cap)``: the same until ``stop`` is set;
+    - ``("gets", kind, path, records, seed, seconds)``: lookups of random ids among the
+      ``records`` instances ``order-00000000`` ... for ``seconds``.
+
+    ``kind`` is ``"ours"`` or ``"sqlite"`` (see :func:`mp_open`; each store is opened once and
+    kept open). Each command is prepared untimed (store opened, instances built), answered with
+    ``"ready"``; then the worker waits for ``go``, sleeps until ``start`` (a shared
+    ``time.monotonic()`` value, the same clock in every process) and runs, and answers
+    ``(operations, distinct ids written, end time)``. A failure answers ``("error",
+    traceback)`` and ends the process.
+    """
+    sys.stdout.reconfigure(line_buffering=True)
+    handles: dict[tuple[str, str], Any] = {}
+    lookup_ids: dict[tuple[int, int], list[str]] = {}
+    clock = time.monotonic
+    try:
+        while (command := conn.recv()) is not None:
+            op, kind, path, *args = command
+            if (kind, path) not in handles:
+                handles[(kind, path)] = mp_open(kind, path)
+            handle = handles[(kind, path)]
+            if op == "gets":
+                records, seed, seconds = args
+                if (records, seed) not in lookup_ids:
+                    rng = random.Random(seed)
+                    lookup_ids[(records, seed)] = [
+                        instance_id("order", rng.randrange(records)) for _ in range(MP_LOOKUP_IDS)
+                    ]
+                items, call = lookup_ids[(records, seed)], mp_get_call(kind, handle)
+            else:
+                prefix, cap, *rest = args
+                seconds = rest[0] if rest else None
+                call, items = mp_put_call(kind, handle, prefix, cap)
+            gc.collect()
+            conn.send("ready")
+            go.wait()
+            begin = start.value
+            if (delay := begin - clock()) > 0:
+                time.sleep(delay)
+            n, missing, size = 0, 0, len(items)
+            if op == "puts_until_stop":
+                while not stop.is_set():
+                    call(items[n % size])
+                    n += 1
+            else:
+                deadline = begin + seconds
+                while True:
+                    if call(items[n % size]) is None:
+                        missing += 1
+                    n += 1
+                    if clock() >= deadline:
+                        break
+            end = clock()
+            if op == "gets" and missing:
+                raise RuntimeError(f"{missing:,} of {n:,} lookups of existing ids found nothing")
+            conn.send((n, 0 if op == "gets" else min(n, size), end))
+    except BaseException:
+        with contextlib.suppress(Exception):
+            conn.send(("error", traceback.format_exc()))
+        sys.exit(1)
+    finally:
+        for handle in handles.values():
+            handle.close()
+
+
+class MpPool:
+    """Worker processes (:func:`mp_worker`, 'spawn' context) that run timed commands together:
+    :meth:`run` prepares every command, then releases them at one common start."""
+
+    def __init__(self, size: int) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.go, self.stop = ctx.Event(), ctx.Event()
+        self.start = ctx.Value("d", 0.0, lock=False)
+        self.conns: list[Any] = []
+        self.processes: list[Any] = []
+        self.runs = 0
+        self.broken = False
+        for index in range(size):
+            parent, child = ctx.Pipe()
+            process = ctx.Process(
+                target=mp_worker,
+                args=(index, child, self.go, self.stop, self.start),
+                name=f"bench-worker-{index}",
+            )
+            process.start()
+            child.close()
+            self.conns.append(parent)
+            self.processes.append(process)
+
+    def receive(self, index: int) -> Any:
+        conn = self.conns[index]
+        if not conn.poll(WRITER_TIMEOUT):
+            raise RuntimeError(f"worker process {index}: no answer in {WRITER_TIMEOUT:.0f} s")
+        try:
+            answer = conn.recv()
+        except EOFError:
+            self.processes[index].join(5)
+            raise RuntimeError(
+                f"worker process {index} ended (exit code {self.processes[index].exitcode})"
+            ) from None
+        if isinstance(answer, tuple) and answer[0] == "error":
+            raise RuntimeError(f"worker process {index} failed:\n{answer[1]}")
+        return answer
+
+    def run(self, commands: list[tuple[Any, ...]]) -> tuple[float, list[tuple[int, int, float]]]:
+        """Give ``commands[i]`` to worker ``i``, start them together once all are ready, and set
+        ``stop`` when every timed command has answered (``puts_until_stop`` ones run until then).
+        Returns the common start time and each worker's answer."""
+        if len(commands) > len(self.conns):
+            raise ValueError(f"{len(commands)} commands for {len(self.conns)} workers")
+        self.runs += 1
+        try:
+            self.stop.clear()
+            for conn, command in zip(self.conns, commands, strict=False):
+                conn.send(command)
+            for index in range(len(commands)):
+                if self.receive(index) != "ready":
+                    raise RuntimeError(f"worker process {index} did not get ready")
+            start = time.monotonic() + MP_START_DELAY
+            self.start.value = start
+            self.go.set()
+            answers: dict[int, tuple[int, int, float]] = {}
+            background = [i for i, c in enumerate(commands) if c[0] == "puts_until_stop"]
+            for index in range(len(commands)):
+                if index not in background:
+                    answers[index] = self.receive(index)
+            self.stop.set()
+            for index in background:
+                answers[index] = self.receive(index)
+            self.go.clear()
+            return start, [answers[i] for i in range(len(commands))]
+        except BaseException:
+            self.broken = True
+            self.kill()
+            raise
+
+    def kill(self) -> None:
+        for process in self.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+    def close(self) -> None:
+        """End the workers (they close their stores); raise if one did not end cleanly."""
+        if self.broken:
+            return
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(None)
+        for process in self.processes:
+            process.join(60)
+        codes = [process.exitcode for process in self.processes]
+        self.kill()
+        if any(code != 0 for code in codes):
+            raise RuntimeError(f"worker processes ended with exit codes {codes}")
+
+
+def mp_put_stores(bench: Bench) -> dict[str, str]:
+    """The data directory and the SQLite file that all writer-process counts write into,
+    created here (empty) so that the workers only open them."""
+    from rstmdb_storage import Storage, StorageConfig
+
+    ours = bench.path("ours-mp-put")
+    sqlite_file = bench.path("sqlite-mp-put") / "bench.sqlite"
+    if not sqlite_file.exists():
+        Storage.open(StorageConfig(data_dir=str(ours), snapshot_interval=0)).close()
+        open_sqlite(sqlite_file).close()
+    return {"ours": str(ours), "sqlite": str(sqlite_file)}
+
+
+def check_mp_put_stores(bench: Bench, paths: dict[str, str]) -> None:
+    """Both stores hold every distinct id the workers wrote, and our store's last sequence
+    number is the number of acknowledged puts (one per put, none lost or doubled)."""
+    from rstmdb_storage import Storage, StorageConfig
+
+    acked, distinct = bench.mp_put_totals["ours"]
+    with Storage.open(StorageConfig(data_dir=paths["ours"], snapshot_interval=0)) as storage:
+        count, applied = storage.count_instances(), storage.applied_seq
+    if count != distinct or applied != acked:
+        raise RuntimeError(
+            f"writer processes: our store holds {count:,} instances at sequence {applied:,} "
+            f"after {acked:,} acknowledged puts of {distinct:,} ids"
+        )
+    acked, distinct = bench.mp_put_totals["sqlite"]
+    with sqlite3.connect(paths["sqlite"]) as conn:
+        (count,) = conn.execute("SELECT count(*) FROM instances").fetchone()
+    conn.close()
+    if count != distinct:
+        raise RuntimeError(f"writer processes: SQLite holds {count:,} rows of {distinct:,} ids")
+
+
+def compare_mp_puts(bench: Bench, processes: int) -> tuple[float, float]:
+    """Durable single puts from ``processes`` processes at once into one data directory (default
+    config), against as many processes doing autocommit INSERT OR REPLACE into one SQLite file
+    (WAL, ``synchronous=FULL``, busy timeout). Each run: every process prepares fresh ids, all
+    start together and put for ``mp_seconds``; the rate is all acknowledged puts over the wall
+    time from the start to the last process's last acknowledgement."""
+    pool, paths = bench.mp_pool(), mp_put_stores(bench)
+    seconds = bench.settings.mp_seconds
+    cap = max(1_000, int(MP_PUT_CAP_RATE * seconds))
+
+    def side(kind: str) -> Callable[[], float]:
+        def one_run() -> float:
+            run = pool.runs
+            commands = [
+                ("puts", kind, paths[kind], f"mp{run}w{i}", cap, seconds) for i in range(processes)
+            ]
+            start, answers = pool.run(commands)
+            totals = bench.mp_put_totals[kind]
+            totals[0] += sum(n for n, _, _ in answers)
+            totals[1] += sum(d for _, d, _ in answers)
+            return sum(n for n, _, _ in answers) / (max(end for _, _, end in answers) - start)
+
+        return one_run
+
+    ours, other = paired_medians(side("ours"), side("sqlite"), bench.settings.repeats)
+    check_mp_put_stores(bench, paths)
+    bench.mp_put_rates[processes] = (ours, other)
+    return ours, other
+
+
+def compare_mp_puts_1(bench: Bench) -> tuple[float, float]:
+    """:func:`compare_mp_puts` with 1 process (the baseline of the scaling note)."""
+    return compare_mp_puts(bench, 1)
+
+
+def compare_mp_puts_2(bench: Bench) -> tuple[float, float]:
+    """:func:`compare_mp_puts` with 2 processes."""
+    return compare_mp_puts(bench, 2)
+
+
+def compare_mp_puts_4(bench: Bench) -> tuple[float, float]:
+    """:func:`compare_mp_puts` with 4 processes (SPEC: at least 2x SQLite)."""
+    return compare_mp_puts(bench, 4)
+
+
+def mp_lookup_stores(bench: Bench) -> dict[str, str]:
+    """Our store (built fast, then synced) and a SQLite file, each holding the ``records``
+    instances of :meth:`Bench.dataset`."""
+    ours = bench.path("ours-mp-get")
+    storage = open_ours_fast(ours)
+    try:
+        for part in chunks(list(bench.dataset()), BATCH_SIZE):
+            with storage.batch() as b:
+                for _, fields in part:
+                    b.put_instance(make_instance(fields))
+        if storage.count_instances() != bench.settings.records:
+            raise RuntimeError(f"lookup store holds {storage.count_instances()} instances")
+    finally:
+        storage.close()
+    sqlite_file = bench.path("sqlite-mp-get") / "bench.sqlite"
+    conn = open_sqlite(sqlite_file)
+    try:
+        conn.execute("BEGIN")
+        conn.executemany(
+            "INSERT INTO instances (id, value) VALUES (?, ?)",
+            ((f["id"], encode_record(f, i + 1)) for i, f in bench.dataset()),
+        )
+        conn.execute("COMMIT")
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+    sync_tree(ours)
+    sync_tree(sqlite_file.parent)
+    return {"ours": str(ours), "sqlite": str(sqlite_file)}
+
+
+def measure_mp_lookups(bench: Bench) -> dict[tuple[str, int, bool], tuple[float, float]]:
+    """Lookups per second of 1 and 2 reader processes, each with and without one writer
+    process making durable puts of fresh ids into the same store meanwhile, and the writer
+    alone, ours and SQLite, all in rotation. Returns, for (kind, readers, with writer), the
+    median lookups/s of all readers together and the median puts/s of the writer (0 without
+    one); for (kind, 0, True), the writer alone: its puts/s twice."""
+    pool, paths = bench.mp_pool(), mp_lookup_stores(bench)
+    seconds = bench.settings.mp_seconds / 2
+    records = bench.settings.records
+    cap = max(1_000, int(MP_PUT_CAP_RATE * seconds))
+    configs = [
+        (kind, readers, writer)
+        for kind in ("ours", "sqlite")
+        for readers in (0, *MP_READER_COUNTS)
+        for writer in (True, False)
+        if readers or writer
+    ]
+    writer_rates: dict[tuple[str, int, bool], list[float]] = {c: [] for c in configs}
+
+    def config_run(config: tuple[str, int, bool]) -> Callable[[], float]:
+        kind, readers, writer = config
+
+        def one_run() -> float:
+            run = pool.runs
+            commands: list[tuple[Any, ...]] = [
+                ("gets", kind, paths[kind], records, 1_000 + i, seconds) for i in range(readers)
+            ]
+            if not readers:
+                commands.append(("puts", kind, paths[kind], f"mpr{run}", cap, seconds))
+            elif writer:
+                commands.append(("puts_until_stop", kind, paths[kind], f"mpr{run}", cap))
+            start, answers = pool.run(commands)
+            if writer:
+                n, _, end = answers[-1]
+                writer_rates[config].append(n / (end - start))
+            reads = answers[:readers] or answers
+            return sum(n for n, _, _ in reads) / (max(end for _, _, end in reads) - start)
+
+        return one_run
+
+    medians = rotated_medians([config_run(c) for c in configs], bench.settings.repeats)
+    return {
+        c: (m, statistics.median(writer_rates[c]) if writer_rates[c] else 0.0)
+        for c, m in zip(configs, medians, strict=True)
+    }
+
+
+def compare_mp_lookups(bench: Bench, readers: int) -> tuple[float, float]:
+    """``get_instance`` of random existing ids by ``readers`` processes for ``mp_seconds / 2``
+    while one writer process makes durable puts into the same store, against SQLite readers
+    (SELECT by pk + cbor2.loads) while one SQLite writer inserts; lookups/s of all readers."""
+    lookups = bench.mp_lookups
+    return lookups[("ours", readers, True)][0], lookups[("sqlite", readers, True)][0]
+
+
+def compare_mp_lookups_1(bench: Bench) -> tuple[float, float]:
+    """:func:`compare_mp_lookups` with 1 reader process."""
+    return compare_mp_lookups(bench, 1)
+
+
+def compare_mp_lookups_2(bench: Bench) -> tuple[float, float]:
+    """:func:`compare_mp_lookups` with 2 reader processes."""
+    return compare_mp_lookups(bench, 2)
+
+
+def usable_cores() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def mp_notes(bench: Bench, comparisons: list[Comparison]) -> list[str]:
+    """The lines printed under the table about the multi-process rows that ran."""
+    lines = []
+    cores = usable_cores()
+    rates = bench.mp_put_rates
+    if rates:
+        seconds = bench.settings.mp_seconds
+        lines.append(
+            f"writer-process rows: durable single puts/s of all processes together, each "
+            f"putting its own fresh ids for {seconds:g} s from a common start (default config "
+            f"of ours, fsync every write)"
+        )
+        if 1 in rates and len(rates) > 1:
+            more = [n for n in sorted(rates) if n > 1]
+            ours = ", ".join(f"{n}: {rates[n][0] / rates[1][0]:.2f}x" for n in more)
+            other = ", ".join(f"{n}: {rates[n][1] / rates[1][1]:.2f}x" for n in more)
+            lines.append(f"  scaling, rate with N processes / with 1: ours {ours}; SQLite {other}")
+        if max(rates) > cores:
+            lines.append(f"  {max(rates)} processes on {cores} usable cores oversubscribe the CPU")
+    lookups = bench.__dict__.get("mp_lookups")
+    if lookups is not None and any(c.run in MP_LOOKUP_RUNS for c in comparisons):
+        lines.append(
+            f"reader-process rows: get_instance (SQLite: SELECT by pk + cbor2) of random ids "
+            f"among {bench.settings.records:,} instances, lookups/s of all readers together, "
+            f"for {bench.settings.mp_seconds / 2:g} s while one writer process makes durable "
+            f"puts of fresh ids into the same store"
+        )
+        for kind, name in (("ours", "ours"), ("sqlite", "SQLite")):
+            parts = []
+            for readers in MP_READER_COUNTS:
+                busy, writer_rate = lookups[(kind, readers, True)]
+                idle, _ = lookups[(kind, readers, False)]
+                parts.append(
+                    f"{readers} reader{'s' if readers > 1 else ''} {busy:,.0f}/s with the writer "
+                    f"({writer_rate:,.0f} puts/s), {idle:,.0f}/s with none ({busy / idle:.2f}x)"
+                )
+            alone = lookups[(kind, 0, True)][1]
+            lines.append(
+                f"  {name}: " + "; ".join(parts) + f"; the writer alone {alone:,.0f} puts/s"
+            )
+        if max(MP_READER_COUNTS) + 1 > cores:
+            lines.append(
+                f"  {max(MP_READER_COUNTS)} readers + 1 writer on {cores} usable cores "
+                f"oversubscribe the CPU"
+            )
+    return lines
+
+
 @dataclass(frozen=True)
 class Comparison:
     what: str
@@ -923,7 +1413,33 @@ COMPARISONS: list[Comparison] = [
         None,
         compare_replay_vs_ceiling,
     ),
+    Comparison(
+        "durable puts, 1 writer process", "SQLite FULL/WAL, 1 process", None, compare_mp_puts_1
+    ),
+    Comparison(
+        "durable puts, 2 writer processes", "SQLite FULL/WAL, 2 processes", None, compare_mp_puts_2
+    ),
+    Comparison(
+        "durable puts, 4 writer processes",
+        "SQLite FULL/WAL, 4 processes",
+        MP_WRITERS_GOAL,
+        compare_mp_puts_4,
+    ),
+    Comparison(
+        "get_instance, 1 reader process + writer",
+        "SQLite, 1 reader + 1 writer process",
+        None,
+        compare_mp_lookups_1,
+    ),
+    Comparison(
+        "get_instance, 2 reader processes + writer",
+        "SQLite, 2 readers + 1 writer process",
+        None,
+        compare_mp_lookups_2,
+    ),
 ]
+
+MP_LOOKUP_RUNS = (compare_mp_lookups_1, compare_mp_lookups_2)
 
 
 # --------------------------------------------------------------------------
@@ -1199,7 +1715,7 @@ def machine_facts(workdir: Path, settings: Settings) -> list[tuple[str, str]]:
             f"batches={settings.batches}x{BATCH_SIZE} "
             f"list={settings.list_matches} of {settings.list_matches * len(LIST_STATES)} "
             f"snapshot-instances={settings.snapshot_instances} "
-            f"replay-records={settings.replay_records}",
+            f"replay-records={settings.replay_records} mp-seconds={settings.mp_seconds:g}",
         ),
     ]
 
@@ -1265,6 +1781,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--replay-records",
         type=int,
         help="single-instance WAL records replayed on open (default 200k, quick 20k)",
+    )
+    parser.add_argument(
+        "--mp-seconds",
+        type=float,
+        help="seconds of each multi-process durable-put run; lookup runs take half "
+        "(default 2, quick 0.5)",
     )
     parser.add_argument(
         "--tmp-dir",
@@ -1349,6 +1871,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if any(comp.goal is None for comp, _, _ in rows):
             print("rows without a goal are shown for information")
+        for line in mp_notes(bench, [comp for comp, _, _ in rows]):
+            print(line)
         for line in section_lines:
             print(line)
     finally:
