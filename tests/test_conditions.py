@@ -129,8 +129,8 @@ def test_replay_skips_a_record_whose_condition_fails(config: StorageConfig) -> N
         assert storage.verify() == []
 
 
-def _race(data_dir: str, worker: int, rounds: int, barrier) -> list[int]:
-    config = StorageConfig(data_dir=data_dir, fsync_policy=FsyncPolicy.never())
+def _race(data_dir: str, worker: int, rounds: int, barrier, policy: FsyncPolicy) -> list[int]:
+    config = StorageConfig(data_dir=data_dir, fsync_policy=policy)
     won = []
     with Storage.open(config) as storage:
         barrier.wait()
@@ -152,15 +152,22 @@ def _race(data_dir: str, worker: int, rounds: int, barrier) -> list[int]:
     return won
 
 
-def test_racing_transitions_from_two_processes_have_one_winner_each(data_dir: Path) -> None:
+@pytest.mark.parametrize(
+    "policy", [FsyncPolicy.never(), FsyncPolicy.every_write()], ids=["never", "group-commit"]
+)
+def test_racing_transitions_from_two_processes_have_one_winner_each(
+    data_dir: Path, policy: FsyncPolicy
+) -> None:
     rounds = 200
-    config = StorageConfig(data_dir=data_dir, fsync_policy=FsyncPolicy.never())
+    config = StorageConfig(data_dir=data_dir, fsync_policy=policy)
     with Storage.open(config) as storage:
         storage.put_instance(Instance(id="race", machine="m", version=1, state="s0"))
     context = multiprocessing.get_context("spawn")
     barrier = context.Manager().Barrier(2)
     with context.Pool(2) as pool:
-        results = pool.starmap(_race, [(str(data_dir), w, rounds, barrier) for w in range(2)])
+        results = pool.starmap(
+            _race, [(str(data_dir), w, rounds, barrier, policy) for w in range(2)]
+        )
     wins = sorted(results[0] + results[1])
     assert wins == list(range(rounds))  # every round won exactly once
     with Storage.open(config) as storage:
