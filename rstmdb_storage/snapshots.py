@@ -99,7 +99,8 @@ def publish(
     progress: Progress | None = None,
 ) -> SnapshotManifest:
     """Write a snapshot with *copy* (which writes the LMDB copy to a file descriptor), check
-    what it wrote, and publish both files atomically."""
+    what it wrote, and publish both files atomically. Call under :func:`snapshot_lock`."""
+    _remove_temporaries(directory)
     name = f"{manifest_fields['seq']:020d}"
     data_path = directory / (name + DATA_SUFFIX)
     tmp = temporary_name(data_path)
@@ -122,6 +123,14 @@ def publish(
     manifest = SnapshotManifest(size=size, crc32c=checksum, **manifest_fields)
     write_file_atomic(directory / (name + MANIFEST_SUFFIX), manifest.encode(), file_mode)
     return manifest
+
+
+def _remove_temporaries(directory: Path) -> None:
+    # Only the holder of the snapshot lock writes temporaries here, so any left are from a
+    # snapshot whose process died: they would never be renamed, only fill the disk.
+    for path in directory.glob("*.tmp-*"):
+        log.warning("removing %s, left by a snapshot that did not finish", path)
+        path.unlink(missing_ok=True)
 
 
 def read_manifest(directory: Path, seq: int) -> SnapshotManifest:

@@ -47,17 +47,33 @@ def parse_policy(text: str) -> FsyncPolicy:
 
 
 def open_store(
-    data_dir: str, segment_size: int, map_size: int = 1 << 30, policy: str = "every_write"
+    data_dir: str,
+    segment_size: int,
+    map_size: int = 1 << 30,
+    policy: str = "every_write",
+    maintenance: bool = False,
 ) -> Storage:
-    return Storage.open(
-        StorageConfig(
-            data_dir=data_dir,
-            wal_segment_size=segment_size,
-            fsync_policy=parse_policy(policy),
-            map_size=map_size,
-            snapshot_interval=0,  # the tests read the WAL from its first record
-            compaction_enabled=False,
-        )
+    """The store; with *maintenance*, automatic snapshots and compaction run often (without,
+    none: most tests read the WAL from its first record)."""
+    return Storage.open(maintenance_config(data_dir, segment_size, map_size, policy, maintenance))
+
+
+def maintenance_config(
+    data_dir: str,
+    segment_size: int,
+    map_size: int = 1 << 30,
+    policy: str = "every_write",
+    maintenance: bool = False,
+) -> StorageConfig:
+    return StorageConfig(
+        data_dir=data_dir,
+        wal_segment_size=segment_size,
+        fsync_policy=parse_policy(policy),
+        map_size=map_size,
+        snapshot_interval=40 if maintenance else 0,
+        compaction_enabled=maintenance,
+        max_wal_segments=3,
+        checkpoint_interval_ms=20 if maintenance else 1000,
     )
 
 
@@ -137,13 +153,17 @@ def crash_writer(
     prefix: str = "inst-",
     ids: str = "40",
     policy: str = "every_write",
+    maintenance: str = "off",
 ) -> None:
     """Write forever (until SIGKILL), announcing each write before and after. Ids are
-    ``<prefix><i>``; the instances of other prefixes are left alone."""
+    ``<prefix><i>``; the instances of other prefixes are left alone. With *maintenance*
+    "on", automatic snapshots and compaction run all along."""
     rng = random.Random(int(seed))
     out = sys.stdout
     emit(out, event="opening")
-    storage = open_store(data_dir, int(segment_size), policy=policy)
+    storage = open_store(
+        data_dir, int(segment_size), policy=policy, maintenance=maintenance == "on"
+    )
     present = {inst.id for inst in storage.iter_instances() if inst.id.startswith(prefix)}
     emit(out, event="ready", applied_seq=storage.applied_seq, count=len(present))
     n = 0
