@@ -156,6 +156,8 @@ class Storage:
         self._segments_left = 0
         #: group commit is used until then (see _note_contention)
         self._group_until = 0.0
+        #: the flusher holds the write lock (waiting for it then is not contention)
+        self._housekeeping = False
         self._shared_sync: SharedSync | None = None
         self._flusher = None if config.read_only else _Flusher(self)
 
@@ -938,6 +940,7 @@ class Storage:
         else:
             contended = not env.write_mutex.acquire(blocking=False)
             if contended:
+                contended = not self._housekeeping  # the flusher is not another writer
                 env.write_mutex.acquire()
             try:
                 self._wal.check_usable()
@@ -1285,12 +1288,16 @@ class Storage:
         if self._closed or env.stale:
             return
         with env.write_mutex:
-            if self._wal.has_unsynced and self._wal.sync_due():
-                self._wal.sync()
-            elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
-            if not (self._dirty and elapsed_ms >= self.config.checkpoint_interval_ms):
-                return
-            self._checkpoint_locked(env)
+            self._housekeeping = True
+            try:
+                if self._wal.has_unsynced and self._wal.sync_due():
+                    self._wal.sync()
+                elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
+                if not (self._dirty and elapsed_ms >= self.config.checkpoint_interval_ms):
+                    return
+                self._checkpoint_locked(env)
+            finally:
+                self._housekeeping = False
         env.sync()
 
     # --- automatic snapshots and compaction ---------------------------------------------------
