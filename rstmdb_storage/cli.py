@@ -72,6 +72,16 @@ def _open(data_dir: str) -> Storage:
         bars.close()
 
 
+def _with_progress(data_dir: str, work: Callable[[Storage, _ProgressBars], Any]) -> Any:
+    """Open the store and run *work* on it, showing its progress."""
+    bars = _ProgressBars()
+    try:
+        with _open(data_dir) as storage:
+            return work(storage, bars)
+    finally:
+        bars.close()
+
+
 def _print_json(value: Any) -> None:
     click.echo(json.dumps(value, indent=2, default=lambda v: v.hex()))
 
@@ -155,11 +165,7 @@ def snapshot(data_dir: str) -> None:
 
     Example: rstmdb-storage snapshot /var/lib/rstmdb
     """
-    bars = _ProgressBars()
-    with _open(data_dir) as storage:
-        manifest = storage.create_snapshot(progress=bars)
-    bars.close()
-    _print_json(asdict(manifest))
+    _print_json(asdict(_with_progress(data_dir, Storage.create_snapshot)))
 
 
 @main.command()
@@ -171,11 +177,7 @@ def compact(data_dir: str) -> None:
 
     Example: rstmdb-storage compact /var/lib/rstmdb
     """
-    bars = _ProgressBars()
-    with _open(data_dir) as storage:
-        result = storage.compact(progress=bars)
-    bars.close()
-    _print_json(asdict(result))
+    _print_json(asdict(_with_progress(data_dir, Storage.compact)))
 
 
 @main.command()

@@ -6,9 +6,10 @@ every file that replaces another goes through a temporary name, fsync, rename, d
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import StorageError, StorageFullError
@@ -36,43 +37,44 @@ def _dir_mode(file_mode: int) -> int:
     return file_mode | ((file_mode & 0o444) >> 2)
 
 
-def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace *path* with *data*: temporary name, fsync, rename, directory fsync."""
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: int) -> Iterator[int]:
+    """A descriptor to write *path* through: the block writes a temporary file, which is then
+    synced, renamed to *path* and its directory synced; if the block raises, the temporary
+    file is deleted and *path* is untouched."""
     tmp = temporary_name(path)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        write_all(fd, data, 0, str(tmp))
+        yield fd
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Replace *path* with *data*: temporary name, fsync, rename, directory fsync."""
+    with atomic_file(path, mode) as fd:
+        write_all(fd, data, 0, str(path))
 
 
 def copy_file_atomic(
     source: Path, target: Path, mode: int, progress: Callable[[int, int], None] | None = None
 ) -> int:
-    """Copy *source* to *target* through a temporary name, fsync, rename and directory fsync;
-    return the bytes copied. *progress* is called with (bytes done, bytes in all)."""
-    tmp = temporary_name(target)
-    with open(source, "rb") as src:
+    """Copy *source* to *target* through :func:`atomic_file`; return the bytes copied.
+    *progress* is called with (bytes done, bytes in all)."""
+    done = 0
+    with open(source, "rb") as src, atomic_file(target, mode) as fd:
         size = os.fstat(src.fileno()).st_size
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-        try:
-            done = 0
-            while chunk := src.read(_COPY_CHUNK):
-                write_all(fd, chunk, done, str(tmp))
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, size)
-            os.fsync(fd)
-        except BaseException:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-            raise
-    os.close(fd)
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
+        while chunk := src.read(_COPY_CHUNK):
+            write_all(fd, chunk, done, str(target))
+            done += len(chunk)
+            if progress is not None:
+                progress(done, size)
     return done
 
 

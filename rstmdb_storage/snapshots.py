@@ -38,7 +38,7 @@ from crc32c import crc32c
 
 from .codec import cbor_dumps, cbor_loads, seal, unseal
 from .errors import CorruptionError, DecodeError
-from .fsutil import fsync_dir, os_error, temporary_name, write_file_atomic
+from .fsutil import atomic_file, fsync_dir, os_error, write_file_atomic
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -103,23 +103,13 @@ def publish(
     _remove_temporaries(directory)
     name = f"{manifest_fields['seq']:020d}"
     data_path = directory / (name + DATA_SUFFIX)
-    tmp = temporary_name(data_path)
-    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, file_mode)
     try:
-        try:
+        with atomic_file(data_path, file_mode) as fd:
             copy(fd)
-            os.fsync(fd)
-        except OSError as exc:
-            raise os_error(exc, f"writing snapshot {tmp}") from exc
-        size = os.fstat(fd).st_size
-        checksum = _crc_of(fd, size, progress)  # what reached the disk, not what was meant
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, data_path)
-    fsync_dir(directory)
+            size = os.fstat(fd).st_size
+            checksum = _crc_of(fd, size, progress)  # of what is in the file, read back
+    except OSError as exc:
+        raise os_error(exc, f"writing snapshot {data_path}") from exc
     manifest = SnapshotManifest(size=size, crc32c=checksum, **manifest_fields)
     write_file_atomic(directory / (name + MANIFEST_SUFFIX), manifest.encode(), file_mode)
     return manifest
