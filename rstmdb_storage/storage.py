@@ -1029,9 +1029,10 @@ class Storage:
             self._wal.check_usable()
             seq = self._append_locked(env, changes, payload, idempotency_key)
         synced = self._sync_through(seq)
-        with env.write_mutex:
-            self._apply_through(env, seq, synced)
-            self._dirty = True
+        if self.applied_seq < seq:  # else the writer whose sync covered ours applied it
+            with env.write_mutex:
+                self._apply_through(env, seq, synced)
+                self._dirty = True
         return seq
 
     def _append_locked(
