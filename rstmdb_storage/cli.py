@@ -197,3 +197,22 @@ def restore(source: str, target: str, seq: int | None) -> None:
     finally:
         bars.close()
     click.echo(f"restored {target} to sequence {restored}")
+
+
+@main.command()
+@data_dir_argument
+@_reports_errors
+def repair(data_dir: str) -> None:
+    """After a power loss, cut the WAL at a torn record that opening refuses because intact
+    (never acknowledged) records follow it; the segment is copied aside first.
+
+    Example: rstmdb-storage repair /var/lib/rstmdb
+    """
+    done = Storage.repair_wal(data_dir)
+    if done is None:
+        click.echo("nothing to repair")
+    else:
+        click.echo(
+            f"cut {done.bytes_cut} bytes of {done.path} from offset {done.offset} "
+            f"({done.reason}); the original is kept as {done.copy_path}"
+        )

@@ -13,6 +13,11 @@ when no other process has the environment open:
 With no usable snapshot, a WAL that starts at sequence 1 is replayed whole. Otherwise the store
 refuses to open, saying which sequence numbers are missing: a partial state is never served.
 
+After a power loss, records appended but not yet synced can reach the disk out of order: a torn
+record followed by an intact one. Opening refuses that (it cannot tell it from a disk damaging
+synced records); :func:`cut_damaged_tail`, run by an operator (``rstmdb-storage repair``), cuts
+the last segment at the bad record, after copying it aside, when LMDB has not applied it.
+
 Point-in-time restore (:func:`restore_to`) builds a *new* data directory holding the state at a
 chosen sequence number: the newest good snapshot at or before it, and the WAL segments after the
 snapshot, cut after that record. It writes only inside its target directory.
@@ -39,8 +44,10 @@ from .snapshots import (
     readable_manifests,
     snapshot_lock,
 )
-from .wal import Wal, WalTail
-from .wal.format import SEGMENT_HEADER_SIZE, segment_name
+from .wal import TornTailRepair, Wal, WalRecord, WalTail
+from .wal.decoder import BadRecord, decode_record
+from .wal.format import RECORD_SEAL, SEGMENT_HEADER_SIZE, segment_name
+from .wal.repair import cut_torn_tail
 from .wal.segment import WalSegment
 
 log = logging.getLogger("rstmdb_storage")
@@ -188,6 +195,40 @@ def restore_to(
                     source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode
                 )
     return end.applied_seq
+
+
+def cut_damaged_tail(wal: Wal, applied_seq: int) -> TornTailRepair | None:
+    """Cut the last WAL segment from its first bad record on (copied aside first), if there
+    is one; return what was cut. None of the records cut can have been acknowledged under the
+    default policy: a sync that covered a later record would have covered the bad one too.
+
+    :raises CorruptionError: the bad record holds a sequence number at or below
+        *applied_seq* (LMDB applied it: it was synced, so this is damage, not a torn write)
+    """
+    ids = wal.segment_ids()
+    if not ids:
+        return None
+    segment = WalSegment.open(wal.directory, ids[-1], wal.store_id)
+    try:
+        offset, seq = SEGMENT_HEADER_SIZE, segment.first_seq
+        while True:
+            found = decode_record(segment.read, offset)
+            if found is None or (isinstance(found, WalRecord) and found.type == RECORD_SEAL):
+                return None  # the log ends cleanly
+            if isinstance(found, BadRecord):
+                break
+            offset, seq = found.end, found.seq + 1
+        if seq <= applied_seq:
+            raise CorruptionError(
+                f"bad WAL record in {segment.path} at offset {offset} ({found.reason}): LMDB "
+                f"has applied sequence {seq} already, so it was synced and this is damage; "
+                f"restore from a backup or point-in-time restore to {seq - 1}",
+                path=str(segment.path),
+                offset=offset,
+            )
+        return cut_torn_tail(segment, offset, f"{found.reason} (cut by repair)")
+    finally:
+        segment.close()
 
 
 def _cut_after(wal_dir: Path, end: WalTail, store_id: bytes) -> None:

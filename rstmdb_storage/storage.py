@@ -75,7 +75,7 @@ from .model import (
     check_name,
     check_plain_value,
 )
-from .recovery import DATA_FILE, rebuild_from_snapshot, restore_to
+from .recovery import DATA_FILE, cut_damaged_tail, rebuild_from_snapshot, restore_to
 from .snapshots import (
     MANIFEST_SUFFIX,
     Progress,
@@ -570,6 +570,38 @@ class Storage:
                     f"restore into {target} reached sequence {storage.applied_seq}, not {restored}"
                 )
         return restored
+
+    @classmethod
+    def repair_wal(cls, config: StorageConfig | str | os.PathLike[str]) -> TornTailRepair | None:
+        """Cut the last WAL segment at a bad record that opening refuses because good records
+        follow it (copying the segment aside first); return what was cut, or None when there
+        is nothing to cut. Run it when ``Storage.open`` raises such a ``CorruptionError``
+        after a power loss: records appended but never synced can reach the disk out of
+        order, and none of them was acknowledged (see :mod:`rstmdb_storage.recovery`).
+
+        Example::
+
+            repair = Storage.repair_wal("/var/lib/rstmdb")   # the store must be closed
+
+        :raises CorruptionError: the bad record was applied to LMDB already (real damage)
+        """
+        if not isinstance(config, StorageConfig):
+            config = StorageConfig(data_dir=config)
+        config.validate()
+        with lmdb_env.open_lock(config):
+            if lmdb_env.in_use(config):
+                raise StorageError(f"{config.path} is open (here or in another process); close it")
+            applied = 0
+            if (config.path / INDEXES_DIR / DATA_FILE).exists():
+                env = lmdb_env.acquire(config, lock_held=True)
+                try:
+                    with env.read() as txn:
+                        applied = Meta(env.meta).tail(txn).applied_seq
+                finally:
+                    lmdb_env.release(env)
+            else:
+                applied = max(published_seqs(config.path / SNAPSHOTS_DIR), default=0)
+            return cut_damaged_tail(_probe_wal(config), applied)
 
     @property
     def _snapshots_dir(self) -> Path:

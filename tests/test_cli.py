@@ -85,3 +85,8 @@ def test_verify_passes_on_a_clean_store_and_reports_damage(filled: Path) -> None
     assert code == 1
     assert "error: CorruptionError" in output or "1 problem(s)" in output
     assert "00000000000000000001.wal" in output and "offset 48" in output
+
+
+def test_repair_with_nothing_to_repair(filled: Path) -> None:
+    code, output = run("repair", str(filled))
+    assert code == 0 and "nothing to repair" in output

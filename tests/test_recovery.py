@@ -10,7 +10,15 @@ from pathlib import Path
 import lmdb
 import pytest
 
-from rstmdb_storage import CorruptionError, FsyncPolicy, Instance, Storage, StorageConfig
+from rstmdb_storage import (
+    CorruptionError,
+    FsyncPolicy,
+    Instance,
+    Storage,
+    StorageConfig,
+    StorageError,
+)
+from rstmdb_storage.codec import cbor_dumps
 from rstmdb_storage.store.meta import Checkpoint, Meta
 
 
@@ -196,3 +204,64 @@ def test_a_data_dir_that_is_a_file_is_a_storage_error(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match="creating the data directory"):
         Storage.open(tmp_path / "file")
+
+
+def append_unapplied(config: StorageConfig, ids: list[str]) -> list[tuple[int, int]]:
+    """Append records to the WAL that LMDB never applies (as if the machine lost power between
+    appending and applying them); return (seq, offset) of each."""
+    placed = []
+    with Storage.open(config) as storage:
+        env = storage._env
+        with env.write_mutex:
+            txn = env.begin_write()
+            tail = storage._meta.tail(txn)
+            for instance_id in ids:
+                change, _ = storage._put_change(order(instance_id), None, None)
+                new = storage._wal.append(tail, 1, cbor_dumps([change], "test"))
+                placed.append((tail.next_seq, tail.offset))
+                tail = new
+            storage._wal.sync()
+            txn.abort()
+    return placed
+
+
+def flip_payload_byte(config: StorageConfig, offset: int) -> None:
+    path = sorted((config.path / "wal").glob("*.wal"))[-1]
+    data = bytearray(path.read_bytes())
+    data[offset + 40] ^= 0xFF  # inside the payload: the CRC no longer matches
+    path.write_bytes(bytes(data))
+
+
+def test_repair_cuts_a_torn_record_that_intact_unapplied_ones_follow(
+    config: StorageConfig,
+) -> None:
+    fill(config, 5)
+    placed = append_unapplied(config, ["late-1", "late-2", "late-3"])
+    flip_payload_byte(config, placed[0][1])
+    with pytest.raises(CorruptionError, match="damage inside the log"):
+        Storage.open(config)
+    repair = Storage.repair_wal(config)
+    assert repair is not None and repair.offset == placed[0][1]
+    assert Path(repair.copy_path).exists()
+    assert Storage.repair_wal(config) is None  # nothing left to cut
+    with Storage.open(config) as storage:
+        assert storage.applied_seq == 5 and storage.get_instance("late-3") is None
+        assert storage.put_instance(order("next")) == 6
+        assert storage.verify() == []
+
+
+def test_repair_refuses_damage_in_what_lmdb_applied(config: StorageConfig) -> None:
+    fill(config, 5)
+    with Storage.open(config) as storage:
+        record_5 = next(iter(storage.read_wal(5)))
+    flip_payload_byte(config, record_5.offset)
+    path = sorted((config.path / "wal").glob("*.wal"))[-1]
+    before = path.read_bytes()
+    with pytest.raises(CorruptionError, match="LMDB has applied sequence 5"):
+        Storage.repair_wal(config)
+    assert path.read_bytes() == before
+
+
+def test_repair_refuses_while_the_store_is_open(storage: Storage) -> None:
+    with pytest.raises(StorageError, match="is open"):
+        Storage.repair_wal(storage.config)
