@@ -23,7 +23,7 @@ from crc32c import crc32c
 from rstmdb_storage import codec
 from rstmdb_storage.errors import DecodeError
 from rstmdb_storage.model import Instance
-from rstmdb_storage.wal import decoder, encoder
+from rstmdb_storage.wal import decoder, encoder, shared_sync
 from rstmdb_storage.wal import format as wal_format
 
 # --- parsing the docstrings ---------------------------------------------------------------------
@@ -393,3 +393,14 @@ def test_codec_prose_constants() -> None:
     for number in (35, 36, 4):
         assert f"tag {number}" in doc
         assert number in codec.BUILTIN_TAGS
+
+
+def test_sync_position_table_matches_struct() -> None:
+    (rows,) = doc_tables(shared_sync)
+    assert_contiguous(rows)
+    layout = struct_layout(shared_sync._POSITION.format)
+    names = source_field_names(shared_sync, "_POSITION")
+    assert [(r.start, r.length, r.field) for r in rows] == [
+        (offset, size, name) for (offset, size, _), name in zip(layout, names, strict=True)
+    ]
+    assert rows[0].text.startswith("u64 LE") and shared_sync._POSITION.format == "<Q36s"

@@ -12,9 +12,10 @@ The file ``indexes/sync.lock`` (written with ``pwrite``, never synced: it only l
 skip a sync within one boot of the machine)::
 
     offset  size  field
-    0       8     synced_seq: u64 LE, every WAL record up to it is on stable storage
-    8       36    boot_id: the boot (``/proc/sys/kernel/random/boot_id``) it was written in;
-                  a position from another boot is ignored
+    ------  ----  --------------------------------------------------------------------------
+    0       8     synced_seq  u64 LE: every WAL record up to it is on stable storage
+    8       36    boot_id     the boot (``/proc/sys/kernel/random/boot_id``) it was written
+                              in, ASCII; a position written in another boot is ignored
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pathlib import Path
 from .format import segment_name
 from .log import WalTail
 
-_POSITION = struct.Struct("<Q36s")
+_POSITION = struct.Struct("<Q36s")  # synced_seq, boot_id
 
 
 class SharedSync:
