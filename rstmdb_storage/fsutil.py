@@ -106,3 +106,43 @@ def os_error(exc: OSError, doing: str) -> StorageError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return StorageFullError(f"disk full while {doing}: {exc.strerror}")
     return StorageError(f"{exc.strerror or exc} while {doing}")
+
+
+#: filesystem types whose locking and mmap coherence LMDB cannot rely on (lmdb.h, "Caveats")
+NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "9p",
+        "ceph",
+        "glusterfs",
+        "lustre",
+        "afs",
+        "fuse.sshfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+    }
+)
+
+
+def network_filesystem(path: Path, mounts: str = "/proc/self/mounts") -> str | None:
+    """The type of the filesystem holding *path* if it is a network filesystem, else None
+    (also when the mount table cannot be read)."""
+    try:
+        table = Path(mounts).read_text()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, best_type = "", ""
+    for line in table.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        mount_point = fields[1].replace("\\040", " ")
+        inside = target == mount_point or target.startswith(mount_point.rstrip("/") + "/")
+        if inside and len(mount_point) > len(best):
+            best, best_type = mount_point, fields[2]
+    return best_type if best_type in NETWORK_FILESYSTEMS else None

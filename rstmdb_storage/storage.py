@@ -65,7 +65,7 @@ from .errors import (
     StorageError,
     WalGapError,
 )
-from .fsutil import make_dir, os_error
+from .fsutil import make_dir, network_filesystem, os_error
 from .model import (
     Instance,
     MetadataValue,
@@ -182,6 +182,14 @@ class Storage:
         if not isinstance(config, StorageConfig):
             config = StorageConfig(data_dir=config)
         config.validate()
+        remote = network_filesystem(config.path)
+        if remote is not None:
+            log.warning(
+                "%s is on a network filesystem (%s): LMDB's locks and memory map are not "
+                "reliable there and the store can be corrupted; use a local disk",
+                config.path,
+                remote,
+            )
         if config.read_only:
             return cls._open_read_only(config)
         root = config.path
@@ -1315,14 +1323,15 @@ class Storage:
         return tail.applied_seq
 
     def _background_flush(self) -> None:
-        """One pass of the flusher thread: the ``every_ms`` WAL sync, and a checkpoint when
-        one is due."""
+        """One pass of the flusher thread: growing the map when it is nearly full, the
+        ``every_ms`` WAL sync, and a checkpoint when one is due."""
         env = self._env
         if self._closed or env.stale:
             return
         with env.write_mutex:
             self._housekeeping = True
             try:
+                env.grow_if_nearly_full()
                 if self._wal.has_unsynced and self._wal.sync_due():
                     self._wal.sync()
                 elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000

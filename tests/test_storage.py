@@ -23,6 +23,8 @@ from rstmdb_storage import (
     StorageConfig,
     StorageError,
 )
+from rstmdb_storage import storage as storage_module
+from rstmdb_storage.fsutil import network_filesystem
 
 
 def test_put_then_get_returns_what_was_stored(storage: Storage) -> None:
@@ -167,6 +169,25 @@ def test_map_grows_by_itself(data_dir: Path) -> None:
         assert storage.get_instance("o7-99").ctx == {"pad": "x" * 2000}
 
 
+def test_the_flusher_grows_a_nearly_full_map_before_a_write_fails(data_dir: Path) -> None:
+    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
+    with Storage.open(config) as storage:
+        env = storage._env.env
+
+        def used() -> float:
+            return (env.info()["last_pgno"] + 1) * env.stat()["psize"] / env.info()["map_size"]
+
+        i = 0
+        while used() < 0.8:
+            storage.put_instance(order(f"o{i}", ctx={"pad": "x" * 2000}))
+            i += 1
+        before = env.info()["map_size"]
+        storage._background_flush()  # one pass of the flusher
+        assert env.info()["map_size"] == 2 * before and used() < 0.5
+        storage._background_flush()
+        assert env.info()["map_size"] == 2 * before  # not again while there is room
+
+
 def test_files_are_private_to_the_owner(storage: Storage, data_dir: Path) -> None:
     storage.put_instance(order("o"))
     for path in [data_dir, *data_dir.rglob("*")]:
@@ -271,3 +292,26 @@ def test_bad_config_names_the_field(data_dir: Path, field: str, value: object) -
     with pytest.raises(ConfigError, match=field):
         Storage.open(config)
     assert not data_dir.exists()
+
+
+def test_a_network_filesystem_is_recognised(tmp_path: Path) -> None:
+    mounts = tmp_path / "mounts"
+    mounts.write_text(
+        "/dev/vda / ext4 rw 0 0\n"
+        "server:/export /mnt/shared nfs4 rw 0 0\n"
+        "//host/share /mnt/shared/smb cifs rw 0 0\n"
+    )
+    assert network_filesystem(Path("/mnt/shared/rstmdb"), str(mounts)) == "nfs4"
+    assert network_filesystem(Path("/mnt/shared/smb/x"), str(mounts)) == "cifs"
+    assert network_filesystem(Path("/mnt/sharedother"), str(mounts)) is None
+    assert network_filesystem(Path("/var/lib/rstmdb"), str(mounts)) is None
+    assert network_filesystem(tmp_path, str(tmp_path / "missing")) is None
+
+
+def test_opening_on_a_network_filesystem_warns(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(storage_module, "network_filesystem", lambda path: "nfs")
+    with Storage.open(data_dir):
+        pass
+    assert "network filesystem (nfs)" in caplog.text

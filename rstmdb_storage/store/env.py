@@ -43,6 +43,7 @@ USERS_LOCK_NAME = "users.lock"
 MAX_DATABASES = 16
 _OPEN_ATTEMPTS = 8
 _MAP_GROWTH_ATTEMPTS = 24
+_GROW_AT = 0.8  # of the map in use
 
 _registry: dict[str, LmdbEnvironment] = {}
 _registry_lock = threading.Lock()
@@ -119,6 +120,17 @@ class LmdbEnvironment:
             raise StorageFullError(
                 f"{self.path}: could not grow the LMDB map beyond {current} bytes ({exc})"
             ) from exc
+
+    def grow_if_nearly_full(self) -> bool:
+        """Double the map when its used pages pass 80% of it (PITFALLS 4: grow early, not
+        only when a write fails); return whether it grew. Call holding :attr:`write_mutex`
+        with no transaction open in this thread."""
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
+        if used < info["map_size"] * _GROW_AT:
+            return False
+        self.grow(1)
+        return True
 
     def sync(self) -> None:
         self.gate.enter()
