@@ -1234,7 +1234,12 @@ class Storage:
             self._wal.sync()  # what becomes visible must be durable first
             self._meta.write_tail(txn, tail)
             self._count_changes(txn, changed)
-        return tail, applied < limit
+        caught_up = applied < limit
+        if caught_up and self._meta.append_tail(txn, tail) != tail:
+            # An append tail past the end of the log is stale: the records it counted were
+            # cut (restore, repair) or lost with a power loss. Appends go on at the end.
+            self._meta.write_append_tail(txn, tail)
+        return tail, caught_up
 
     def _count_changes(self, txn: Any, changes: list[list[Any]]) -> None:
         """Count the puts and deletes applied; wake the flusher when a snapshot may be due."""

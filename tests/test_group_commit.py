@@ -124,3 +124,21 @@ def test_a_failed_shared_sync_fails_the_store_and_shows_nothing(
     assert grouped.get_instance("o").state == "pending"
     with pytest.raises(StorageFailedError):  # fail-stop: no write until reopened
         grouped.put_instance(order("p"))
+
+
+def test_an_append_tail_past_the_end_of_the_log_is_not_trusted(grouped: Storage) -> None:
+    """As after a point-in-time restore that cut records counted by the snapshot's append
+    tail, or a power loss that lost them: appends go on where the log really ends."""
+    for i in range(3):
+        grouped.put_instance(order(f"o{i}"))
+    env = grouped._env
+    with env.write_mutex, env.begin_write() as txn:
+        tail = grouped._meta.tail(txn)
+        grouped._meta.write_append_tail(txn, tail._replace(offset=tail.offset + 4096, next_seq=9))
+    config = grouped.config
+    grouped.close()
+    with Storage.open(config) as storage:
+        storage._grouping = lambda: True
+        assert storage.put_instance(order("after")) == 4
+        assert [r.seq for r in storage.read_wal()] == [1, 2, 3, 4]
+        assert storage.verify() == []
