@@ -1328,14 +1328,16 @@ class Storage:
         return tail.applied_seq
 
     def _background_flush(self) -> None:
-        """One pass of the flusher thread: growing the map when it is nearly full, the
-        ``every_ms`` WAL sync, and a checkpoint when one is due."""
+        """One pass of the flusher thread: clearing reader slots of dead processes, growing
+        the map when it is nearly full, the ``every_ms`` WAL sync, and a checkpoint when one
+        is due."""
         env = self._env
         if self._closed or env.stale:
             return
         with env.write_mutex:
             self._housekeeping = True
             try:
+                env.env.reader_check()  # slots of killed readers (PITFALLS 5: now and then)
                 env.grow_if_nearly_full()
                 if self._wal.has_unsynced and self._wal.sync_due():
                     self._wal.sync()
