@@ -156,8 +156,6 @@ class Storage:
         self._segments_left = 0
         #: group commit is used until then (see _note_contention)
         self._group_until = 0.0
-        #: the flusher holds the write lock (waiting for it then is not contention)
-        self._housekeeping = False
         self._shared_sync: SharedSync | None = None
         self._flusher = None if config.read_only else _Flusher(self)
 
@@ -978,18 +976,10 @@ class Storage:
         if self._grouping():
             seq = self._commit_grouped(env, changes, payload, idempotency_key)
         else:
-            contended = not env.write_mutex.acquire(blocking=False)
-            if contended:
-                contended = not self._housekeeping  # the flusher is not another writer
-                env.write_mutex.acquire()
-            try:
+            with env.write_mutex:
                 self._wal.check_usable()
                 seq = self._write_locked(env, changes, payload, known, idempotency_key)
                 self._dirty = True
-            finally:
-                env.write_mutex.release()
-            if contended:
-                self._note_contention()
         if self._flusher is not None and self._flusher.pid != os.getpid():
             self._flusher = _Flusher(self)  # forked: threads do not survive a fork
         return seq
@@ -1010,7 +1000,10 @@ class Storage:
                 started = time.perf_counter()
                 with env.begin_write() as txn:
                     if time.perf_counter() - started > _CONTENDED_WAIT:
-                        self._note_contention()  # another process held the write lock
+                        # Another process held the write lock. (Threads of this process wait
+                        # for the write mutex instead: under the GIL, the extra steps of group
+                        # commit cost them more than the syncs they share.)
+                        self._note_contention()
                     tail, caught_up = self._apply_pending(txn, self._meta.tail(txn))
                     if not caught_up:
                         continue  # commit this chunk of replay, then go on
@@ -1041,8 +1034,8 @@ class Storage:
 
     # --- group commit ---------------------------------------------------------------------------
     #
-    # Under contention (another thread or process was found holding the write lock, or records
-    # of other writers were waiting) durable writes take three steps instead of one, so that
+    # Under contention (another process was found holding the write lock, or records of other
+    # writers were waiting) durable writes take three steps instead of one, so that
     # one fdatasync serves many of them (see wal/shared_sync.py): append under the write lock
     # without syncing; sync outside it, unless another writer's sync covered the record; apply
     # every synced record, whoever wrote it. Nothing is visible before it is durable, and
@@ -1335,18 +1328,14 @@ class Storage:
         if self._closed or env.stale:
             return
         with env.write_mutex:
-            self._housekeeping = True
-            try:
-                env.env.reader_check()  # slots of killed readers (PITFALLS 5: now and then)
-                env.grow_if_nearly_full()
-                if self._wal.has_unsynced and self._wal.sync_due():
-                    self._wal.sync()
-                elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
-                if not (self._dirty and elapsed_ms >= self.config.checkpoint_interval_ms):
-                    return
-                self._checkpoint_locked(env)
-            finally:
-                self._housekeeping = False
+            env.env.reader_check()  # slots of killed readers (PITFALLS 5: now and then)
+            env.grow_if_nearly_full()
+            if self._wal.has_unsynced and self._wal.sync_due():
+                self._wal.sync()
+            elapsed_ms = (time.monotonic() - self._last_checkpoint) * 1000
+            if not (self._dirty and elapsed_ms >= self.config.checkpoint_interval_ms):
+                return
+            self._checkpoint_locked(env)
         env.sync()
 
     # --- automatic snapshots and compaction ---------------------------------------------------

@@ -83,7 +83,7 @@ def test_a_retry_of_a_pending_keyed_write_waits_for_it_to_be_durable(grouped: St
     assert grouped.get_instance("o").state == "pending"  # the first write, now durable
 
 
-def test_threads_share_fsyncs(data_dir, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_in_group_mode_threads_share_fsyncs(data_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     syncs = []
     real = os.fdatasync
     monkeypatch.setattr(shared_sync.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
