@@ -32,8 +32,9 @@ from .errors import (
     WalGapError,
 )
 from .model import Instance
+from .query import Page
 from .snapshots import SnapshotManifest
-from .storage import Batch, MachineDefinition, Page, Storage
+from .storage import Batch, MachineDefinition, Storage
 
 __version__ = "0.1.0"
 

@@ -17,7 +17,6 @@ flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after 
 from __future__ import annotations
 
 import atexit
-import base64
 import contextlib
 import dataclasses
 import logging
@@ -71,9 +70,21 @@ from .model import (
     MetadataValue,
     check_id,
     check_instance,
-    check_label_value,
     check_name,
     check_plain_value,
+)
+from .query import (
+    PAGE_SIZE,
+    Page,
+    count_states,
+    decode_cursor,
+    encode_cursor,
+    index_page,
+    instances_page,
+    metadata_query,
+    scan,
+    state_query,
+    time_query,
 )
 from .recovery import DATA_FILE, cut_damaged_tail, rebuild_from_snapshot, restore_to
 from .snapshots import (
@@ -91,14 +102,8 @@ from .snapshots import (
 from .snapshots import delete as delete_snapshot
 from .store import env as lmdb_env
 from .store.indexes import (
-    TAG_OF,
-    Indexes,
     KeyRange,
-    entries_of,
-    metadata_exact_range,
-    metadata_span_range,
     state_range,
-    time_range,
 )
 from .store.meta import Checkpoint, Meta
 from .verify import Finding, check_instances, check_snapshots, check_wal, run_checks
@@ -333,10 +338,10 @@ class Storage:
         after: bytes | None = None
         while True:
             page = self._read_with_retry(
-                lambda txn, after=after: _instances_page(txn, self._env, after)
+                lambda txn, after=after: instances_page(txn, self._env, after)
             )
             yield page
-            if len(page) < _PAGE:
+            if len(page) < PAGE_SIZE:
                 return
             after = page[-1][0]
 
@@ -689,18 +694,18 @@ class Storage:
                 page = storage.list_by_state("order", "pending", limit=100,
                                              cursor=page.next_cursor)
         """
-        return self._list(_state_query(machine, state), limit, cursor, reverse=False)
+        return self._list(state_query(machine, state), limit, cursor, reverse=False)
 
     def iter_by_state(self, machine: str, state: str) -> Iterator[Instance]:
         """Like :meth:`list_by_state`, lazily, a page of short read transaction at a time."""
-        return self._iterate(_state_query(machine, state), reverse=False)
+        return self._iterate(state_query(machine, state), reverse=False)
 
     def count_by_state(self, machine: str) -> dict[str, int]:
         """How many instances of *machine* are in each state, from the state index alone
         (no instance is decoded). States with no instance are absent."""
         check_name("machine", machine)
         key_range = state_range(machine)
-        return self._read_with_retry(lambda txn: _count_states(txn, self._env, key_range))
+        return self._read_with_retry(lambda txn: count_states(txn, self._env, key_range))
 
     def list_by_metadata(
         self,
@@ -723,7 +728,7 @@ class Storage:
             storage.list_by_metadata("priority", start=5)            # 5 and above
             storage.list_by_metadata("total", start=10.0, end=99.5)
         """
-        query = _metadata_query(key, value, start, end)
+        query = metadata_query(key, value, start, end)
         return self._list(query, limit, cursor, reverse=False)
 
     def iter_by_metadata(
@@ -735,7 +740,7 @@ class Storage:
         end: MetadataValue | None = None,
     ) -> Iterator[Instance]:
         """Like :meth:`list_by_metadata`, lazily."""
-        return self._iterate(_metadata_query(key, value, start, end), reverse=False)
+        return self._iterate(metadata_query(key, value, start, end), reverse=False)
 
     def list_by_time(
         self,
@@ -754,13 +759,13 @@ class Storage:
             hour_ago = int(time.time() * 1000) - 3_600_000
             recent = storage.list_by_time(hour_ago, 2**63 - 1, newest_first=True, limit=50)
         """
-        return self._list(_time_query(start_ms, end_ms), limit, cursor, reverse=newest_first)
+        return self._list(time_query(start_ms, end_ms), limit, cursor, reverse=newest_first)
 
     def iter_by_time(
         self, start_ms: int, end_ms: int, *, newest_first: bool = False
     ) -> Iterator[Instance]:
         """Like :meth:`list_by_time`, lazily."""
-        return self._iterate(_time_query(start_ms, end_ms), reverse=newest_first)
+        return self._iterate(time_query(start_ms, end_ms), reverse=newest_first)
 
     def rebuild_indexes(self) -> int:
         """Drop the state, metadata and time indexes and rebuild them from the instances;
@@ -780,8 +785,8 @@ class Storage:
                     if after is None:
                         for name in INDEX_DATABASES:
                             txn.drop(env.dbs[name], delete=False)
-                    page = _instances_page(txn, env, after, _REBUILD_CHUNK)
-                    _index_page(txn, env.dbs, page)
+                    page = instances_page(txn, env, after, _REBUILD_CHUNK)
+                    index_page(txn, env.dbs, page)
                 indexed += len(page)
                 if len(page) < _REBUILD_CHUNK:
                     return indexed
@@ -794,17 +799,17 @@ class Storage:
             raise InvalidTypeError(f"limit: expected an int or None, got {type(limit).__name__}")
         if limit is not None and limit < 1:
             raise InvalidInputError(f"limit: must be at least 1, got {limit}")
-        after = _decode_cursor(cursor, key_range)
+        after = decode_cursor(cursor, key_range)
         found, more = self._read_with_retry(
-            lambda txn: _scan(txn, self._env, key_range, after, reverse, limit)
+            lambda txn: scan(txn, self._env, key_range, after, reverse, limit)
         )
         instances = [decode_instance(id_key, raw) for _, id_key, raw in found]
-        return Page(instances, _encode_cursor(key_range, found[-1][0]) if more else None)
+        return Page(instances, encode_cursor(key_range, found[-1][0]) if more else None)
 
     def _iterate(self, key_range: KeyRange, reverse: bool) -> Iterator[Instance]:
         cursor = None
         while True:
-            page = self._list(key_range, _PAGE, cursor, reverse)
+            page = self._list(key_range, PAGE_SIZE, cursor, reverse)
             yield from page
             if page.next_cursor is None:
                 return
@@ -1545,124 +1550,6 @@ def _machine_entry(
     return None
 
 
-class Page(list[Instance]):
-    """One page of a listing: a list of instances, with the cursor of the next page in
-    ``next_cursor`` (None when there is no next page)."""
-
-    def __init__(self, instances: list[Instance], next_cursor: str | None) -> None:
-        super().__init__(instances)
-        self.next_cursor = next_cursor
-
-
-def _state_query(machine: str, state: str) -> KeyRange:
-    check_name("machine", machine)
-    check_name("state", state)
-    return state_range(machine, state)
-
-
-def _metadata_query(key: str, value: Any, start: Any, end: Any) -> KeyRange:
-    check_name("metadata key", key)
-    if value is not None:
-        if start is not None or end is not None:
-            raise InvalidInputError("list_by_metadata: give a value, or start/end, not both")
-        check_label_value("metadata value", value)
-        return metadata_exact_range(key, value)
-    if start is None and end is None:
-        raise InvalidInputError("list_by_metadata: give a value, or a start and/or an end")
-    bounds = [bound for bound in (start, end) if bound is not None]
-    for bound in bounds:
-        check_label_value("metadata bound", bound)
-    kinds = {type(bound) for bound in bounds}
-    if len(kinds) > 1:
-        raise InvalidTypeError(
-            f"list_by_metadata: start and end must have one type, got "
-            f"{sorted(kind.__name__ for kind in kinds)}"
-        )
-    return metadata_span_range(key, TAG_OF[kinds.pop()], start, end)
-
-
-def _time_query(start_ms: int, end_ms: int) -> KeyRange:
-    for name, value in (("start_ms", start_ms), ("end_ms", end_ms)):
-        if type(value) is not int:
-            raise InvalidTypeError(f"{name}: expected int, got {type(value).__name__}")
-        if not 0 <= value < 2**64:
-            raise InvalidInputError(f"{name}: must be between 0 and 2**64 - 1, got {value}")
-    return time_range(start_ms, end_ms)
-
-
-def _encode_cursor(key_range: KeyRange, index_key: bytes) -> str:
-    # The index's name travels with the key, so that a cursor of another query is refused
-    # even when its key happens to fall inside this query's range.
-    return base64.urlsafe_b64encode(key_range.db + b"\x00" + index_key).decode()
-
-
-def _decode_cursor(cursor: str | None, key_range: KeyRange) -> bytes | None:
-    if cursor is None:
-        return None
-    if type(cursor) is not str:
-        raise InvalidTypeError(f"cursor: expected a str or None, got {type(cursor).__name__}")
-    try:
-        raw = base64.urlsafe_b64decode(cursor.encode())
-    except (ValueError, TypeError):
-        raw = b""
-    db, _, key = raw.partition(b"\x00")
-    if db != key_range.db or key not in key_range:
-        raise InvalidInputError(f"cursor {cursor!r:.60} does not belong to this query")
-    return key
-
-
-def _scan(
-    txn: Any,
-    env: lmdb_env.LmdbEnvironment,
-    key_range: KeyRange,
-    after: bytes | None,
-    reverse: bool,
-    limit: int | None,
-) -> tuple[list[tuple[bytes, bytes, bytes]], bool]:
-    """Index entries in *key_range* after *after*, with the raw instance each points to; and
-    whether more entries follow the *limit* returned."""
-    db_name = key_range.db.decode()
-    cursor = txn.cursor(db=env.dbs[key_range.db])
-    if reverse:
-        bound = after if after is not None else key_range.upper
-        found = cursor.prev() if cursor.set_range(bound) else cursor.last()
-    else:
-        found = cursor.set_range(after if after is not None else key_range.lower)
-        if found and after is not None and cursor.key() == after:
-            found = cursor.next()
-    entries: list[tuple[bytes, bytes, bytes]] = []
-    while found:
-        index_key = cursor.key()
-        if index_key not in key_range:
-            break
-        if limit is not None and len(entries) == limit:
-            return entries, True
-        id_key = unseal(index_key, cursor.value(), db_name)
-        raw = txn.get(id_key, db=env.instances)
-        if raw is None:
-            raise CorruptionError(
-                f"{db_name}[{index_key!r}] points to instance {id_key!r}, which is not stored; "
-                f"run rebuild_indexes()",
-                key=index_key,
-            )
-        entries.append((index_key, id_key, raw))
-        found = cursor.prev() if reverse else cursor.next()
-    return entries, False
-
-
-def _count_states(txn: Any, env: lmdb_env.LmdbEnvironment, key_range: KeyRange) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    cursor = txn.cursor(db=env.dbs[key_range.db])
-    skip = len(key_range.lower)
-    if cursor.set_range(key_range.lower):
-        for index_key in cursor.iternext(keys=True, values=False):
-            if index_key >= key_range.upper:
-                break
-            state = index_key[skip : index_key.index(b"\x00", skip)].decode()
-            counts[state] = counts.get(state, 0) + 1
-    return counts
-
-
 def _condition(expected_state: str | None, expected_seq: int | None) -> list[Any] | None:
     if expected_state is not None:
         check_name("expected_state", expected_state)
@@ -1689,29 +1576,7 @@ def _raise_failure(txn: Any, dbs: dict[bytes, Any], seq: int, changes: list[list
         raise (ConflictError if kind == "conflict" else InstanceNotFoundError)(message)
 
 
-_PAGE = 512
 _REBUILD_CHUNK = 10_000
-
-
-def _instances_page(
-    txn: Any, env: lmdb_env.LmdbEnvironment, after: bytes | None, size: int = _PAGE
-) -> list[tuple[bytes, bytes]]:
-    cursor = txn.cursor(db=env.instances)
-    found = cursor.set_range(after) if after is not None else cursor.first()
-    page: list[tuple[bytes, bytes]] = []
-    while found and len(page) < size:
-        key = cursor.key()
-        if key != after:
-            page.append((key, cursor.value()))
-        found = cursor.next()
-    return page
-
-
-def _index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]]) -> None:
-    indexes = Indexes(dbs)
-    for key, raw in page:
-        inst = decode_instance(key, raw)
-        indexes.add(txn, key, entries_of(inst))
 
 
 def _list_snapshot(txn: Any, env: lmdb_env.LmdbEnvironment, manifest: SnapshotManifest) -> None:

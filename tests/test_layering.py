@@ -17,7 +17,7 @@ LAYERS = [
     {"wal.format", "wal.encoder", "wal.decoder", "wal.segment", "wal.repair", "wal.log", "wal"},
     {"wal.shared_sync"},
     {"store", "store.meta", "store.env", "store.indexes"},
-    {"apply", "verify", "snapshots"},
+    {"apply", "verify", "snapshots", "query"},
     {"recovery", "compaction"},
     {"storage"},
     {"__init__"},

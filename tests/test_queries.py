@@ -42,10 +42,10 @@ from rstmdb_storage import (
     InstanceNotFoundError,
     InvalidInputError,
     InvalidTypeError,
+    Page,
     Storage,
     StorageConfig,
 )
-from rstmdb_storage.storage import Page
 
 END_OF_TIME = 2**63  # one past the largest updated_at a write accepts
 
