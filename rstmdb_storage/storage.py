@@ -12,6 +12,13 @@ A change is therefore never visible before its WAL record is written (and, by de
 and the LMDB transaction that applies it records its sequence number, so opening the store
 replays exactly the records LMDB has not seen. LMDB itself runs with ``sync=False``; it is
 flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after the WAL.
+
+When writer *processes* contend, durable writes use group commit instead (see the section of
+that name below and :mod:`rstmdb_storage.wal.shared_sync`): steps 4 and 5 are split so that
+one ``fdatasync`` serves every record appended before it. A background thread per store
+checkpoints, syncs under ``every_ms``, grows the map early, and starts automatic snapshots
+and compaction (:mod:`rstmdb_storage.snapshots`, :mod:`rstmdb_storage.compaction`); opening
+rebuilds a lost or damaged ``indexes/`` (:mod:`rstmdb_storage.recovery`).
 """
 
 from __future__ import annotations
