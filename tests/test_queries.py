@@ -622,7 +622,8 @@ def now_ms() -> int:
 
 
 class StoreAgainstModel(RuleBasedStateMachine):
-    """Writes go to the store and the model; after every step every invariant holds.
+    """Writes go to the store and the model; after every step every invariant holds, also
+    after compactions, a lost ``indexes/`` rebuilt, and in restored copies.
 
     A new kind of write (a conditional put, a transition) is a rule that builds model changes
     and a store call and hands both to :meth:`write`."""
@@ -637,6 +638,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
         )
         self.storage = Storage.open(self.config)
         self.model = ModelStore()
+        self.restores = 0
 
     def teardown(self) -> None:
         try:
@@ -784,6 +786,28 @@ class StoreAgainstModel(RuleBasedStateMachine):
     def reopen(self) -> None:
         self.storage.close()
         self.storage = Storage.open(self.config)
+
+    @rule()
+    def compact(self) -> None:
+        self.storage.compact()  # a snapshot, then the WAL before the older kept one goes
+
+    @rule()
+    def lose_indexes(self) -> None:
+        """indexes/ lost: rebuilt from the newest snapshot and the WAL (or the WAL alone)."""
+        self.storage.close()
+        shutil.rmtree(self.config.path / "indexes")
+        self.storage = Storage.open(self.config)
+
+    @rule()
+    def restore_a_copy(self) -> None:
+        self.restores += 1
+        target = self.dir / f"restored-{self.restores}"
+        assert Storage.restore(self.config.path, target) == self.model.next_seq - 1
+        with Storage.open(target) as restored:
+            for instance_id in IDS:
+                stored, record = restored.get_instance(instance_id), self.model.get(instance_id)
+                assert (stored and view(stored)) == (record and view(record)), instance_id
+            assert restored.verify() == []
 
     @rule(data=st.data())
     def query(self, data: st.DataObject) -> None:
