@@ -181,6 +181,20 @@ def compact(data_dir: str) -> None:
 
 
 @main.command()
+@data_dir_argument
+@click.argument("target", type=click.Path(file_okay=False))
+@_reports_errors
+def backup(data_dir: str, target: str) -> None:
+    """Copy the store into TARGET (new or empty) while it stays in use: a snapshot taken now
+    and the WAL after it. Open TARGET, or restore from it, to use the copy.
+
+    Example: rstmdb-storage backup /var/lib/rstmdb /backups/rstmdb-2026-11-25
+    """
+    seq = _with_progress(data_dir, lambda storage, bars: storage.backup(target, progress=bars))
+    click.echo(f"backed up {data_dir} to {target} up to sequence {seq}")
+
+
+@main.command()
 @click.argument("source", type=click.Path(file_okay=False, exists=True))
 @click.argument("target", type=click.Path(file_okay=False))
 @click.option("--seq", type=int, default=None, help="sequence number to restore to [newest]")

@@ -589,6 +589,25 @@ class Storage:
                 )
         return restored
 
+    def backup(self, target: str | os.PathLike[str], *, progress: Progress | None = None) -> int:
+        """Copy the store into the new (or empty) directory *target*: a snapshot taken now
+        and the WAL after it, up to the newest record. Writers go on meanwhile; compaction
+        waits until the files are copied. Returns the last sequence number the backup holds.
+
+        The backup is a data directory without ``indexes/``: open it (opening rebuilds
+        ``indexes/`` from the snapshot and replays the WAL) or restore from it with
+        :meth:`restore`.
+
+        Example::
+
+            seq = storage.backup("/backups/rstmdb-2026-11-25")
+        """
+        self.create_snapshot(progress)
+        target_path = Path(os.fspath(target))
+        return restore_to(
+            self.config.path, target_path, self._wal, None, self.config.file_mode, progress
+        )
+
     @classmethod
     def repair_wal(cls, config: StorageConfig | str | os.PathLike[str]) -> TornTailRepair | None:
         """Cut the last WAL segment at a bad record that opening refuses because good records

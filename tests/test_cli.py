@@ -90,3 +90,10 @@ def test_verify_passes_on_a_clean_store_and_reports_damage(filled: Path) -> None
 def test_repair_with_nothing_to_repair(filled: Path) -> None:
     code, output = run("repair", str(filled))
     assert code == 0 and "nothing to repair" in output
+
+
+def test_backup_then_open_the_copy(filled: Path, tmp_path: Path) -> None:
+    code, output = run("backup", str(filled), str(tmp_path / "copy"))
+    assert code == 0 and "up to sequence 2" in output
+    with Storage.open(tmp_path / "copy") as copy:
+        assert [inst.id for inst in copy.iter_instances()] == ["order-1", "order-2"]

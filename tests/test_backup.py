@@ -1,0 +1,107 @@
+"""Backups (SPEC guarantee 7): the backup command, and the copy-tool recipes the README gives,
+each restore to a working store holding what was written."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tarfile
+import threading
+from pathlib import Path
+
+from helpers import order
+
+from rstmdb_storage import Storage, StorageConfig
+
+PAD = "p" * 1500  # about 40 records fill a 64 KiB segment
+
+
+def state_of(storage: Storage) -> dict[str, tuple[str, int]]:
+    return {inst.id: (inst.state, inst.last_wal_offset) for inst in storage.iter_instances()}
+
+
+def write(storage: Storage, first: int, count: int) -> None:
+    for i in range(first, first + count):
+        storage.put_instance(order(f"o{i % 50}", state=f"s{i}", ctx={"pad": PAD}))
+
+
+def test_a_backup_opens_as_the_store_it_copied(config: StorageConfig, tmp_path: Path) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 150)
+        storage.compact()
+        write(storage, 150, 60)
+        expected = state_of(storage)
+        seq = storage.backup(tmp_path / "backup")
+        assert seq == storage.applied_seq == 210
+        write(storage, 210, 5)  # after the backup: not in it
+    with Storage.open(tmp_path / "backup") as copy:
+        assert state_of(copy) == expected
+        assert copy.applied_seq == seq and copy.verify() == []
+        assert copy.put_instance(order("next")) == seq + 1
+
+
+def test_a_backup_taken_while_another_thread_writes_is_one_consistent_state(
+    config: StorageConfig, tmp_path: Path
+) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 60)
+        stop = threading.Event()
+        written: dict[int, dict] = {}
+
+        def writer() -> None:
+            i = 60
+            while not stop.is_set():
+                seq = storage.put_instance(order(f"o{i % 50}", state=f"s{i}", ctx={"pad": PAD}))
+                written[seq] = (f"o{i % 50}", f"s{i}")
+                i += 1
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            seq = storage.backup(tmp_path / "backup")
+        finally:
+            stop.set()
+            thread.join()
+    with Storage.open(tmp_path / "backup") as copy:
+        assert copy.applied_seq == seq and copy.verify() == []
+        for instance_id, (state, last_seq) in state_of(copy).items():
+            assert last_seq <= seq
+            if last_seq > 60:
+                assert written[last_seq] == (instance_id, state)
+
+
+def test_the_mdb_copy_recipe_restores(config: StorageConfig, tmp_path: Path) -> None:
+    """README: mdb_copy -c of indexes/, then a copy of wal/ and snapshots/, while no compaction
+    runs (a WAL hold keeps them)."""
+    with Storage.open(config) as storage:
+        write(storage, 0, 120)
+        storage.compact()
+        write(storage, 120, 30)
+        storage.hold_wal("backup", storage.applied_seq + 1)
+        backup = tmp_path / "backup"
+        (backup / "indexes").mkdir(parents=True)
+        subprocess.run(
+            ["mdb_copy", "-c", str(config.path / "indexes"), str(backup / "indexes")], check=True
+        )
+        write(storage, 150, 10)  # written between the two copies: the WAL copy brings them
+        shutil.copytree(config.path / "wal", backup / "wal")
+        shutil.copytree(config.path / "snapshots", backup / "snapshots")
+        storage.release_wal("backup")
+        expected = state_of(storage)
+    with Storage.open(StorageConfig(data_dir=backup, wal_segment_size=64 * 1024)) as copy:
+        assert state_of(copy) == expected
+        assert copy.verify() == []
+
+
+def test_a_tar_of_a_closed_store_restores(config: StorageConfig, tmp_path: Path) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 80)
+        storage.compact()
+        expected = state_of(storage)
+    archive = tmp_path / "store.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(config.path, arcname="data")
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    with Storage.open(tmp_path / "unpacked" / "data") as copy:
+        assert state_of(copy) == expected and copy.verify() == []
