@@ -34,6 +34,7 @@ exponent.
 
 from __future__ import annotations
 
+import io
 import struct
 from typing import Any
 
@@ -121,6 +122,31 @@ def cbor_loads(data: bytes | memoryview, where: str, max_size: int = MAX_VALUE_B
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
         cause = exc.__cause__ if isinstance(exc.__cause__, DecodeError) else exc
         raise DecodeError(f"{where}: bad CBOR ({cause})") from None
+
+
+def check_single_value(data: bytes, where: str) -> None:
+    """Raise :class:`DecodeError` unless *data* is exactly one CBOR value.
+
+    ``cbor2.loads`` ignores bytes after the first value; the store never writes any, so
+    :meth:`~rstmdb_storage.Storage.verify` looks for them (reads do not: it would double the
+    cost of decoding, and the CRC already shows the bytes are the ones written).
+    """
+    decoder = cbor2.CBORDecoder(
+        io.BytesIO(data),
+        max_depth=MAX_DECODE_DEPTH,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        tag_hook=_refuse_unknown_tag,
+        semantic_decoders=_REFUSED_TAGS,
+    )
+    try:
+        decoder.decode()
+        decoder.decode()
+    except cbor2.CBORDecodeEOF:
+        return  # nothing after the first value
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
+        pass
+    raise DecodeError(f"{where}: bytes follow the CBOR value")
 
 
 # --- the envelope -------------------------------------------------------------------------------

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .codec import cbor_loads, decode_instance, unseal
+from .codec import (
+    INSTANCE_BODY_OFFSET,
+    cbor_loads,
+    check_single_value,
+    decode_instance,
+    unseal,
+)
 from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
 from .model import check_instance
@@ -41,6 +47,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
         where = f"instances[{key!r}]"
         try:
             inst = decode_instance(key, raw)
+            check_single_value(raw[INSTANCE_BODY_OFFSET:], where)
         except CorruptionError as exc:
             yield Finding(where, str(exc))
             continue
@@ -63,7 +70,9 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
             yield from _stray_entries(txn, dbs, db)
     for key, raw in txn.cursor(db=dbs[DB_MACHINES]).iternext():
         try:
-            cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
+            body = unseal(key, raw, "machines")
+            cbor_loads(body, f"machines[{key!r}]")
+            check_single_value(body, f"machines[{key!r}]")
         except CorruptionError as exc:
             yield Finding(f"machines[{key!r}]", str(exc))
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lmdb
 import pytest
+from crc32c import crc32c
 
 from rstmdb_storage import (
     CorruptionError,
@@ -265,3 +266,21 @@ def test_repair_refuses_damage_in_what_lmdb_applied(config: StorageConfig) -> No
 def test_repair_refuses_while_the_store_is_open(storage: Storage) -> None:
     with pytest.raises(StorageError, match="is open"):
         Storage.repair_wal(storage.config)
+
+
+def test_verify_finds_bytes_after_a_stored_body(config: StorageConfig) -> None:
+    """A value with a valid CRC but bytes after its CBOR body: the store never writes one, so
+    verify() reports it (reads do not look: the CRC shows the bytes are the ones written)."""
+    fill(config, 3)
+
+    def append_a_byte(env, txn) -> None:
+        db = env.open_db(b"instances", txn=txn)
+        tail = txn.get(b"o1", db=db)[4:] + b"\x00"
+        txn.put(b"o1", crc32c(tail, crc32c(b"o1")).to_bytes(4, "little") + tail, db=db)
+
+    rewrite_lmdb(config, append_a_byte)
+    with Storage.open(config) as storage:
+        findings = storage.verify()
+        assert [(f.where, f.problem.split(": ")[-1]) for f in findings] == [
+            ("instances[b'o1']", "bytes follow the CBOR value")
+        ]
