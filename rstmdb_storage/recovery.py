@@ -25,10 +25,12 @@ snapshot, cut after that record. It writes only inside its target directory.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .config import INDEXES_DIR, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
@@ -155,7 +157,7 @@ def restore_to(
         raise InvalidInputError(f"seq: expected an int >= 0 or None, got {seq!r}")
     if target.exists() and any(target.iterdir()):
         raise InvalidInputError(f"restore target {target} is not empty")
-    with snapshot_lock(source / SNAPSHOTS_DIR, file_mode):  # compaction waits meanwhile
+    with _compaction_held_off(source / SNAPSHOTS_DIR, file_mode):
         manifest = choose_snapshot(source / SNAPSHOTS_DIR, wal, seq, progress)
         ids = wal.segment_ids()
         if manifest is None and not (ids and ids[0] == 1):
@@ -195,6 +197,19 @@ def restore_to(
                     source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode
                 )
     return end.applied_seq
+
+
+@contextlib.contextmanager
+def _compaction_held_off(snapshots_dir: Path, file_mode: int) -> Iterator[None]:
+    """The snapshot lock of a source being copied, so that compaction waits meanwhile; none
+    for a source this process cannot write (a read-only backup), which nobody compacts."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(snapshot_lock(snapshots_dir, file_mode))
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+        yield
 
 
 def cut_damaged_tail(wal: Wal, applied_seq: int) -> TornTailRepair | None:

@@ -3,7 +3,9 @@ the WAL after it, falling back to an older snapshot; point-in-time restore; gaps
 
 from __future__ import annotations
 
+import errno
 import multiprocessing
+import os
 import shutil
 from pathlib import Path
 
@@ -254,3 +256,25 @@ def test_corrupt_snapshot_only_is_reported_by_open_when_it_was_needed(
     lose_indexes(config)
     with pytest.raises(CorruptionError, match="cannot be rebuilt"):
         Storage.open(config)
+
+
+def test_restore_from_a_source_it_cannot_lock(
+    config: StorageConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read-only backup (which nobody can compact) is restored without the snapshot lock."""
+    with Storage.open(config) as storage:
+        write(storage, 0, 60)
+        storage.compact()
+        expected = state_of(storage)
+    real_open = os.open
+
+    def read_only_lock_file(path, flags, *args):
+        if str(path).endswith("snapshot.lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only_lock_file)
+    Storage.restore(config.path, tmp_path / "copy")
+    monkeypatch.undo()
+    with Storage.open(tmp_path / "copy") as restored:
+        assert state_of(restored) == expected
