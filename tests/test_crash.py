@@ -288,7 +288,7 @@ def test_sigkill_while_snapshots_and_compaction_run(tmp_path: Path, crash_trials
     seed = make_seed()
     rng = random.Random(seed)
     data_dir = tmp_path / "data"
-    config = workers.maintenance_config(str(data_dir), SEGMENT_SIZE, maintenance=True)
+    config = workers.store_config(str(data_dir), SEGMENT_SIZE, maintenance=True)
     acknowledged: State = {}
     for trial in range(max(1, crash_trials // 2)):
         where = f"seed={seed} trial={trial}"

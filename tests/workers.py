@@ -46,25 +46,20 @@ def parse_policy(text: str) -> FsyncPolicy:
     return FsyncPolicy(mode, int(value)) if value else FsyncPolicy(mode)  # type: ignore[arg-type]
 
 
-def open_store(
-    data_dir: str,
-    segment_size: int,
-    map_size: int = 1 << 30,
-    policy: str = "every_write",
-    maintenance: bool = False,
-) -> Storage:
-    """The store; with *maintenance*, automatic snapshots and compaction run often (without,
-    none: most tests read the WAL from its first record)."""
-    return Storage.open(maintenance_config(data_dir, segment_size, map_size, policy, maintenance))
+def open_store(*args: Any, **kwargs: Any) -> Storage:
+    """The store, configured by :func:`store_config`."""
+    return Storage.open(store_config(*args, **kwargs))
 
 
-def maintenance_config(
+def store_config(
     data_dir: str,
     segment_size: int,
     map_size: int = 1 << 30,
     policy: str = "every_write",
     maintenance: bool = False,
 ) -> StorageConfig:
+    """With *maintenance*, automatic snapshots and compaction run often; without, none (most
+    tests read the WAL from its first record)."""
     return StorageConfig(
         data_dir=data_dir,
         wal_segment_size=segment_size,
