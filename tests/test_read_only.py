@@ -135,3 +135,39 @@ def test_a_read_only_store_does_not_replay_what_lmdb_has_not_applied(
         storage.put_instance(order("late"))
     with Storage.open(read_only(filled.path)) as storage:
         assert storage.applied_seq == 31 and storage.get_instance("late") is not None
+
+
+@pytest.fixture
+def read_only_mount(tmp_path: Path):
+    """A directory on a truly read-only filesystem (a read-only bind mount): the copy an
+    operator restores from, or serves lookups from."""
+    source, mount_point = tmp_path / "source", tmp_path / "mounted"
+    source.mkdir()
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "--bind", str(source), str(mount_point)], check=False)
+    if mounted.returncode != 0:
+        pytest.skip("this machine does not let the tests mount (they need root)")
+    try:
+        yield source, mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def test_a_store_on_a_read_only_filesystem_is_read_and_restored(
+    filled: StorageConfig, read_only_mount, tmp_path: Path
+) -> None:
+    source, mount_point = read_only_mount
+    with Storage.open(filled) as storage:
+        storage.put_instance(order("in-the-wal-only"))  # applied, and past the snapshot
+    shutil.copytree(filled.path, source / "data")
+    subprocess.run(["mount", "-o", "remount,ro,bind", str(mount_point)], check=True)
+    store = mount_point / "data"
+    with pytest.raises(OSError):
+        (store / "probe").write_text("x")  # really read-only
+    with Storage.open(read_only(store)) as storage:
+        assert storage.count_instances() == 31
+        assert storage.get_instance("in-the-wal-only") is not None
+        assert storage.verify() == []
+    assert Storage.restore(store, tmp_path / "restored") == 31
+    with Storage.open(tmp_path / "restored") as restored:
+        assert restored.count_instances() == 31

@@ -4,6 +4,7 @@ appended with ``pwrite`` at offsets the caller owns (the WAL tail in LMDB, under
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -61,7 +62,9 @@ class WalSegment:
         path = directory / segment_name(first_seq)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-        except PermissionError:
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # a read-only copy: reading is all
         segment = cls(path, fd, first_seq)
         try:
