@@ -1,5 +1,6 @@
 """The main job in one page: open a store, write instances, read them back, move one through a
-transition, query by state and metadata, list everything, reopen.
+transition, query by state and metadata, list everything, snapshot, compact, back up, restore
+to a point in time, reopen.
 
 Run it with ``python examples/demo.py [DATA_DIR]`` (default ``./rstmdb-data``). Running it again
 continues the same store: sequence numbers carry on where they stopped.
@@ -8,7 +9,9 @@ continues the same store: sequence numbers carry on where they stopped.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from rstmdb_storage import (
     ConflictError,
@@ -98,6 +101,20 @@ def main(data_dir: str) -> None:
             f"snapshot of sequence {snapshot.seq}: {snapshot.instances} instances, "
             f"{snapshot.size} bytes, CRC32C {snapshot.crc32c:#010x}"
         )
+        done = storage.compact()
+        print(
+            f"compaction: {done.segments_deleted} WAL segment(s) and {done.snapshots_deleted} "
+            f"old snapshot(s) deleted, {done.bytes_reclaimed} bytes reclaimed"
+        )
+
+        with tempfile.TemporaryDirectory() as scratch:
+            backed_up = storage.backup(Path(scratch) / "backup")
+            print(f"backup while open: holds everything up to sequence {backed_up}")
+            before_batch = batch.seq - 1
+            Storage.restore(Path(scratch) / "backup", Path(scratch) / "then", seq=before_batch)
+            with Storage.open(Path(scratch) / "then") as then:
+                ids = [inst.id for inst in then.iter_instances()]
+                print(f"point-in-time restore to sequence {before_batch}, before the batch: {ids}")
 
     with Storage.open(config) as storage:
         print(
