@@ -361,3 +361,23 @@ def test_lookup_service_beside_the_workers(tmp_path: Path) -> None:
             status, body = get(f"{url}/instances/{quote(item['id'])}")
             assert status == 200
             assert body == item
+
+
+def test_the_demo_runs_twice_on_one_directory(tmp_path: Path) -> None:
+    """The README's main job: a second run carries on the same store."""
+    demo = ROOT / "examples" / "demo.py"
+    outputs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, str(demo), str(tmp_path / "data")],
+            cwd=tmp_path,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs.append(done.stdout)
+    assert "point-in-time restore to sequence 2, before the batch: ['order-1']" in outputs[0]
+    assert "reopened: 5 instances, applied sequence 4" in outputs[0]
+    assert "reopened: 5 instances, applied sequence 8" in outputs[1]
