@@ -49,7 +49,7 @@ from .snapshots import (
 from .wal import TornTailRepair, Wal, WalRecord, WalTail
 from .wal.decoder import BadRecord, decode_record
 from .wal.format import RECORD_SEAL, SEGMENT_HEADER_SIZE, segment_name
-from .wal.repair import cut_torn_tail
+from .wal.repair import cut_torn_tail, zero_from
 from .wal.segment import WalSegment
 
 log = logging.getLogger("rstmdb_storage")
@@ -70,11 +70,10 @@ def choose_snapshot(
     :raises WalGapError: that snapshot is good but the WAL after it is gone
     """
     ids = wal.segment_ids()
-    store_id = wal.segment_store_id(ids[0]) if ids else None
     for manifest in reversed(readable_manifests(snapshots_dir)):
         if until_seq is not None and manifest.seq > until_seq:
             continue
-        if store_id is not None and manifest.store_id != store_id:
+        if wal.store_id and manifest.store_id != wal.store_id:
             log.warning("skipping snapshot %s: it belongs to another store", manifest.name)
             continue
         try:
@@ -251,11 +250,7 @@ def _cut_after(wal_dir: Path, end: WalTail, store_id: bytes) -> None:
     seal), so that the restored log ends there."""
     segment = WalSegment.open(wal_dir, end.segment, store_id)
     try:
-        zeros = bytes(1 << 20)
-        size = segment.size()
-        for start in range(max(end.offset, SEGMENT_HEADER_SIZE), size, len(zeros)):
-            segment.write(start, zeros[: min(len(zeros), size - start)])
-        segment.sync()
+        zero_from(segment, max(end.offset, SEGMENT_HEADER_SIZE))
     finally:
         segment.close()
 

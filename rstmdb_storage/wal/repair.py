@@ -41,16 +41,23 @@ def _make_durable(path: Path) -> None:
     fsync_dir(path.parent)
 
 
-def cut_torn_tail(segment: WalSegment, offset: int, reason: str) -> TornTailRepair:
+def zero_from(segment: WalSegment, offset: int) -> int:
+    """Overwrite with zeros whatever is written in *segment* from *offset* on (the rest of a
+    preallocated segment is zeros already), and sync it; return how many bytes were zeroed."""
     end = last_nonzero(segment.read, offset, segment.size())
-    copy_path = segment.path.with_name(f"{segment.path.name}.broken-{offset}")
-    shutil.copy(segment.path, copy_path)  # keeps the segment's private mode
-    _make_durable(copy_path)  # the copy must survive whatever the cut does not
     zeros = bytes(1 << 20)
     for start in range(offset, end, len(zeros)):
         segment.write(start, zeros[: min(len(zeros), end - start)])
     segment.sync()
-    repair = TornTailRepair(str(segment.path), offset, end - offset, reason, str(copy_path))
+    return end - offset
+
+
+def cut_torn_tail(segment: WalSegment, offset: int, reason: str) -> TornTailRepair:
+    copy_path = segment.path.with_name(f"{segment.path.name}.broken-{offset}")
+    shutil.copy(segment.path, copy_path)  # keeps the segment's private mode
+    _make_durable(copy_path)  # the copy must survive whatever the cut does not
+    bytes_cut = zero_from(segment, offset)
+    repair = TornTailRepair(str(segment.path), offset, bytes_cut, reason, str(copy_path))
     log.warning(
         "cut a torn WAL tail: %s at offset %d, %d bytes (%s); the original is kept as %s",
         repair.path,
