@@ -1258,12 +1258,7 @@ class Storage:
             self._wal.sync()  # what becomes visible must be durable first
             self._meta.write_tail(txn, tail)
             self._count_changes(txn, changed)
-        caught_up = applied < limit
-        if caught_up and self._meta.append_tail(txn, tail) != tail:
-            # An append tail past the end of the log is stale: the records it counted were
-            # cut (restore, repair) or lost with a power loss. Appends go on at the end.
-            self._meta.write_append_tail(txn, tail)
-        return tail, caught_up
+        return tail, applied < limit
 
     def _count_changes(self, txn: Any, changes: list[list[Any]]) -> None:
         """Count the puts and deletes applied; wake the flusher when a snapshot may be due."""
@@ -1314,6 +1309,11 @@ class Storage:
                 with env.begin_write() as txn:
                     before = self._meta.tail(txn)
                     tail, done = self._apply_pending(txn, before, strict)
+                    if done and self._meta.append_tail(txn, tail) != tail:
+                        # An append tail past the end of the log is stale: the records it
+                        # counted were cut (restore, repair) or lost with a power loss, each
+                        # of which is followed by an open. Appends go on at the end.
+                        self._meta.write_append_tail(txn, tail)
                 replayed += tail.next_seq - before.next_seq
                 strict = False  # the end of the log was checked once, in the first pass
                 if progress is not None:
