@@ -163,6 +163,39 @@ def check_wal(
 # --- a writer killed at random moments, again and again -------------------------------------
 
 
+def kill_writer_after(
+    stderr_path: Path,
+    writer_args: tuple[object, ...],
+    event: str,
+    count: int,
+    jitter: float,
+    where: str,
+) -> str:
+    """Run a crash-writer, kill it with SIGKILL right after its *count*-th *event* (and
+    *jitter* seconds more), and return its whole transcript."""
+    with open(stderr_path, "w") as stderr:
+        proc = start_worker("crash-writer", *writer_args, stderr=stderr)
+        assert proc.stdout is not None
+        seen, text = 0, ""
+        for line in proc.stdout:
+            text += line
+            if json.loads(line)["event"] == event:
+                seen += 1
+                if seen == count:
+                    break
+        if jitter:
+            time.sleep(jitter)  # not a synchronisation: spreads the moment of the kill
+        proc.kill()
+        proc.wait()
+        text += proc.stdout.read()
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL, (
+        f"{where}: the writer died by itself (rc {proc.returncode}): "
+        f"{stderr_path.read_text()[-3000:]}"
+    )
+    return text
+
+
 @pytest.mark.parametrize("policy", ["every_write", "every_n:7", "never"])
 def test_sigkill_writer_keeps_every_acknowledged_write(
     tmp_path: Path, crash_trials: int, policy: str
@@ -189,38 +222,11 @@ def test_sigkill_writer_keeps_every_acknowledged_write(
         if mode == "try":
             target = max(target, 1)
         jitter = rng.uniform(0, 0.003) if rng.random() < 0.5 else 0.0
-        with open(stderr_path, "w") as stderr:
-            proc = start_worker(
-                "crash-writer",
-                data_dir,
-                rng.randrange(2**32),
-                SEGMENT_SIZE,
-                "inst-",
-                40,
-                policy,
-                stderr=stderr,
-            )
-            assert proc.stdout is not None
-            seen = 0
-            want = "ready" if target == 0 else mode
-            text = ""
-            for line in proc.stdout:
-                text += line
-                event = json.loads(line)["event"]
-                if event == want:
-                    seen += 1
-                    if want == "ready" or seen == target:
-                        break
-            if jitter:
-                time.sleep(jitter)  # not a synchronisation: spreads the moment of the kill
-            proc.kill()
-            proc.wait()
-            text += proc.stdout.read()
-            proc.stdout.close()
-        assert proc.returncode == -signal.SIGKILL, (
-            f"{where}: the writer died by itself (rc {proc.returncode}): "
-            f"{stderr_path.read_text()[-3000:]}"
-        )
+        writer_args = (data_dir, rng.randrange(2**32), SEGMENT_SIZE, "inst-", 40, policy)
+        if target == 0:
+            text = kill_writer_after(stderr_path, writer_args, "ready", 1, jitter, where)
+        else:
+            text = kill_writer_after(stderr_path, writer_args, mode, target, jitter, where)
         events = parse_lines(text)
         ready = [e for e in events if e["event"] == "ready"]
         assert ready, f"{where}: the writer never opened the store"
@@ -292,29 +298,15 @@ def test_sigkill_while_snapshots_and_compaction_run(tmp_path: Path, crash_trials
     acknowledged: State = {}
     for trial in range(max(1, crash_trials // 2)):
         where = f"seed={seed} trial={trial}"
-        with open(tmp_path / f"writer-{trial}.err", "w") as stderr:
-            proc = start_worker(
-                "crash-writer",
-                data_dir,
-                rng.randrange(2**32),
-                SEGMENT_SIZE,
-                "inst-",
-                40,
-                "every_write",
-                "on",
-                stderr=stderr,
-            )
-            assert proc.stdout is not None
-            target, acks, text = rng.randint(1, 150), 0, ""
-            for line in proc.stdout:
-                text += line
-                acks += json.loads(line)["event"] == "ack"
-                if acks == target:
-                    break
-            proc.kill()
-            proc.wait()
-            text += proc.stdout.read()
-            proc.stdout.close()
+        writer_args = (data_dir, rng.randrange(2**32), SEGMENT_SIZE, "inst-", 40)
+        text = kill_writer_after(
+            tmp_path / f"writer-{trial}.err",
+            (*writer_args, "every_write", "on"),
+            "ack",
+            rng.randint(1, 150),
+            0.0,
+            where,
+        )
         events = parse_lines(text)
         tries = {e["op"]: e for e in events if e["event"] == "try"}
         acks = [e for e in events if e["event"] == "ack"]
