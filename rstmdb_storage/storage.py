@@ -14,7 +14,7 @@ replays exactly the records LMDB has not seen. LMDB itself runs with ``sync=Fals
 flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after the WAL.
 
 When writer *processes* contend, durable writes use group commit instead (see the section of
-that name below and :mod:`rstmdb_storage.wal.shared_sync`): steps 4 and 5 are split so that
+that name below and :mod:`rstmdb_storage.wal.group_commit`): steps 4 and 5 are split so that
 one ``fdatasync`` serves every record appended before it. A background thread per store
 checkpoints, syncs under ``every_ms``, grows the map early, and starts automatic snapshots
 and compaction (:mod:`rstmdb_storage.snapshots`, :mod:`rstmdb_storage.compaction`); opening
@@ -123,7 +123,7 @@ from .wal.format import (
     CHANGE_PUT,
     SEGMENT_HEADER_SIZE,
 )
-from .wal.shared_sync import SharedSync
+from .wal.group_commit import SharedAppendTail, SharedSync
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -136,7 +136,6 @@ REPLAY_CHUNK = 2000
 _CONTENDED_WAIT = 0.0002
 #: how long group commit stays on after contention was last seen, in seconds
 _GROUP_WINDOW = 0.5
-SYNC_LOCK_NAME = "sync.lock"
 
 
 class Storage:
@@ -168,7 +167,7 @@ class Storage:
         self._segments_left = 0
         #: group commit is used until then (see _note_contention)
         self._group_until = 0.0
-        self._shared_sync: SharedSync | None = None
+        self._group_files: tuple[SharedAppendTail, SharedSync] | None = None
         self._flusher = None if config.read_only else _Flusher(self)
 
     # --- opening and closing --------------------------------------------------------------------
@@ -278,8 +277,9 @@ class Storage:
                     self.checkpoint()
         finally:
             self._closed = True
-            if self._shared_sync is not None and self._shared_sync.pid == os.getpid():
-                self._shared_sync.close()
+            if self._group_files is not None and self._group_files[0].pid == os.getpid():
+                for file in self._group_files:
+                    file.close()
             try:
                 self._wal.close()
             finally:
@@ -1023,7 +1023,8 @@ class Storage:
         known: list[IndexedFields | None],
         idempotency_key: str | None,
     ) -> int:
-        must_check = any(c[0] == CHANGE_DELETE or is_conditional(c) for c in changes)
+        must_check = _must_check(changes)
+        appends, _ = self._group_commit()
         written: int | None = None
         growths = 0
         while True:
@@ -1035,21 +1036,24 @@ class Storage:
                         # for the write mutex instead: under the GIL, the extra steps of group
                         # commit cost them more than the syncs they share.)
                         self._note_contention()
-                    tail, caught_up = self._apply_pending(txn, self._meta.tail(txn))
-                    if not caught_up:
-                        continue  # commit this chunk of replay, then go on
-                    if written is not None:
-                        return written  # the catch-up above applied our record
-                    timestamp_ms = time.time_ns() // 1_000_000
-                    if idempotency_key is not None:
-                        first = remembered_write(
-                            txn, env.dbs[DB_IDEMPOTENCY], idempotency_key, timestamp_ms
-                        )
-                        if first is not None:
-                            return first  # a retry: the first write's result, nothing written
-                    if must_check:
-                        _raise_failure(txn, env.dbs, tail.next_seq, changes)
-                    new_tail = self._wal.append(tail, timestamp_ms, payload)
+                    # The append lock keeps grouped appenders out while the log's end is
+                    # read and written; it is not held across the sync.
+                    with appends.locked():
+                        tail, caught_up = self._apply_pending(txn, self._meta.tail(txn))
+                        if not caught_up:
+                            continue  # commit this chunk of replay, then go on
+                        if written is not None:
+                            return written  # the catch-up above applied our record
+                        timestamp_ms = time.time_ns() // 1_000_000
+                        if idempotency_key is not None:
+                            first = remembered_write(
+                                txn, env.dbs[DB_IDEMPOTENCY], idempotency_key, timestamp_ms
+                            )
+                            if first is not None:
+                                return first  # a retry: the first write's result
+                        if must_check:
+                            _raise_failure(txn, env.dbs, tail.next_seq, changes)
+                        new_tail = self._append_record(appends, tail, timestamp_ms, payload)
                     written = tail.next_seq
                     if self._wal.sync_due():
                         self._wal.sync()
@@ -1065,13 +1069,13 @@ class Storage:
 
     # --- group commit ---------------------------------------------------------------------------
     #
-    # Under contention (another process was found holding the write lock, or records of other
-    # writers were waiting) durable writes take three steps instead of one, so that
-    # one fdatasync serves many of them (see wal/shared_sync.py): append under the write lock
-    # without syncing; sync outside it, unless another writer's sync covered the record; apply
-    # every synced record, whoever wrote it. Nothing is visible before it is durable, and
-    # conditions are judged at append time against the state every earlier record leads to,
-    # which is what applying them in order reaches again.
+    # Under contention (another process was found holding the write lock, or a sync of another
+    # writer covered ours) durable writes take three steps instead of one, so that one
+    # fdatasync serves many of them (see wal/group_commit.py): append under the append lock,
+    # without LMDB's write lock and without syncing; sync outside both, unless another
+    # writer's sync covered the record; apply every synced record, whoever wrote it. Nothing is
+    # visible before it is durable, and conditions are judged at append time against the state
+    # every earlier record leads to, which is what applying them in order reaches again.
 
     def _grouping(self) -> bool:
         return (
@@ -1082,6 +1086,18 @@ class Storage:
         if self.config.fsync_policy.mode == "every_write":
             self._group_until = time.monotonic() + _GROUP_WINDOW
 
+    def _group_commit(self) -> tuple[SharedAppendTail, SharedSync]:
+        """This process's append and sync locks (opened again in a forked child: a ``flock``
+        is shared with every process the descriptor was inherited by)."""
+        files = self._group_files
+        if files is None or files[0].pid != os.getpid():
+            indexes, mode = self.config.path / INDEXES_DIR, self.config.file_mode
+            files = self._group_files = (
+                SharedAppendTail(indexes, self._boot_id, mode),
+                SharedSync(indexes, self.config.path / WAL_DIR, self._boot_id, mode),
+            )
+        return files
+
     def _commit_grouped(
         self,
         env: lmdb_env.LmdbEnvironment,
@@ -1091,7 +1107,7 @@ class Storage:
     ) -> int:
         with env.write_mutex:
             self._wal.check_usable()
-            seq = self._append_locked(env, changes, payload, idempotency_key)
+            seq = self._append_grouped(env, changes, payload, idempotency_key)
         synced = self._sync_through(seq)
         if self.applied_seq < seq:  # else the writer whose sync covered ours applied it
             with env.write_mutex:
@@ -1099,23 +1115,31 @@ class Storage:
                 self._dirty = True
         return seq
 
-    def _append_locked(
+    def _append_grouped(
         self,
         env: lmdb_env.LmdbEnvironment,
         changes: list[list[Any]],
         payload: bytes,
         idempotency_key: str | None,
     ) -> int:
-        """Step 1: judge and append the record, advance the append tail; return its sequence
-        number (or, for a retry with a known idempotency key, the first write's)."""
-        written: int | None = None
+        """Step 1: append the record at the append tail; return its sequence number (or, for
+        a retry with a known idempotency key, the first write's). A plain put needs only the
+        append lock; a condition or an idempotency key is judged inside an LMDB write
+        transaction that is then thrown away."""
+        appends, _ = self._group_commit()
+        if idempotency_key is None and not _must_check(changes):
+            with appends.locked():
+                tail = self._tail_for_append(appends, None)
+                timestamp_ms = time.time_ns() // 1_000_000
+                return self._append_record(appends, tail, timestamp_ms, payload).applied_seq
         growths = 0
         while True:
             try:
-                with env.begin_write() as txn:
+                txn = env.begin_write()
+                try:
                     applied = self._meta.tail(txn)
-                    appended = self._past_crashed_appends(self._meta.append_tail(txn, applied))
-                    if written is None:
+                    with appends.locked():
+                        appended = self._tail_for_append(appends, applied)
                         if appended != applied:
                             self._note_contention()
                         timestamp_ms = time.time_ns() // 1_000_000
@@ -1124,22 +1148,37 @@ class Storage:
                         )
                         if first is not None:
                             return first  # steps 2 and 3 make the first write durable, visible
-                        appended = self._wal.append(appended, timestamp_ms, payload)
-                        written = appended.applied_seq
-                    self._meta.write_append_tail(txn, appended)
-                return written
+                        return self._append_record(
+                            appends, appended, timestamp_ms, payload
+                        ).applied_seq
+                finally:
+                    txn.abort()
             except lmdb.MapFullError:
-                # Aborted: our record, if appended, is found past the append tail next time.
+                # The judging transaction filled the map; nothing was appended.
                 growths += 1
                 env.grow(growths)
 
-    def _past_crashed_appends(self, tail: WalTail) -> WalTail:
-        """The append tail moved past complete records a writer appended before it crashed."""
+    def _tail_for_append(self, appends: SharedAppendTail, applied: WalTail | None) -> WalTail:
+        """Where the next record goes; call holding the append lock. The tail the last
+        append stored, unless there is none in this boot or it is behind the applied tail;
+        then past any complete record a writer appended before it crashed."""
+        tail = appends.tail()
+        if tail is None or (applied is not None and tail.next_seq < applied.next_seq):
+            tail = applied if applied is not None else self._applied_tail()
         while (step := self._wal.next_record(tail)) is not None:
             record, tail = step
             if record is not None:
                 self._wal.mark_unsynced(tail.segment)
         return tail
+
+    def _append_record(
+        self, appends: SharedAppendTail, tail: WalTail, timestamp_ms: int, payload: bytes
+    ) -> WalTail:
+        """Append the record at *tail* and store the tail after it; call holding the append
+        lock. Return the new tail."""
+        new_tail = self._wal.append(tail, timestamp_ms, payload)
+        appends.write_tail(new_tail)
+        return new_tail
 
     def _judge(
         self,
@@ -1153,9 +1192,6 @@ class Storage:
     ) -> int | None:
         """Judge *changes* against the state after every record before them: the first
         write's sequence number for a known idempotency key; raises when a condition fails."""
-        must_check = any(c[0] == CHANGE_DELETE or is_conditional(c) for c in changes)
-        if idempotency_key is None and not must_check:
-            return None
         # Records appended but not applied yet are applied in a nested transaction thrown away
         # afterwards: what they change is not durable yet.
         view = txn if appended == applied else env.env.begin(write=True, parent=txn)
@@ -1168,7 +1204,7 @@ class Storage:
                 )
                 if first is not None:
                     return first
-            if must_check:
+            if _must_check(changes):
                 _raise_failure(view, env.dbs, appended.next_seq, changes)
             return None
         finally:
@@ -1178,24 +1214,23 @@ class Storage:
     def _sync_through(self, seq: int) -> int:
         """Step 2: make the records up to *seq* durable, sharing the sync; return the sequence
         number known durable."""
-        shared = self._shared_sync
-        if shared is None or shared.pid != os.getpid():
-            shared = self._shared_sync = SharedSync(
-                self.config.path / INDEXES_DIR / SYNC_LOCK_NAME,
-                self.config.path / WAL_DIR,
-                self._boot_id,
-                self.config.file_mode,
-            )
+        _, shared = self._group_commit()
         try:
-            synced, covered = shared.sync_through(seq, self._append_tail_now)
+            synced, covered = shared.sync_through(seq, self._appended_tail)
         except OSError as exc:
             raise self._wal.failed(exc, str(self.config.path / WAL_DIR)) from exc
         if covered:
             self._note_contention()
         return synced
 
-    def _append_tail_now(self) -> WalTail:
-        return self._read_with_retry(lambda txn: self._meta.append_tail(txn, self._meta.tail(txn)))
+    def _appended_tail(self) -> WalTail:
+        appends, _ = self._group_commit()
+        with appends.locked():
+            tail = appends.tail()
+        return tail if tail is not None else self._applied_tail()
+
+    def _applied_tail(self) -> WalTail:
+        return self._read_with_retry(self._meta.tail)
 
     def _apply_through(self, env: lmdb_env.LmdbEnvironment, seq: int, synced: int) -> None:
         """Step 3: apply every synced record not applied yet, unless another writer applied
@@ -1304,16 +1339,17 @@ class Storage:
         """Apply every WAL record LMDB has not seen; return how many."""
         env = self._live_env()
         replayed = 0
+        appends, _ = self._group_commit()
         with env.write_mutex:
             while True:
-                with env.begin_write() as txn:
+                with env.begin_write() as txn, appends.locked():
                     before = self._meta.tail(txn)
                     tail, done = self._apply_pending(txn, before, strict)
-                    if done and self._meta.append_tail(txn, tail) != tail:
-                        # An append tail past the end of the log is stale: the records it
-                        # counted were cut (restore, repair) or lost with a power loss, each
-                        # of which is followed by an open. Appends go on at the end.
-                        self._meta.write_append_tail(txn, tail)
+                    if done:
+                        # Any other append tail is stale: the records it counted were cut
+                        # (restore, repair) or lost with a power loss, each of which is
+                        # followed by an open. Appends go on at the end.
+                        appends.write_tail(tail)
                 replayed += tail.next_seq - before.next_seq
                 strict = False  # the end of the log was checked once, in the first pass
                 if progress is not None:
@@ -1574,6 +1610,11 @@ def _machine_entry(
     if found and cursor.key().startswith(prefix):
         return cursor.key(), cursor.value()
     return None
+
+
+def _must_check(changes: list[list[Any]]) -> bool:
+    """Whether *changes* can fail against the stored state (a delete, or a condition)."""
+    return any(change[0] == CHANGE_DELETE or is_conditional(change) for change in changes)
 
 
 def _condition(expected_state: str | None, expected_seq: int | None) -> list[Any] | None:

@@ -23,7 +23,7 @@ from crc32c import crc32c
 from rstmdb_storage import codec
 from rstmdb_storage.errors import DecodeError
 from rstmdb_storage.model import Instance
-from rstmdb_storage.wal import decoder, encoder, shared_sync
+from rstmdb_storage.wal import decoder, encoder, group_commit
 from rstmdb_storage.wal import format as wal_format
 
 # --- parsing the docstrings ---------------------------------------------------------------------
@@ -395,12 +395,18 @@ def test_codec_prose_constants() -> None:
         assert number in codec.BUILTIN_TAGS
 
 
-def test_sync_position_table_matches_struct() -> None:
-    (rows,) = doc_tables(shared_sync)
-    assert_contiguous(rows)
-    layout = struct_layout(shared_sync._POSITION.format)
-    names = source_field_names(shared_sync, "_POSITION")
-    assert [(r.start, r.length, r.field) for r in rows] == [
-        (offset, size, name) for (offset, size, _), name in zip(layout, names, strict=True)
-    ]
-    assert rows[0].text.startswith("u64 LE") and shared_sync._POSITION.format == "<Q36s"
+def test_group_commit_position_tables_match_structs() -> None:
+    """The append lock's table, then the sync lock's, each field for field as packed."""
+    tables = doc_tables(group_commit)
+    constants = ["_APPEND_POSITION", "_SYNC_POSITION"]
+    assert len(tables) == len(constants)
+    for rows, constant in zip(tables, constants, strict=True):
+        assert_contiguous(rows)
+        packer = getattr(group_commit, constant)
+        layout = struct_layout(packer.format)
+        names = source_field_names(group_commit, constant)
+        assert [(r.start, r.length, r.field) for r in rows] == [
+            (offset, size, name) for (offset, size, _), name in zip(layout, names, strict=True)
+        ]
+        for row, (_, _, code) in zip(rows, layout, strict=True):
+            assert (code == "Q") == row.text.startswith("u64 LE"), row

@@ -18,7 +18,7 @@ from rstmdb_storage import (
     StorageConfig,
     StorageFailedError,
 )
-from rstmdb_storage.wal import shared_sync
+from rstmdb_storage.wal import group_commit
 
 
 @pytest.fixture
@@ -34,7 +34,7 @@ def append_only(storage: Storage, instance, **condition) -> int:
     payload = cbor2.dumps([change])
     env = storage._env
     with env.write_mutex:
-        return storage._append_locked(env, [change], payload, None)
+        return storage._append_grouped(env, [change], payload, None)
 
 
 def test_grouped_writes_read_back_like_any_other(grouped: Storage) -> None:
@@ -77,7 +77,7 @@ def test_a_retry_of_a_pending_keyed_write_waits_for_it_to_be_durable(grouped: St
     changes = [change, [4, "key", 60_000]]  # put + idempotency key, as _commit builds them
     env = grouped._env
     with env.write_mutex:
-        first = grouped._append_locked(env, changes, cbor2.dumps(changes), "key")
+        first = grouped._append_grouped(env, changes, cbor2.dumps(changes), "key")
     assert grouped.get_instance("o") is None
     assert grouped.put_instance(order("o", state="x"), idempotency_key="key") == first
     assert grouped.get_instance("o").state == "pending"  # the first write, now durable
@@ -86,7 +86,7 @@ def test_a_retry_of_a_pending_keyed_write_waits_for_it_to_be_durable(grouped: St
 def test_in_group_mode_threads_share_fsyncs(data_dir, monkeypatch: pytest.MonkeyPatch) -> None:
     syncs = []
     real = os.fdatasync
-    monkeypatch.setattr(shared_sync.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
+    monkeypatch.setattr(group_commit.os, "fdatasync", lambda fd: (syncs.append(fd), real(fd)))
     config = StorageConfig(data_dir=data_dir, snapshot_interval=0)
     threads, per_thread = 8, 40
     seqs: list[int] = []
@@ -116,7 +116,7 @@ def test_a_failed_shared_sync_fails_the_store_and_shows_nothing(
     def broken(fd: int) -> None:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(shared_sync.os, "fdatasync", broken)
+    monkeypatch.setattr(group_commit.os, "fdatasync", broken)
     with pytest.raises(StorageFailedError, match="fdatasync"):
         grouped.put_instance(order("o", state="paid"))
     monkeypatch.undo()
@@ -126,15 +126,15 @@ def test_a_failed_shared_sync_fails_the_store_and_shows_nothing(
         grouped.put_instance(order("p"))
 
 
-def test_an_append_tail_past_the_end_of_the_log_is_not_trusted(grouped: Storage) -> None:
-    """As after a point-in-time restore that cut records counted by the snapshot's append
-    tail, or a power loss that lost them: appends go on where the log really ends."""
+def test_an_append_tail_past_the_end_of_the_log_is_reset_on_open(grouped: Storage) -> None:
+    """As after a repair that cut records counted by the shared append tail: opening replays
+    to where the log really ends, and appends go on there."""
     for i in range(3):
         grouped.put_instance(order(f"o{i}"))
-    env = grouped._env
-    with env.write_mutex, env.begin_write() as txn:
-        tail = grouped._meta.tail(txn)
-        grouped._meta.write_append_tail(txn, tail._replace(offset=tail.offset + 4096, next_seq=9))
+    appends, _ = grouped._group_commit()
+    with appends.locked():
+        tail = appends.tail()
+        appends.write_tail(tail._replace(offset=tail.offset + 4096, next_seq=9))
     config = grouped.config
     grouped.close()
     with Storage.open(config) as storage:
@@ -142,3 +142,23 @@ def test_an_append_tail_past_the_end_of_the_log_is_not_trusted(grouped: Storage)
         assert storage.put_instance(order("after")) == 4
         assert [r.seq for r in storage.read_wal()] == [1, 2, 3, 4]
         assert storage.verify() == []
+
+
+def test_an_append_tail_of_another_boot_is_not_trusted(grouped: Storage) -> None:
+    """After a reboot the shared append tail may be stale; appends then start from the
+    applied tail, past any complete record left behind."""
+    grouped.put_instance(order("o1"))
+    appends, _ = grouped._group_commit()
+    with appends.locked():
+        tail = appends.tail()
+    other_boot = group_commit.SharedAppendTail(
+        grouped.config.path / "indexes", "another-boot", grouped.config.file_mode
+    )
+    with other_boot.locked():
+        other_boot.write_tail(tail._replace(offset=tail.offset + 4096, next_seq=9))
+    other_boot.close()
+    with appends.locked():
+        assert appends.tail() is None
+    assert grouped.put_instance(order("o2")) == 2
+    assert [r.seq for r in grouped.read_wal()] == [1, 2]
+    assert grouped.get_instance("o2").last_wal_offset == 2

@@ -15,7 +15,7 @@ LAYERS = [
     {"fsutil", "model"},
     {"codec"},
     {"wal.format", "wal.encoder", "wal.decoder", "wal.segment", "wal.repair", "wal.log", "wal"},
-    {"wal.shared_sync"},
+    {"wal.group_commit"},
     {"store", "store.meta", "store.env", "store.indexes"},
     {"apply", "verify", "snapshots", "query"},
     {"recovery", "compaction"},

@@ -8,9 +8,6 @@ key                     value payload (inside the checksummed envelope of :mod:`
                         segment header, so segments of another store are recognised
 ``wal_tail``            u64 LE segment, u64 LE offset, u64 LE next_seq: the end of the records
                         LMDB has applied; ``next_seq - 1`` is the applied sequence number
-``append_tail``         the same layout: where the next WAL record goes, when records appended
-                        under group commit are not applied yet (absent or behind ``wal_tail``:
-                        the next record goes at ``wal_tail``)
 ``checkpoint``          u64 LE applied_seq, then the boot id (text): the last state flushed with
                         ``env.sync()``, and the boot it happened in
 ``change_count``        u64 LE: puts and deletes applied since the store was created (batches count
@@ -36,7 +33,6 @@ KEY_FORMAT_VERSION = b"format_version"
 KEY_STORE_ID = b"store_id"
 KEY_WAL_TAIL = b"wal_tail"
 KEY_CHECKPOINT = b"checkpoint"
-KEY_APPEND_TAIL = b"append_tail"
 KEY_CHANGE_COUNT = b"change_count"
 KEY_SNAPSHOT_CHANGES = b"snapshot_changes"
 HOLD_PREFIX = b"hold:"
@@ -105,19 +101,6 @@ class Meta:
 
     def write_tail(self, txn, tail: WalTail) -> None:
         self._put(txn, KEY_WAL_TAIL, _TAIL.pack(*tail))
-
-    def append_tail(self, txn, applied: WalTail) -> WalTail:
-        """Where the next record goes, given the applied tail *applied*."""
-        payload = self._get(txn, KEY_APPEND_TAIL)
-        if payload is None:
-            return applied
-        if len(payload) != _TAIL.size:
-            raise CorruptionError("meta: append_tail is malformed", key=KEY_APPEND_TAIL)
-        appended = WalTail(*_TAIL.unpack(payload))
-        return appended if appended.next_seq > applied.next_seq else applied
-
-    def write_append_tail(self, txn, tail: WalTail) -> None:
-        self._put(txn, KEY_APPEND_TAIL, _TAIL.pack(*tail))
 
     def checkpoint(self, txn) -> Checkpoint | None:
         payload = self._get(txn, KEY_CHECKPOINT)
