@@ -4,8 +4,10 @@ The write path, for one put, a delete or a whole batch:
 
 1. check and encode the input (outside any lock: bad input raises before anything is written);
 2. take the write lock (a thread lock, then LMDB's cross-process write transaction);
-3. read the WAL tail from meta and apply any record past it that a crashed writer left behind;
-4. append the record at the tail, and ``fdatasync`` it (under the default policy);
+3. under the append lock (which keeps grouped appenders of other processes out), read the WAL
+   tail from meta and apply any record past it that a crashed writer left behind, then append
+   the record at the tail;
+4. ``fdatasync`` it (under the default policy);
 5. apply it to LMDB and store the new tail in the same transaction, then commit.
 
 A change is therefore never visible before its WAL record is written (and, by default, durable),
@@ -14,11 +16,12 @@ replays exactly the records LMDB has not seen. LMDB itself runs with ``sync=Fals
 flushed at *checkpoints* (every ``checkpoint_interval_ms`` and at close), after the WAL.
 
 When writer *processes* contend, durable writes use group commit instead (see the section of
-that name below and :mod:`rstmdb_storage.wal.group_commit`): steps 4 and 5 are split so that
-one ``fdatasync`` serves every record appended before it. A background thread per store
-checkpoints, syncs under ``every_ms``, grows the map early, and starts automatic snapshots
-and compaction (:mod:`rstmdb_storage.snapshots`, :mod:`rstmdb_storage.compaction`); opening
-rebuilds a lost or damaged ``indexes/`` (:mod:`rstmdb_storage.recovery`).
+that name below and :mod:`rstmdb_storage.wal.group_commit`): append, sync and apply become three
+steps under three locks, so that one ``fdatasync`` serves every record appended before it. A
+background thread per store checkpoints, syncs under ``every_ms``, grows the map early, and
+starts automatic snapshots and compaction (:mod:`rstmdb_storage.snapshots`,
+:mod:`rstmdb_storage.compaction`); opening rebuilds a lost or damaged ``indexes/``
+(:mod:`rstmdb_storage.recovery`).
 """
 
 from __future__ import annotations
