@@ -28,7 +28,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -37,6 +36,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from helpers import start_worker
 
 try:
     import workers  # pytest puts tests/ on sys.path: it is not a package
@@ -57,8 +57,6 @@ from rstmdb_storage.wal.format import (
     segment_name,
 )
 
-WORKERS = Path(__file__).with_name("workers.py")
-ROOT = Path(__file__).resolve().parent.parent
 SEGMENT_SIZE = 64 * 1024
 
 #: id -> (spec of the latest write, its sequence number)
@@ -76,19 +74,6 @@ def config_for(data_dir: Path, policy: FsyncPolicy | None = None) -> StorageConf
         fsync_policy=policy or FsyncPolicy.every_write(),
         snapshot_interval=0,  # these tests read the WAL from its first record
         compaction_enabled=False,
-    )
-
-
-def start_worker(*args: object, stderr: Any, stdin: Any = None) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    return subprocess.Popen(
-        [sys.executable, str(WORKERS), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
     )
 
 

@@ -4,12 +4,14 @@ durable, and conditions are judged against every record appended before theirs."
 from __future__ import annotations
 
 import errno
+import json
 import os
+import subprocess
 import threading
 
 import cbor2
 import pytest
-from helpers import order
+from helpers import order, start_worker
 
 from rstmdb_storage import (
     ConflictError,
@@ -162,3 +164,21 @@ def test_an_append_tail_of_another_boot_is_not_trusted(grouped: Storage) -> None
     assert grouped.put_instance(order("o2")) == 2
     assert [r.seq for r in grouped.read_wal()] == [1, 2]
     assert grouped.get_instance("o2").last_wal_offset == 2
+
+
+def test_a_writer_killed_in_the_middle_of_an_append_blocks_nobody(grouped: Storage) -> None:
+    """Killed holding the append lock with half its record written: the kernel drops the
+    lock, the next appender cuts the torn record (copying it aside) and appends there."""
+    grouped.put_instance(order("o1"))
+    worker = start_worker("torn-appender", grouped.config.path, stdin=subprocess.PIPE)
+    try:
+        event = json.loads(worker.stdout.readline())
+        assert event["event"] == "torn"
+    finally:
+        worker.kill()
+        worker.wait()
+    assert grouped.put_instance(order("o2")) == 2
+    assert [r.seq for r in grouped.read_wal()] == [1, 2]
+    assert [repair.offset for repair in grouped.torn_tail_repairs] == [event["offset"]]
+    assert grouped.get_instance("o2").last_wal_offset == 2
+    assert grouped.verify() == []

@@ -24,7 +24,6 @@ import random
 import select
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 
 import cbor2
 import pytest
+from helpers import start_worker
 
 try:
     import workers  # pytest puts tests/ on sys.path: it is not a package
@@ -42,8 +42,6 @@ from rstmdb_storage import FsyncPolicy, Storage, StorageConfig
 from rstmdb_storage.wal.decoder import decode_changes
 from rstmdb_storage.wal.format import CHANGE_DELETE, CHANGE_PUT
 
-WORKERS = Path(__file__).with_name("workers.py")
-ROOT = Path(__file__).resolve().parent.parent
 SEGMENT_SIZE = 64 * 1024  # rotations happen while the processes race
 
 
@@ -58,19 +56,6 @@ def config_for(data_dir: Path) -> StorageConfig:
         fsync_policy=FsyncPolicy.every_write(),
         snapshot_interval=0,  # these tests read the WAL from its first record
         compaction_enabled=False,
-    )
-
-
-def start_worker(*args: object, stderr: Any) -> subprocess.Popen[str]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    return subprocess.Popen(
-        [sys.executable, str(WORKERS), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
     )
 
 
@@ -127,6 +112,7 @@ def run_writers(
                     log,
                     *extra,
                     stderr=stderr,
+                    stdin=subprocess.PIPE,
                 )
             )
         errs.append(err)
@@ -269,7 +255,9 @@ def test_reader_never_sees_a_half_applied_batch(tmp_path: Path) -> None:
             for instance_id in ("token-0", workers.PAIR_A, workers.PAIR_B):
                 batch.put_instance(workers.pair_instance(instance_id, 0))
         with open(err, "w") as stderr:
-            proc = start_worker("pair-writer", data_dir, SEGMENT_SIZE, batches, stderr=stderr)
+            proc = start_worker(
+                "pair-writer", data_dir, SEGMENT_SIZE, batches, stderr=stderr, stdin=subprocess.PIPE
+            )
         expect_line(proc, "ready", err)
         release([proc])
         seen: set[int] = set()

@@ -19,6 +19,8 @@ Commands::
     mp-writer DATA_DIR SEGMENT_SIZE NAME OPS SEED LOG [IDS MAP_SIZE]
                                                        wait for "go" on stdin, write OPS ops
     pair-writer DATA_DIR SEGMENT_SIZE BATCHES          wait for "go", write BATCHES batches
+    torn-appender DATA_DIR                             under the append lock, write half a
+                                                       record, report, and wait to be killed
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ import time
 from typing import Any
 
 from rstmdb_storage import FsyncPolicy, Instance, Storage, StorageConfig
+from rstmdb_storage.wal.encoder import encode_record
+from rstmdb_storage.wal.format import RECORD_CHANGES
 
 PAIR_A = "pair-a"
 PAIR_B = "pair-b"
@@ -244,11 +248,25 @@ def pair_instance(instance_id: str, n: int) -> Instance:
     )
 
 
+def torn_appender(data_dir: str) -> None:
+    """A grouped writer stopped in the middle of its append: it holds the append lock and has
+    written half of its record, and the append tail does not count it yet."""
+    storage = Storage.open(StorageConfig(data_dir=data_dir, snapshot_interval=0))
+    appends, _ = storage._group_commit()
+    with appends.locked():
+        tail = appends.tail()
+        frame = encode_record(tail.next_seq, 0, RECORD_CHANGES, b"\x80" * 200)
+        storage._wal.segment(tail.segment).write(tail.offset, frame[: len(frame) // 2])
+        emit(sys.stdout, event="torn", offset=tail.offset)
+        sys.stdin.read()  # the test kills us here, the lock still held
+
+
 COMMANDS = {
     "crash-writer": crash_writer,
     "opener": opener,
     "mp-writer": mp_writer,
     "pair-writer": pair_writer,
+    "torn-appender": torn_appender,
 }
 
 if __name__ == "__main__":
