@@ -1027,7 +1027,7 @@ class Storage:
         idempotency_key: str | None,
     ) -> int:
         must_check = _must_check(changes)
-        appends, _ = self._group_commit()
+        appends, _ = self._group_locks()
         written: int | None = None
         growths = 0
         while True:
@@ -1089,7 +1089,7 @@ class Storage:
         if self.config.fsync_policy.mode == "every_write":
             self._group_until = time.monotonic() + _GROUP_WINDOW
 
-    def _group_commit(self) -> tuple[SharedAppendTail, SharedSync]:
+    def _group_locks(self) -> tuple[SharedAppendTail, SharedSync]:
         """This process's append and sync locks (opened again in a forked child: a ``flock``
         is shared with every process the descriptor was inherited by)."""
         files = self._group_files
@@ -1129,7 +1129,7 @@ class Storage:
         a retry with a known idempotency key, the first write's). A plain put needs only the
         append lock; a condition or an idempotency key is judged inside an LMDB write
         transaction that is then thrown away."""
-        appends, _ = self._group_commit()
+        appends, _ = self._group_locks()
         if idempotency_key is None and not _must_check(changes):
             with appends.locked():
                 tail = self._tail_for_append(appends, None)
@@ -1217,7 +1217,7 @@ class Storage:
     def _sync_through(self, seq: int) -> int:
         """Step 2: make the records up to *seq* durable, sharing the sync; return the sequence
         number known durable."""
-        _, shared = self._group_commit()
+        _, shared = self._group_locks()
         try:
             synced, covered = shared.sync_through(seq, self._appended_tail)
         except OSError as exc:
@@ -1227,7 +1227,7 @@ class Storage:
         return synced
 
     def _appended_tail(self) -> WalTail:
-        appends, _ = self._group_commit()
+        appends, _ = self._group_locks()
         with appends.locked():
             tail = appends.tail()
         return tail if tail is not None else self._applied_tail()
@@ -1342,7 +1342,7 @@ class Storage:
         """Apply every WAL record LMDB has not seen; return how many."""
         env = self._live_env()
         replayed = 0
-        appends, _ = self._group_commit()
+        appends, _ = self._group_locks()
         with env.write_mutex:
             while True:
                 with env.begin_write() as txn, appends.locked():

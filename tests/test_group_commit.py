@@ -133,7 +133,7 @@ def test_an_append_tail_past_the_end_of_the_log_is_reset_on_open(grouped: Storag
     to where the log really ends, and appends go on there."""
     for i in range(3):
         grouped.put_instance(order(f"o{i}"))
-    appends, _ = grouped._group_commit()
+    appends, _ = grouped._group_locks()
     with appends.locked():
         tail = appends.tail()
         appends.write_tail(tail._replace(offset=tail.offset + 4096, next_seq=9))
@@ -150,7 +150,7 @@ def test_an_append_tail_of_another_boot_is_not_trusted(grouped: Storage) -> None
     """After a reboot the shared append tail may be stale; appends then start from the
     applied tail, past any complete record left behind."""
     grouped.put_instance(order("o1"))
-    appends, _ = grouped._group_commit()
+    appends, _ = grouped._group_locks()
     with appends.locked():
         tail = appends.tail()
     other_boot = group_commit.SharedAppendTail(

@@ -252,7 +252,7 @@ def torn_appender(data_dir: str) -> None:
     """A grouped writer stopped in the middle of its append: it holds the append lock and has
     written half of its record, and the append tail does not count it yet."""
     storage = Storage.open(StorageConfig(data_dir=data_dir, snapshot_interval=0))
-    appends, _ = storage._group_commit()
+    appends, _ = storage._group_locks()
     with appends.locked():
         tail = appends.tail()
         frame = encode_record(tail.next_seq, 0, RECORD_CHANGES, b"\x80" * 200)
