@@ -1111,8 +1111,10 @@ class Storage:
         with env.write_mutex:
             self._wal.check_usable()
             seq = self._append_grouped(env, changes, payload, idempotency_key)
-        synced = self._sync_through(seq)
-        if self.applied_seq < seq:  # else the writer whose sync covered ours applied it
+        synced, covered = self._sync_through(seq)
+        # A writer whose sync covered ours may have applied it already; one that synced its
+        # own record goes straight to the apply (which checks again inside the transaction).
+        if not covered or self.applied_seq < seq:
             with env.write_mutex:
                 self._apply_through(env, seq, synced)
                 self._dirty = True
@@ -1214,9 +1216,9 @@ class Storage:
             if view is not txn:
                 view.abort()
 
-    def _sync_through(self, seq: int) -> int:
+    def _sync_through(self, seq: int) -> tuple[int, bool]:
         """Step 2: make the records up to *seq* durable, sharing the sync; return the sequence
-        number known durable."""
+        number known durable, and whether another writer's sync covered *seq*."""
         _, shared = self._group_locks()
         try:
             synced, covered = shared.sync_through(seq, self._appended_tail)
@@ -1224,7 +1226,7 @@ class Storage:
             raise self._wal.failed(exc, str(self.config.path / WAL_DIR)) from exc
         if covered:
             self._note_contention()
-        return synced
+        return synced, covered
 
     def _appended_tail(self) -> WalTail:
         appends, _ = self._group_locks()
