@@ -322,22 +322,22 @@ class Storage:
             else:
                 with env.env.begin(db=env.instances) as txn:
                     raw = txn.get(key)
-        except lmdb.Error:
-            raw = _RETRY  # raced a map resize by another thread (py-lmdb #475)
+        except lmdb.MapResizedError:
+            raw = _RETRY  # another process grew the map: the slow path adopts its size
         finally:
             gate.leave()
         if raw is _RETRY:
-            raw = self._read_with_retry(lambda txn: txn.get(key, db=self._env.instances))
+            raw = self._read(lambda txn: txn.get(key, db=self._env.instances))
         return None if raw is None else decode_instance(key, raw)
 
     @property
     def applied_seq(self) -> int:
         """The sequence number of the newest WAL record applied to LMDB."""
-        return self._read_with_retry(lambda txn: self._meta.tail(txn).applied_seq)
+        return self._read(lambda txn: self._meta.tail(txn).applied_seq)
 
     def count_instances(self) -> int:
         """How many instances are stored."""
-        return self._read_with_retry(lambda txn: txn.stat(self._env.instances)["entries"])
+        return self._read(lambda txn: txn.stat(self._env.instances)["entries"])
 
     def iter_instances(self) -> Iterator[Instance]:
         """Every stored instance, in id order (UTF-8 byte order), read in short transactions."""
@@ -347,9 +347,7 @@ class Storage:
     def _instance_pages(self) -> Iterator[list[tuple[bytes, bytes]]]:
         after: bytes | None = None
         while True:
-            page = self._read_with_retry(
-                lambda txn, after=after: instances_page(txn, self._env, after)
-            )
+            page = self._read(lambda txn, after=after: instances_page(txn, self._env, after))
             yield page
             if len(page) < PAGE_SIZE:
                 return
@@ -371,7 +369,7 @@ class Storage:
         applied = self.applied_seq
 
         def meta() -> Iterator[Finding]:
-            self._read_with_retry(self._meta.check_all)
+            self._read(self._meta.check_all)
             return iter(())
 
         return run_checks(
@@ -384,9 +382,7 @@ class Storage:
         )
 
     def _check_instances(self, applied: int) -> Iterator[Finding]:
-        return iter(
-            self._read_with_retry(lambda txn: list(check_instances(txn, self._env.dbs, applied)))
-        )
+        return iter(self._read(lambda txn: list(check_instances(txn, self._env.dbs, applied))))
 
     def read_wal(self, from_seq: int = 1, limit: int | None = None) -> Iterator[WalRecord]:
         """WAL records from sequence *from_seq* on, at most *limit* of them, up to the newest
@@ -422,7 +418,7 @@ class Storage:
     def _remembered(self, idempotency_key: str) -> int | None:
         check_name("idempotency_key", idempotency_key)
         now = time.time_ns() // 1_000_000
-        return self._read_with_retry(
+        return self._read(
             lambda txn: remembered_write(txn, self._env.dbs[DB_IDEMPOTENCY], idempotency_key, now)
         )
 
@@ -499,7 +495,7 @@ class Storage:
 
     def _delete_covered(self, snapshots_created: int) -> CompactionResult:
         directory = self._snapshots_dir
-        holds = self._read_with_retry(self._meta.holds).values()
+        holds = self._read(self._meta.holds).values()
         planned = plan_compaction(
             self._wal.segment_ids(),
             readable_manifests(directory),
@@ -552,7 +548,7 @@ class Storage:
 
     def wal_holds(self) -> dict[str, int]:
         """Every WAL hold: name -> the first sequence number it keeps."""
-        return self._read_with_retry(self._meta.holds)
+        return self._read(self._meta.holds)
 
     @classmethod
     def restore(
@@ -695,7 +691,7 @@ class Storage:
         """Version *version* of machine *name* (the newest when None), or None if absent."""
         check_name("machine", name)
         prefix = name.encode() + b"\x00"
-        found = self._read_with_retry(
+        found = self._read(
             lambda txn: _machine_entry(txn, self._env.dbs[DB_MACHINES], prefix, version)
         )
         if found is None:
@@ -734,7 +730,7 @@ class Storage:
         (no instance is decoded). States with no instance are absent."""
         check_name("machine", machine)
         key_range = state_range(machine)
-        return self._read_with_retry(lambda txn: count_states(txn, self._env, key_range))
+        return self._read(lambda txn: count_states(txn, self._env, key_range))
 
     def list_by_metadata(
         self,
@@ -829,9 +825,7 @@ class Storage:
         if limit is not None and limit < 1:
             raise InvalidInputError(f"limit: must be at least 1, got {limit}")
         after = decode_cursor(cursor, key_range)
-        found, more = self._read_with_retry(
-            lambda txn: scan(txn, self._env, key_range, after, reverse, limit)
-        )
+        found, more = self._read(lambda txn: scan(txn, self._env, key_range, after, reverse, limit))
         instances = [decode_instance(id_key, raw) for _, id_key, raw in found]
         return Page(instances, encode_cursor(key_range, found[-1][0]) if more else None)
 
@@ -1235,7 +1229,7 @@ class Storage:
         return tail if tail is not None else self._applied_tail()
 
     def _applied_tail(self) -> WalTail:
-        return self._read_with_retry(self._meta.tail)
+        return self._read(self._meta.tail)
 
     def _apply_through(self, env: lmdb_env.LmdbEnvironment, seq: int, synced: int) -> None:
         """Step 3: apply every synced record not applied yet, unless another writer applied
@@ -1316,7 +1310,7 @@ class Storage:
         torn on disk after a power loss. The WAL holds them; the environment is checked when the
         machine rebooted since the last checkpoint and commits happened after it.
         """
-        checkpoint, applied = self._read_with_retry(
+        checkpoint, applied = self._read(
             lambda txn: (self._meta.checkpoint(txn), self._meta.tail(txn).applied_seq)
         )
         rebooted = checkpoint is None or checkpoint.boot_id != self._boot_id
@@ -1426,7 +1420,7 @@ class Storage:
     def _maintenance_due(self) -> bool:
         config = self.config
         if config.snapshot_interval:
-            changes, base = self._read_with_retry(
+            changes, base = self._read(
                 lambda txn: (self._meta.change_count(txn), self._meta.snapshot_changes(txn))
             )
             if changes - base >= config.snapshot_interval:
@@ -1472,17 +1466,10 @@ class Storage:
             self._meta = Meta(env.meta)
         return env
 
-    def _read_with_retry(self, read: Callable[[Any], Any]) -> Any:
-        for attempt in range(3):
-            env = self._live_env()
-            try:
-                with env.read() as txn:
-                    return read(txn)
-            except lmdb.Error:
-                # Another thread's set_mapsize invalidates open transactions (py-lmdb #475).
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
+    def _read(self, read: Callable[[Any], Any]) -> Any:
+        """``read(txn)`` in a short read transaction."""
+        with self._live_env().read() as txn:
+            return read(txn)
 
 
 class _Flusher:

@@ -55,7 +55,7 @@ def flip_a_value(env, txn) -> None:
 
 
 def checkpointed_seq(storage: Storage) -> int:
-    return storage._read_with_retry(storage._meta.checkpoint).applied_seq
+    return storage._read(storage._meta.checkpoint).applied_seq
 
 
 def test_checkpoint_flushes_and_records_the_applied_sequence(storage: Storage) -> None:
@@ -93,7 +93,7 @@ def test_every_ms_policy_syncs_without_waiting_for_another_write(data_dir: Path)
 def test_close_records_a_checkpoint_of_everything(config: StorageConfig) -> None:
     fill(config, 5)
     with Storage.open(config) as storage:
-        checkpoint = storage._read_with_retry(storage._meta.checkpoint)
+        checkpoint = storage._read(storage._meta.checkpoint)
         assert checkpoint.applied_seq == 5
         assert checkpoint.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import stat
+import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -167,6 +170,53 @@ def test_map_grows_by_itself(data_dir: Path) -> None:
         assert storage.count_instances() == 800
     with Storage.open(config) as storage:
         assert storage.get_instance("o7-99").ctx == {"pad": "x" * 2000}
+
+
+@pytest.fixture
+def fine_thread_switching() -> Iterator[None]:
+    """Threads switch every 10 µs instead of 5 ms, so that they interleave inside short calls
+    (and busy readers do not starve a writer of the GIL)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
+    yield
+    sys.setswitchinterval(previous)
+
+
+@pytest.mark.usefixtures("fine_thread_switching")
+def test_reads_in_other_threads_go_on_while_the_map_grows(data_dir: Path) -> None:
+    """LMDB remaps the file when the map grows, and py-lmdb invalidates every open
+    transaction: the growth waits for reads in flight and holds new ones back, so a reader
+    thread never fails and never sees a half-written state."""
+    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
+    failures: list[BaseException] = []
+    done = threading.Event()
+    with Storage.open(config) as storage:
+        storage.put_instance(order("first", ctx={"n": 0}))
+
+        def reader() -> None:
+            try:
+                while not done.is_set():  # short reads, each in a transaction of its own
+                    assert storage.get_instance("first").ctx == {"n": 0}
+                    assert storage.count_instances() >= 1
+                    assert storage.applied_seq >= 1
+            except BaseException as exc:  # reported by the test below
+                failures.append(exc)
+
+        readers = [threading.Thread(target=reader) for _ in range(2)]
+        for thread in readers:
+            thread.start()
+        try:
+            for chunk in range(40):
+                with storage.batch() as batch:
+                    for i in range(40):
+                        batch.put_instance(order(f"o{chunk:02d}-{i:02d}", ctx={"pad": "x" * 2000}))
+        finally:
+            done.set()
+            for thread in readers:
+                thread.join()
+        grown = storage._env.env.info()["map_size"]
+    assert failures == []
+    assert grown >= 4 * 1024 * 1024
 
 
 def test_the_flusher_grows_a_nearly_full_map_before_a_write_fails(data_dir: Path) -> None:

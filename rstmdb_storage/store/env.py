@@ -18,7 +18,9 @@ the same moment (py-lmdb #289, #309, #340). So:
 * ``sync=False``: the WAL carries durability, LMDB is flushed at checkpoints (see
   :mod:`rstmdb_storage.storage`); ``writemap`` is never used (a full disk then kills the process
   with SIGBUS instead of raising);
-* the map grows geometrically when full, and adopts a size grown by another process.
+* the map grows geometrically when full, and adopts a size grown by another process; either
+  happens with no transaction of this process open (the write mutex and the gate keep them
+  out), as LMDB requires.
 """
 
 from __future__ import annotations
@@ -58,8 +60,9 @@ class LmdbEnvironment:
         self.stale = False
         self.refs = 0
         #: LMDB write transactions are bound to a thread; this serialises ours in-process
-        #: (LMDB's own mutex serialises processes).
-        self.write_mutex = threading.Lock()
+        #: (LMDB's own mutex serialises processes), and every change of the map size.
+        #: Reentrant: a read that must adopt a grown map takes it, maybe inside a write.
+        self.write_mutex = threading.RLock()
         #: counts threads inside LMDB calls outside the write mutex (see :class:`ForkGate`)
         self.gate = ForkGate()
         self.read_only = config.read_only
@@ -92,18 +95,35 @@ class LmdbEnvironment:
         return self._begin(write=True)
 
     def _begin(self, write: bool) -> lmdb.Transaction:
+        """Begin a transaction: a write holding :attr:`write_mutex`, a read inside the gate."""
         for _ in range(_OPEN_ATTEMPTS):
             try:
                 return self.env.begin(write=write)
-            except lmdb.MapResizedError:
-                self.adopt_map_size()
+            except lmdb.MapResizedError:  # another process grew the map: adopt its size
+                if write:
+                    self.set_map_size(0)
+                    continue
+                self.gate.leave()
+                try:
+                    with self.write_mutex:
+                        self.set_map_size(0)
+                finally:
+                    self.gate.enter()
             except lmdb.ReadersFullError:
                 self.env.reader_check()  # slots of killed processes
         return self.env.begin(write=write)
 
-    def adopt_map_size(self) -> None:
-        """Adopt the map size another process grew the environment to."""
-        self.env.set_mapsize(0)
+    def set_map_size(self, size: int) -> None:
+        """Set the map size (0: adopt the size another process grew it to) while no
+        transaction of this process is open, as LMDB requires (py-lmdb also invalidates every
+        open transaction, #475). Call holding :attr:`write_mutex`, which keeps write
+        transactions out, with no transaction open in this thread: closing the gate waits
+        for the reads in flight and holds new ones back."""
+        self.gate.close()
+        try:
+            self.env.set_mapsize(size)
+        finally:
+            self.gate.open()
 
     def grow(self, attempt: int) -> None:
         """Double the map size after a ``MapFullError`` aborted a write (attempt 1, 2, …).
@@ -115,7 +135,7 @@ class LmdbEnvironment:
                 f"{_MAP_GROWTH_ATTEMPTS} times did not make room for the write"
             )
         try:
-            self.env.set_mapsize(current * 2)
+            self.set_map_size(current * 2)
         except lmdb.Error as exc:
             raise StorageFullError(
                 f"{self.path}: could not grow the LMDB map beyond {current} bytes ({exc})"
@@ -152,13 +172,16 @@ class LmdbEnvironment:
 
 
 class ForkGate:
-    """Counts the threads inside LMDB calls so that ``fork()`` can wait until none is.
+    """Counts the threads inside LMDB calls so that ``fork()``, or a change of the map size,
+    can wait until none is.
 
     A forked child must close the environment it inherited before it can open its own, and
     py-lmdb's ``close()`` waits for every LMDB call that was in flight when the parent forked:
     those threads do not exist in the child, so it would wait forever. The before-fork hook
     therefore takes every environment's write mutex (all write transactions run under it) and
-    closes this gate, which waits for the reads and syncs in flight to finish.
+    closes this gate, which waits for the reads and syncs in flight to finish. A change of the
+    map size does the same (:meth:`LmdbEnvironment.set_map_size`): LMDB remaps the file under
+    any transaction left open.
 
     Readers register in a deque, whose ``append`` and ``pop`` are atomic under the GIL and
     cheaper than a lock; a reader that finds the gate closing backs out and waits.
