@@ -7,8 +7,9 @@ The write path, for one put, a delete or a whole batch:
 3. under the append lock (which keeps grouped appenders of other processes out), read the WAL
    tail from meta and apply any record past it that a crashed writer left behind, then append
    the record at the tail;
-4. ``fdatasync`` it (under the default policy);
-5. apply it to LMDB and store the new tail in the same transaction, then commit.
+4. put its changes and the new tail into the same transaction while the device writes the
+   record, then ``fdatasync`` it (under the default policy);
+5. commit: the changes become visible.
 
 A change is therefore never visible before its WAL record is written (and, by default, durable),
 and the LMDB transaction that applies it records its sequence number, so opening the store
@@ -1052,11 +1053,16 @@ class Storage:
                             _raise_failure(txn, env.dbs, tail.next_seq, changes)
                         new_tail = self._append_record(appends, tail, timestamp_ms, payload)
                     written = tail.next_seq
-                    if self._wal.sync_due():
-                        self._wal.sync()
+                    # The changes go into the transaction while the record is being written to
+                    # the device; they become visible only with the commit, after the sync.
+                    sync_due = self._wal.sync_due()
+                    if sync_due:
+                        self._wal.start_sync()
                     apply_changes(txn, env.dbs, written, timestamp_ms, changes, known)
                     self._meta.write_tail(txn, new_tail)
                     self._count_changes(txn, changes)
+                    if sync_due:
+                        self._wal.sync()
                 return written
             except lmdb.MapFullError:
                 # The transaction was aborted; if our record was appended it waits at the WAL

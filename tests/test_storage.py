@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import os
 import stat
 import sys
@@ -25,6 +26,7 @@ from rstmdb_storage import (
     StorageClosedError,
     StorageConfig,
     StorageError,
+    StorageFailedError,
 )
 from rstmdb_storage import storage as storage_module
 from rstmdb_storage.fsutil import network_filesystem
@@ -123,6 +125,27 @@ def test_empty_batch_writes_nothing(storage: Storage) -> None:
     with storage.batch() as batch:
         pass
     assert batch.seq is None and storage.applied_seq == 0
+
+
+def test_a_write_whose_sync_fails_is_never_visible(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The changes enter the LMDB transaction while the record is written to the device; a
+    failed fdatasync aborts it, and the store refuses writes until reopened."""
+    storage.put_instance(order("o"))
+
+    def broken(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    with pytest.raises(StorageFailedError, match="fdatasync"):
+        storage.put_instance(order("o", state="paid"))
+    with pytest.raises(StorageFailedError):
+        storage.put_instance(order("p"))
+    monkeypatch.undo()
+    assert storage.get_instance("o").state == "pending"
+    assert storage.get_instance("p") is None
+    assert storage.applied_seq == 1
 
 
 def test_reopen_keeps_everything_and_continues_the_sequence(config: StorageConfig) -> None:

@@ -17,7 +17,7 @@ from crc32c import crc32c
 
 from ..config import FsyncPolicy
 from ..errors import CorruptionError, StorageFailedError, WalGapError
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, start_writeback
 from .decoder import (
     BadRecord,
     WalRecord,
@@ -171,6 +171,12 @@ class Wal:
         if mode == "every_ms":
             return (time.monotonic() - self._last_sync) * 1000 >= self.policy.value
         return False
+
+    def start_sync(self) -> None:
+        """Start writing what :meth:`sync` will sync, without waiting: work done between the
+        two then overlaps the device's write."""
+        for first_seq in self._unsynced:
+            start_writeback(self.segment(first_seq).fd)
 
     def sync(self) -> None:
         """``fdatasync`` every segment this process appended to since its last sync."""

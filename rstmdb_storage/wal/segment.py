@@ -1,5 +1,6 @@
 """One WAL segment file: created preallocated and published atomically, read with ``pread``,
-appended with ``pwrite`` at offsets the caller owns (the WAL tail in LMDB, under its write lock).
+appended with ``pwrite`` at offsets the caller owns (the append tail, under the append lock of
+:mod:`.group_commit`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from .format import SEGMENT_HEADER_SIZE, segment_name
 
 class WalSegment:
     """An open segment file. Several processes may hold the same segment open; they never
-    write the same bytes because every append happens under the store's write lock."""
+    write the same bytes because every append happens under the store's append lock."""
 
     __slots__ = ("fd", "first_seq", "path")
 
