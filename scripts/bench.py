@@ -339,10 +339,16 @@ def fsync_path(path: Path) -> None:
 
 def sync_tree(root: Path) -> None:
     """fsync every file and directory under ``root``: a store built without fsync leaves
-    hundreds of MB dirty, and their writeback would otherwise land inside a timed run."""
+    hundreds of MB dirty, and their writeback would otherwise land inside a timed run.
+
+    Lock files are left alone: they hold no data, and closing a descriptor of ``lock.mdb``
+    drops every POSIX lock this process holds on it, among them the one that tells other
+    processes its LMDB readers are alive. Their ``reader_check`` would then free our
+    readers' slots, and their writes reuse pages our snapshots were still copying."""
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
-            fsync_path(Path(dirpath) / name)
+            if name != "lock.mdb" and not name.endswith(".lock"):
+                fsync_path(Path(dirpath) / name)
         fsync_path(Path(dirpath))
 
 
