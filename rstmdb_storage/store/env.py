@@ -102,7 +102,7 @@ class LmdbEnvironment:
             except lmdb.MapResizedError:  # another process grew the map: adopt its size
                 if write:
                     self.set_map_size(0)
-                    continue
+                    continue  # a reader must first leave the gate that the change closes
                 self.gate.leave()
                 try:
                     with self.write_mutex:
