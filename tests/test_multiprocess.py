@@ -137,6 +137,18 @@ def test_concurrent_writers_get_gap_free_sequence_numbers(
     check_writers(data_dir, logs, ops, f"seed={seed} processes={processes}")
 
 
+def test_grouped_and_one_transaction_writers_mix(tmp_path: Path) -> None:
+    """Two processes always use group commit and two never do: the one-transaction writers
+    apply (after syncing them) records the grouped ones appended and have not applied yet, and
+    the grouped ones find their records applied by someone else. Sequence numbers stay
+    gap-free, every acknowledged write is stored once, with the state its log says."""
+    seed = make_seed()
+    data_dir = tmp_path / "data"
+    ops = 150
+    logs = run_writers(tmp_path, data_dir, 4, ops, random.Random(seed), 25, 1 << 30, "mixed")
+    check_writers(data_dir, logs, ops, f"seed={seed} mixed")
+
+
 def test_concurrent_writers_grow_the_map(tmp_path: Path) -> None:
     """A 1 MiB map that the writers fill several times over: each process grows it, or adopts
     the size another process grew it to, while the others write and this process reads. Every

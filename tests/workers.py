@@ -16,7 +16,7 @@ Commands::
 
     crash-writer DATA_DIR SEED SEGMENT_SIZE [PREFIX IDS POLICY]  write until killed (stdout)
     opener DATA_DIR SEGMENT_SIZE                       open, report, close (stdout)
-    mp-writer DATA_DIR SEGMENT_SIZE NAME OPS SEED LOG [IDS MAP_SIZE]
+    mp-writer DATA_DIR SEGMENT_SIZE NAME OPS SEED LOG [IDS MAP_SIZE GROUPING]
                                                        wait for "go" on stdin, write OPS ops
     pair-writer DATA_DIR SEGMENT_SIZE BATCHES          wait for "go", write BATCHES batches
     torn-appender DATA_DIR                             under the append lock, write half a
@@ -202,11 +202,16 @@ def mp_writer(
     log: str,
     ids: str = "25",
     map_size: str = str(1 << 30),
+    grouping: str = "auto",
 ) -> None:
     """Open, say ready, wait for "go", write OPS operations on IDS ids of our own (named
-    ``<name>-<i>``), log them."""
+    ``<name>-<i>``), log them. GROUPING "mixed" makes writers whose name ends in an even digit
+    always use group commit and the others never (instead of as contention decides)."""
     rng = random.Random(int(seed))
     storage = open_store(data_dir, int(segment_size), int(map_size))
+    if grouping == "mixed":
+        grouped = int(name[-1]) % 2 == 0
+        storage._grouping = lambda: grouped  # type: ignore[method-assign]
     emit(sys.stdout, event="ready", name=name)
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("expected 'go' on stdin")
