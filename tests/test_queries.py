@@ -623,7 +623,8 @@ def now_ms() -> int:
 
 class StoreAgainstModel(RuleBasedStateMachine):
     """Writes go to the store and the model; after every step every invariant holds, also
-    after compactions, a lost ``indexes/`` rebuilt, and in restored copies.
+    after compactions, a lost ``indexes/`` rebuilt, in restored copies, and whichever commit
+    path (group commit or one transaction) the writes took.
 
     A new kind of write (a conditional put, a transition) is a rule that builds model changes
     and a store call and hands both to :meth:`write`."""
@@ -636,9 +637,16 @@ class StoreAgainstModel(RuleBasedStateMachine):
             wal_segment_size=64 * 1024,
             fsync_policy=FsyncPolicy.never(),
         )
-        self.storage = Storage.open(self.config)
+        self.grouped = False
+        self.storage = self.open_store()
         self.model = ModelStore()
         self.restores = 0
+
+    def open_store(self) -> Storage:
+        """The store, writing by group commit or in one transaction as the machine chose."""
+        storage = Storage.open(self.config)
+        storage._grouping = lambda: self.grouped  # type: ignore[method-assign]
+        return storage
 
     def teardown(self) -> None:
         try:
@@ -785,7 +793,13 @@ class StoreAgainstModel(RuleBasedStateMachine):
     @rule()
     def reopen(self) -> None:
         self.storage.close()
-        self.storage = Storage.open(self.config)
+        self.storage = self.open_store()
+
+    @rule(grouped=st.booleans())
+    def switch_commit_path(self, grouped: bool) -> None:
+        """Writes from here on take group commit's three steps (append, shared sync, apply;
+        conditions judged at append), or the one-transaction path."""
+        self.grouped = grouped
 
     @rule()
     def compact(self) -> None:
@@ -796,7 +810,7 @@ class StoreAgainstModel(RuleBasedStateMachine):
         """indexes/ lost: rebuilt from the newest snapshot and the WAL (or the WAL alone)."""
         self.storage.close()
         shutil.rmtree(self.config.path / "indexes")
-        self.storage = Storage.open(self.config)
+        self.storage = self.open_store()
 
     @rule()
     def restore_a_copy(self) -> None:
