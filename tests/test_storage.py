@@ -242,23 +242,59 @@ def test_reads_in_other_threads_go_on_while_the_map_grows(data_dir: Path) -> Non
     assert grown >= 4 * 1024 * 1024
 
 
+def map_use(storage: Storage) -> float:
+    """The fraction of the LMDB map in use."""
+    env = storage._env.env
+    return (env.info()["last_pgno"] + 1) * env.stat()["psize"] / env.info()["map_size"]
+
+
+def fill_map_to(storage: Storage, fraction: float) -> None:
+    i = 0
+    while map_use(storage) < fraction:
+        storage.put_instance(order(f"o{i}", ctx={"pad": "x" * 2000}))
+        i += 1
+
+
 def test_the_flusher_grows_a_nearly_full_map_before_a_write_fails(data_dir: Path) -> None:
     config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
     with Storage.open(config) as storage:
         env = storage._env.env
-
-        def used() -> float:
-            return (env.info()["last_pgno"] + 1) * env.stat()["psize"] / env.info()["map_size"]
-
-        i = 0
-        while used() < 0.8:
-            storage.put_instance(order(f"o{i}", ctx={"pad": "x" * 2000}))
-            i += 1
+        fill_map_to(storage, 0.8)
         before = env.info()["map_size"]
         storage._background_flush()  # one pass of the flusher
-        assert env.info()["map_size"] == 2 * before and used() < 0.5
+        assert env.info()["map_size"] == 2 * before and map_use(storage) < 0.5
         storage._background_flush()
         assert env.info()["map_size"] == 2 * before  # not again while there is room
+
+
+def test_an_early_map_growth_gives_way_to_a_long_read(data_dir: Path) -> None:
+    """The map changes size only with no transaction open in the process; the flusher's early
+    growth does not wait for a long read (a snapshot's copy) with every write of the process
+    held back behind it: it gives up, and the next pass after the read grows the map."""
+    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
+    with Storage.open(config) as storage:
+        env = storage._env
+        fill_map_to(storage, 0.8)
+        before = env.env.info()["map_size"]
+        reading, release = threading.Event(), threading.Event()
+
+        def long_read() -> None:
+            with env.read():
+                reading.set()
+                release.wait()
+
+        reader = threading.Thread(target=long_read)
+        reader.start()
+        try:
+            reading.wait()
+            storage._background_flush()
+            assert env.env.info()["map_size"] == before
+            assert storage.put_instance(order("meanwhile")) > 0  # writes go on
+        finally:
+            release.set()
+            reader.join()
+        storage._background_flush()
+        assert env.env.info()["map_size"] == 2 * before
 
 
 def test_files_are_private_to_the_owner(storage: Storage, data_dir: Path) -> None:

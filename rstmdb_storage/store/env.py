@@ -46,6 +46,7 @@ MAX_DATABASES = 16
 _OPEN_ATTEMPTS = 8
 _MAP_GROWTH_ATTEMPTS = 24
 _GROW_AT = 0.8  # of the map in use
+_EARLY_GROWTH_WAIT = 0.05  # seconds an early growth waits for the reads in flight
 
 _registry: dict[str, LmdbEnvironment] = {}
 _registry_lock = threading.Lock()
@@ -113,17 +114,20 @@ class LmdbEnvironment:
                 self.env.reader_check()  # slots of killed processes
         return self.env.begin(write=write)
 
-    def set_map_size(self, size: int) -> None:
+    def set_map_size(self, size: int, wait: float | None = None) -> bool:
         """Set the map size (0: adopt the size another process grew it to) while no
         transaction of this process is open, as LMDB requires (py-lmdb also invalidates every
-        open transaction, #475). Call holding :attr:`write_mutex`, which keeps write
-        transactions out, with no transaction open in this thread: closing the gate waits
-        for the reads in flight and holds new ones back."""
-        self.gate.close()
+        open transaction, #475); return whether it was set. Call holding :attr:`write_mutex`,
+        which keeps write transactions out, with no transaction open in this thread: closing
+        the gate waits for the reads in flight (at most *wait* seconds, when given) and holds
+        new ones back."""
+        if not self.gate.close(wait):
+            return False
         try:
             self.env.set_mapsize(size)
         finally:
             self.gate.open()
+        return True
 
     def grow(self, attempt: int) -> None:
         """Double the map size after a ``MapFullError`` aborted a write (attempt 1, 2, …).
@@ -134,23 +138,27 @@ class LmdbEnvironment:
                 f"{self.path}: the LMDB map is full at {current} bytes and doubling it "
                 f"{_MAP_GROWTH_ATTEMPTS} times did not make room for the write"
             )
-        try:
-            self.set_map_size(current * 2)
-        except lmdb.Error as exc:
-            raise StorageFullError(
-                f"{self.path}: could not grow the LMDB map beyond {current} bytes ({exc})"
-            ) from exc
+        self._double(current, wait=None)
 
     def grow_if_nearly_full(self) -> bool:
         """Double the map when its used pages pass 80% of it (PITFALLS 4: grow early, not
         only when a write fails); return whether it grew. Call holding :attr:`write_mutex`
-        with no transaction open in this thread."""
+        with no transaction open in this thread. A long read in flight (a snapshot's copy)
+        makes it give up rather than hold this process's writes back until the read ends;
+        the next call tries again."""
         info = self.env.info()
         used = (info["last_pgno"] + 1) * self.env.stat()["psize"]
         if used < info["map_size"] * _GROW_AT:
             return False
-        self.grow(1)
-        return True
+        return self._double(info["map_size"], wait=_EARLY_GROWTH_WAIT)
+
+    def _double(self, current: int, wait: float | None) -> bool:
+        try:
+            return self.set_map_size(current * 2, wait)
+        except lmdb.Error as exc:
+            raise StorageFullError(
+                f"{self.path}: could not grow the LMDB map beyond {current} bytes ({exc})"
+            ) from exc
 
     def sync(self) -> None:
         self.gate.enter()
@@ -208,10 +216,15 @@ class ForkGate:
             with self._changed:
                 self._changed.notify_all()
 
-    def close(self) -> None:
+    def close(self, timeout: float | None = None) -> bool:
+        """Hold new entries back and wait for the threads inside to leave; return True. With
+        a *timeout*, give up when they are still inside by then: open again, return False."""
         self.closing = True
         with self._changed:
-            self._changed.wait_for(lambda: not self.active)
+            if self._changed.wait_for(lambda: not self.active, timeout):
+                return True
+        self.open()
+        return False
 
     def open(self) -> None:
         with self._changed:
