@@ -19,7 +19,16 @@ from .errors import StorageError, StorageFullError
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory *path* durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Make the data of file *path* durable."""
+    _fsync(path, os.O_RDONLY)
+
+
+def _fsync(path: str | os.PathLike[str], flags: int) -> None:
+    fd = os.open(path, flags | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -329,14 +329,6 @@ def chunks(seq: list[Any], size: int) -> Iterator[list[Any]]:
         yield seq[start : start + size]
 
 
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sync_tree(root: Path) -> None:
     """fsync every file and directory under ``root``: a store built without fsync leaves
     hundreds of MB dirty, and their writeback would otherwise land inside a timed run.
@@ -345,11 +337,13 @@ def sync_tree(root: Path) -> None:
     drops every POSIX lock this process holds on it, among them the one that tells other
     processes its LMDB readers are alive. Their ``reader_check`` would then free our
     readers' slots, and their writes reuse pages our snapshots were still copying."""
+    from rstmdb_storage.fsutil import fsync_dir, fsync_file
+
     for dirpath, _, filenames in os.walk(root):
         for name in filenames:
             if name != "lock.mdb" and not name.endswith(".lock"):
-                fsync_path(Path(dirpath) / name)
-        fsync_path(Path(dirpath))
+                fsync_file(Path(dirpath) / name)
+        fsync_dir(dirpath)
 
 
 def remove_snapshot(data_dir: Path, manifest: Any) -> None:
@@ -504,6 +498,8 @@ class Bench:
     def snapshot_medians(self) -> dict[str, float]:
         """Median rates (whole copies per second) of ``create_snapshot()`` and of copying
         ``indexes/data.mdb`` with and without fsync, measured in rotation."""
+        from rstmdb_storage.fsutil import fsync_file
+
         storage, data_dir = self.snapshot_store
         n = self.settings.snapshot_instances
         source = data_dir / "indexes" / "data.mdb"
@@ -524,7 +520,7 @@ class Bench:
             start = time.perf_counter()
             shutil.copyfile(source, target)
             if fsync:
-                fsync_path(target)
+                fsync_file(target)
             elapsed = time.perf_counter() - start
             target.unlink()
             return 1 / elapsed
@@ -824,6 +820,8 @@ def compare_put_vs_sqlite(bench: Bench) -> tuple[float, float]:
 
 def compare_put_vs_fdatasync(bench: Bench) -> tuple[float, float]:
     """Durable ``put_instance`` against pwrite + fdatasync on a preallocated file."""
+    from rstmdb_storage.fsutil import fsync_dir
+
     directory = bench.path("ceiling-put")
     counter = Counter()
 
@@ -838,9 +836,7 @@ def compare_put_vs_fdatasync(bench: Bench) -> tuple[float, float]:
         try:
             os.posix_fallocate(fd, 0, sum(map(len, records)) + (1 << 20))
             os.fsync(fd)
-            dir_fd = os.open(directory, os.O_RDONLY)
-            os.fsync(dir_fd)
-            os.close(dir_fd)
+            fsync_dir(directory)
             pwrite, fdatasync = os.pwrite, os.fdatasync
 
             def run() -> None:
@@ -1536,6 +1532,8 @@ def section_writer_latency(bench: Bench) -> list[str]:
     does to a writer's fdatasync). A put counts for a phase when its time overlaps one of
     the operations; puts/s counts the puts wholly inside them.
     """
+    from rstmdb_storage.fsutil import fsync_file
+
     storage, data_dir = bench.snapshot_store
     settings = bench.settings
     source = data_dir / "indexes" / "data.mdb"
@@ -1546,7 +1544,7 @@ def section_writer_latency(bench: Bench) -> list[str]:
 
     def copy() -> None:
         shutil.copyfile(source, target)
-        fsync_path(target)
+        fsync_file(target)
 
     def uncopy() -> None:
         target.unlink()

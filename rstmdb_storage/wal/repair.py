@@ -8,12 +8,11 @@ and the file is synced. What was cut is returned as a :class:`TornTailRepair`, n
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, fsync_file
 from .decoder import last_nonzero
 from .segment import WalSegment
 
@@ -33,11 +32,7 @@ class TornTailRepair:
 
 
 def _make_durable(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_file(path)
     fsync_dir(path.parent)
 
 
