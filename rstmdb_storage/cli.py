@@ -56,6 +56,12 @@ class _ProgressBars:
             self._bar.update(done - self._done)
         self._done = done
 
+    def __enter__(self) -> _ProgressBars:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.__exit__(None, None, None)
@@ -65,21 +71,14 @@ class _ProgressBars:
 
 
 def _open(data_dir: str) -> Storage:
-    bars = _ProgressBars()
-    try:
+    with _ProgressBars() as bars:
         return Storage.open(data_dir, progress=bars)  # shows a rebuild of indexes/, if any
-    finally:
-        bars.close()
 
 
 def _with_progress(data_dir: str, work: Callable[[Storage, _ProgressBars], Any]) -> Any:
     """Open the store and run *work* on it, showing its progress."""
-    bars = _ProgressBars()
-    try:
-        with _open(data_dir) as storage:
-            return work(storage, bars)
-    finally:
-        bars.close()
+    with _ProgressBars() as bars, _open(data_dir) as storage:
+        return work(storage, bars)
 
 
 def _print_json(value: Any) -> None:
@@ -205,11 +204,8 @@ def restore(source: str, target: str, seq: int | None) -> None:
 
     Example: rstmdb-storage restore /var/lib/rstmdb /tmp/restored --seq 52117
     """
-    bars = _ProgressBars()
-    try:
+    with _ProgressBars() as bars:
         restored = Storage.restore(source, target, seq=seq, progress=bars)
-    finally:
-        bars.close()
     click.echo(f"restored {target} to sequence {restored}")
 
 

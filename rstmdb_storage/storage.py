@@ -1691,8 +1691,9 @@ def _adopt_or_create(config: StorageConfig, wal_dir: Path) -> tuple[bytes, WalTa
 def _probe_wal(config: StorageConfig) -> Wal:
     """The WAL of a data directory whose LMDB is not open, with the store id of its first
     segment (an empty id when there is none)."""
-    ids = _wal(config, b"").segment_ids()
-    return _wal(config, _wal(config, b"").segment_store_id(ids[0]) if ids else b"")
+    probe = _wal(config, b"")  # only lists segments and reads a header
+    ids = probe.segment_ids()
+    return _wal(config, probe.segment_store_id(ids[0]) if ids else b"")
 
 
 def _wal(config: StorageConfig, store_id: bytes) -> Wal:
