@@ -149,19 +149,29 @@ class StorageConfig:
     #: open for reading only (lookup processes, read-only copies): takes no write lock,
     #: writes nothing, replays nothing; serves the state LMDB holds
     read_only: bool = False
+    #: create a new store when ``data_dir`` holds none; with False, opening a path that is
+    #: not a data directory raises :class:`NotAStoreError` and creates nothing there
+    #: (read-only stores never create one)
+    create: bool = True
 
     @property
     def path(self) -> Path:
         return Path(os.fspath(self.data_dir))
 
+    def holds_store(self) -> bool:
+        """Whether ``data_dir`` is a data directory: it has ``wal/`` or ``indexes/``."""
+        return (self.path / WAL_DIR).is_dir() or (self.path / INDEXES_DIR).is_dir()
+
     def validate(self) -> None:
         """Check every field; raise :class:`ConfigError` naming the first bad one."""
         if not isinstance(self.data_dir, (str, os.PathLike)) or not os.fspath(self.data_dir):
             raise ConfigError(f"data_dir: need a non-empty path, got {self.data_dir!r}")
+        if "\x00" in os.fsdecode(os.fspath(self.data_dir)):
+            raise ConfigError(f"data_dir: a path cannot hold a NUL byte, got {self.data_dir!r}")
         _check_int("snapshot_interval", self.snapshot_interval, minimum=0)
         _check_int("max_wal_segments", self.max_wal_segments, minimum=1)
         _check_int("snapshots_kept", self.snapshots_kept, minimum=1)
-        for name in ("compaction_enabled", "read_only"):
+        for name in ("compaction_enabled", "read_only", "create"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: need a bool, got {getattr(self, name)!r}")
         _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB)

@@ -115,6 +115,18 @@ class StorageFailedError(StorageError):
     """
 
 
+class NotAStoreError(StorageError):
+    """Raised when a path is not an rstmdb-storage data directory (it has neither ``wal/`` nor
+    ``indexes/``) and the store was opened with ``create=False`` (or read-only). Nothing was
+    created there."""
+
+
+class RecoveryNeededError(StorageError):
+    """Raised when a store opened read-only cannot be served as it is: ``indexes/`` is missing
+    or damaged, or the WAL holds records LMDB has not applied and no process has the store open.
+    Opening it for writing (``rstmdb-storage recover DIR``) rebuilds and replays."""
+
+
 class ReadOnlyError(StorageError):
     """Raised when a store opened with ``read_only=True`` is asked to write."""
 

@@ -145,17 +145,19 @@ def restore_to(
     seq: int | None,
     file_mode: int,
     progress: Progress | None = None,
+    target_role: str = "restore target",
 ) -> int:
     """Build in *target* a data directory holding *source*'s state at WAL sequence *seq* (its
     newest record when None), to be opened next; return that sequence number. *wal* reads
-    the source's WAL. Replay happens when the target is opened.
+    the source's WAL. Replay happens when the target is opened. *target_role* names the
+    target in errors ("backup target" for a backup).
 
     :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the source
     """
     if seq is not None and (type(seq) is not int or seq < 0):
         raise InvalidInputError(f"seq: expected an int >= 0 or None, got {seq!r}")
     if target.exists() and any(target.iterdir()):
-        raise InvalidInputError(f"restore target {target} is not empty")
+        raise InvalidInputError(f"{target_role} {target} is not empty")
     with _compaction_held_off(source / SNAPSHOTS_DIR, file_mode):
         manifest = choose_snapshot(source / SNAPSHOTS_DIR, wal, seq, progress)
         ids = wal.segment_ids()
@@ -196,6 +198,20 @@ def restore_to(
                     source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode
                 )
     return end.applied_seq
+
+
+def seq_at_time(wal: Wal, until_ms: int) -> int:
+    """The sequence number of the state as of *until_ms* (Unix milliseconds): the record
+    before the first one written later than that. Streams the WAL from its first segment."""
+    ids = wal.segment_ids()
+    if not ids:
+        raise WalGapError(f"{wal.directory} holds no WAL segment")
+    seq = ids[0] - 1
+    for record in wal.records(ids[0], wal.tail_after().applied_seq):
+        if record.timestamp_ms > until_ms:
+            break
+        seq = record.seq
+    return seq
 
 
 @contextlib.contextmanager

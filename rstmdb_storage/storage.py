@@ -30,6 +30,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import itertools
 import logging
 import os
 import threading
@@ -69,8 +70,10 @@ from .errors import (
     InstanceNotFoundError,
     InvalidInputError,
     InvalidTypeError,
+    NotAStoreError,
     ReadOnlyError,
     RecordTooLargeError,
+    RecoveryNeededError,
     StorageClosedError,
     StorageError,
     WalGapError,
@@ -97,7 +100,13 @@ from .query import (
     state_query,
     time_query,
 )
-from .recovery import DATA_FILE, cut_damaged_tail, rebuild_from_snapshot, restore_to
+from .recovery import (
+    DATA_FILE,
+    cut_damaged_tail,
+    rebuild_from_snapshot,
+    restore_to,
+    seq_at_time,
+)
 from .snapshots import (
     MANIFEST_SUFFIX,
     Progress,
@@ -126,6 +135,7 @@ from .wal.format import (
     CHANGE_MACHINE,
     CHANGE_PUT,
     SEGMENT_HEADER_SIZE,
+    segment_name,
 )
 from .wal.group_commit import SharedAppendTail, SharedSync
 
@@ -173,6 +183,8 @@ class Storage:
         self._group_until = 0.0
         self._group_files: tuple[SharedAppendTail, SharedSync] | None = None
         self._flusher = None if config.read_only else _Flusher(self)
+        #: read-only: whether another process had the store open when this one opened it
+        self._opened_in_use = True
 
     # --- opening and closing --------------------------------------------------------------------
 
@@ -180,8 +192,9 @@ class Storage:
     def open(
         cls, config: StorageConfig | str | os.PathLike[str], progress: Progress | None = None
     ) -> Storage:
-        """Open (creating if needed) the store in ``config.data_dir`` and replay the WAL
-        records LMDB has not applied yet.
+        """Open the store in ``config.data_dir`` and replay the WAL records LMDB has not
+        applied yet. A new store is created there when the path holds none, unless
+        ``config.create`` is False (then :class:`NotAStoreError`, and nothing is created).
 
         When ``indexes/`` is missing, unreadable or fails its check, it is rebuilt from the
         newest intact snapshot and the WAL after it (see :mod:`rstmdb_storage.recovery`);
@@ -189,6 +202,9 @@ class Storage:
 
         :param config: a :class:`StorageConfig`, or a path for all defaults
         :raises ConfigError: a config field is invalid
+        :raises NotAStoreError: ``create=False`` or ``read_only=True`` and the path is not a
+            data directory
+        :raises RecoveryNeededError: ``read_only=True`` and ``indexes/`` is missing
         :raises CorruptionError: the WAL or LMDB fails its checks and cannot be rebuilt (never
             silently skipped); :class:`WalGapError` names the missing sequence numbers
         """
@@ -203,9 +219,11 @@ class Storage:
                 config.path,
                 remote,
             )
+        root = config.path
+        if not config.create or config.read_only:
+            _require_store(config)
         if config.read_only:
             return cls._open_read_only(config)
-        root = config.path
         try:
             make_dir(root, config.file_mode)
             for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
@@ -227,18 +245,31 @@ class Storage:
                         f"the processes using {root} and open it again",
                         path=exc.path,
                     ) from exc
-                restored = rebuild_from_snapshot(config, _probe_wal(config), str(exc), progress)
+                # Every IndexesCorruptionError's message starts with the path; the rebuild
+                # names the path itself, with the reason after it.
+                reason = str(exc).removeprefix(f"{exc.path} ")
+                restored = rebuild_from_snapshot(config, _probe_wal(config), reason, progress)
                 return cls._open_environment(config, restored, progress)
 
     @classmethod
     def _open_read_only(cls, config: StorageConfig) -> Storage:
+        indexes = config.path / INDEXES_DIR
+        if not (indexes / DATA_FILE).exists():
+            raise RecoveryNeededError(
+                f"{indexes / DATA_FILE} is missing: open {config.path} for writing to rebuild it "
+                f"from its snapshots and WAL (rstmdb-storage recover {config.path})"
+            )
+        # Asked before our own shared lock on users.lock would answer it.
+        writers_may_be_running = lmdb_env.in_use(config)
         env = lmdb_env.acquire(config)
         try:
             meta = Meta(env.meta)
             with env.read() as txn:
                 meta.check_all(txn)
                 store_id = meta.store_id(txn)
-            return cls(config, env, _wal(config, store_id))
+            storage = cls(config, env, _wal(config, store_id))
+            storage._opened_in_use = writers_may_be_running
+            return storage
         except BaseException:
             lmdb_env.release(env)
             raise
@@ -558,10 +589,12 @@ class Storage:
         target: str | os.PathLike[str],
         *,
         seq: int | None = None,
+        until_ms: int | None = None,
         progress: Progress | None = None,
     ) -> int:
         """Build in the new directory *target* a store holding the state of the data
-        directory *source* at WAL sequence *seq* (its newest record when None): point-in-time
+        directory *source* at WAL sequence *seq* (its newest record when None), or as of the
+        time *until_ms* (Unix milliseconds: every record written up to then): point-in-time
         restore, from the newest intact snapshot at or before *seq* and the WAL after it.
         *source* may be in use; compaction there waits until the files are copied. Returns
         the sequence number restored to; open *target* to use it.
@@ -574,10 +607,19 @@ class Storage:
             snapshots and WAL segments *source* keeps
         """
         source_config = StorageConfig(data_dir=source)
+        source_config.validate()
+        _require_store(source_config)
+        wal = _probe_wal(source_config)
+        if until_ms is not None:
+            if seq is not None:
+                raise InvalidInputError("restore: give seq or until_ms, not both")
+            if type(until_ms) is not int:
+                raise InvalidTypeError(f"until_ms: expected an int, got {until_ms!r:.40}")
+            seq = seq_at_time(wal, until_ms)
         restored = restore_to(
             source_config.path,
             Path(os.fspath(target)),
-            _probe_wal(source_config),
+            wal,
             seq,
             source_config.file_mode,
             progress,
@@ -605,7 +647,13 @@ class Storage:
         self.create_snapshot(progress)
         target_path = Path(os.fspath(target))
         return restore_to(
-            self.config.path, target_path, self._wal, None, self.config.file_mode, progress
+            self.config.path,
+            target_path,
+            self._wal,
+            None,
+            self.config.file_mode,
+            progress,
+            target_role="backup target",
         )
 
     @classmethod
@@ -625,6 +673,7 @@ class Storage:
         if not isinstance(config, StorageConfig):
             config = StorageConfig(data_dir=config)
         config.validate()
+        _require_store(config)
         with lmdb_env.open_lock(config):
             if lmdb_env.in_use(config):
                 raise StorageError(f"{config.path} is open (here or in another process); close it")
@@ -697,10 +746,22 @@ class Storage:
         )
         if found is None:
             return None
-        key, raw = found
-        body = unseal(key, raw, "machines")
-        definition = cbor_loads(body, f"machines[{key!r}]")
-        return MachineDefinition(name, int.from_bytes(key[-8:], "big"), definition)
+        return _decode_machine(*found)
+
+    def list_machines(self, name: str | None = None) -> list[MachineDefinition]:
+        """Every stored machine definition (only those of machine *name*, when given), by
+        name, then version."""
+        if name is not None:
+            check_name("machine", name)
+        prefix = b"" if name is None else name.encode() + b"\x00"
+
+        def read(txn: Any) -> list[tuple[bytes, bytes]]:
+            cursor = txn.cursor(db=self._env.dbs[DB_MACHINES])
+            if not cursor.set_range(prefix):
+                return []
+            return list(itertools.takewhile(lambda kv: kv[0].startswith(prefix), cursor))
+
+        return [_decode_machine(key, raw) for key, raw in self._read(read)]
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -838,6 +899,59 @@ class Storage:
             if page.next_cursor is None:
                 return
             cursor = page.next_cursor
+
+    def pending_records(self) -> int:
+        """How many WAL records follow the newest one applied to LMDB: 0 on a store opened
+        for writing (opening replayed them); on a read-only store, records a writer appended
+        and has not applied yet, or that a killed writer left for the next open to replay."""
+        applied = self.applied_seq
+        return self._wal.tail_after().applied_seq - applied
+
+    def recovery_needed(self) -> str | None:
+        """Why this store's LMDB does not hold everything its WAL does and nobody is about to
+        apply it (None when it does): a read-only view of a store whose last writer stopped
+        before applying its records. Opening it for writing replays them.
+
+        Example::
+
+            with Storage.open(StorageConfig(data_dir=path, read_only=True)) as storage:
+                if storage.recovery_needed():
+                    print(storage.recovery_needed())   # "3 WAL records are not applied ..."
+        """
+        if not self.config.read_only or self._opened_in_use:
+            return None
+        pending = self.pending_records()
+        if pending <= 0:
+            return None
+        return (
+            f"{pending} WAL record(s) after sequence {self.applied_seq} are not applied yet "
+            f"and no process has {self.config.path} open; open it for writing to replay them "
+            f"(rstmdb-storage recover {self.config.path})"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """Sizes and counts for operators: the LMDB map and its use, entries and bytes per
+        table, reader slots (in use, and stale: left by processes that are gone), WAL segments
+        and bytes, snapshot files and bytes. Reads only.
+
+        Example::
+
+            stats = storage.stats()
+            print(stats["map_used"] / stats["map_size"], stats["readers"]["stale"])
+        """
+        report = self._live_env().stats()
+        segments = self._wal.segment_ids()
+        snapshot_files = [p for p in self._snapshots_dir.iterdir() if p.is_file()]
+        report["applied_seq"] = self.applied_seq
+        report["wal"] = {
+            "segments": len(segments),
+            "bytes": sum((self._wal.directory / segment_name(i)).stat().st_size for i in segments),
+        }
+        report["snapshots"] = {
+            "count": len(published_seqs(self._snapshots_dir)),
+            "bytes": sum(p.stat().st_size for p in snapshot_files),
+        }
+        return report
 
     def wal_segments(self) -> list[int]:
         """First sequence numbers of the WAL segment files present, oldest first."""
@@ -1324,7 +1438,8 @@ class Storage:
             findings = run_checks([lambda: self._check_instances(applied)])
             if findings:
                 raise IndexesCorruptionError(
-                    f"was not flushed before the machine restarted and fails its check "
+                    f"{self.config.path / INDEXES_DIR} was not flushed before the machine "
+                    f"restarted and fails its check "
                     f"({len(findings)} problem(s), first: {findings[0]})",
                     path=str(self.config.path / INDEXES_DIR),
                 )
@@ -1610,6 +1725,12 @@ def _machine_entry(
     return None
 
 
+def _decode_machine(key: bytes, raw: bytes) -> MachineDefinition:
+    definition = cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
+    name = key[:-9].decode()  # the name, a NUL, then the version as u64 BE
+    return MachineDefinition(name, int.from_bytes(key[-8:], "big"), definition)
+
+
 def _must_check(changes: list[list[Any]]) -> bool:
     """Whether *changes* can fail against the stored state (a delete, or a condition)."""
     return any(change[0] == CHANGE_DELETE or is_conditional(change) for change in changes)
@@ -1649,6 +1770,13 @@ def _list_snapshot(txn: Any, env: lmdb_env.LmdbEnvironment, manifest: SnapshotMa
     txn.put(key, seal(key, manifest.encode()), db=env.dbs[DB_SNAPSHOTS])
 
 
+def _require_store(config: StorageConfig) -> None:
+    if not config.holds_store():
+        raise NotAStoreError(
+            f"not an rstmdb-storage data directory: {config.path} (no {WAL_DIR}/ or {INDEXES_DIR}/)"
+        )
+
+
 def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:
     """The WAL of the store, creating the store (meta and first segment) if it is new."""
     wal_dir = config.path / WAL_DIR
@@ -1659,8 +1787,9 @@ def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> Wal:
                 meta.check_all(txn)
                 return _wal(config, meta.store_id(txn))
         except CorruptionError as exc:
+            indexes = config.path / INDEXES_DIR
             raise IndexesCorruptionError(
-                f"fails its check ({exc})", path=str(config.path / INDEXES_DIR)
+                f"{indexes} fails its check ({exc})", path=str(indexes)
             ) from exc
         store_id, tail = _adopt_or_create(config, wal_dir)
         wal = _wal(config, store_id)

@@ -36,6 +36,13 @@ class Finding:
     def __str__(self) -> str:
         return f"{self.where}: {self.problem}"
 
+    @classmethod
+    def of(cls, where: str, exc: Exception) -> Finding:
+        """The finding an error makes, saying *where* once: the error's own message names
+        the place too (``instances[b'o-1']: CRC32C mismatch``), so that part is dropped."""
+        problem = str(exc).replace(f"{where}: ", "").replace(f" in {where}", "")
+        return cls(where, problem)
+
 
 def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterator[Finding]:
     """Inside one read transaction (a consistent view, streamed so memory stays flat): every
@@ -49,7 +56,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
             inst = decode_instance(key, raw)
             check_single_value(raw[INSTANCE_BODY_OFFSET:], where)
         except CorruptionError as exc:
-            yield Finding(where, str(exc))
+            yield Finding.of(where, exc)
             continue
         try:
             check_instance(inst)  # the CRC passed; are the fields what a write allows?
@@ -74,7 +81,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
             cbor_loads(body, f"machines[{key!r}]")
             check_single_value(body, f"machines[{key!r}]")
         except CorruptionError as exc:
-            yield Finding(f"machines[{key!r}]", str(exc))
+            yield Finding.of(f"machines[{key!r}]", exc)
 
 
 def _check_entry(
@@ -88,7 +95,7 @@ def _check_entry(
     try:
         points_to = unseal(index_key, raw, db.decode())
     except CorruptionError as exc:
-        yield Finding(where, str(exc))
+        yield Finding.of(where, exc)
         return
     if points_to != instance_key:
         yield Finding(where, f"points to {points_to!r} instead of {instance_key!r}")
@@ -123,7 +130,7 @@ def check_wal(wal: Wal, applied_seq: int) -> Iterator[Finding]:
             pass
     except CorruptionError as exc:
         where = f"{exc.path} at offset {exc.offset}" if exc.path else str(wal.directory)
-        yield Finding(where, str(exc))
+        yield Finding.of(where, exc)
 
 
 def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
@@ -137,7 +144,7 @@ def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
             manifest = read_manifest(directory, seq)
             check_data(directory, manifest)
         except CorruptionError as exc:
-            yield Finding(where, str(exc))
+            yield Finding.of(where, exc)
             continue
         if manifest.store_id != wal.store_id:
             yield Finding(where, f"belongs to store {manifest.store_id.hex()}, not this one")

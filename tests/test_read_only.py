@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from helpers import order
 
-from rstmdb_storage import ReadOnlyError, Storage, StorageConfig, StorageError
+from rstmdb_storage import NotAStoreError, ReadOnlyError, Storage, StorageConfig
 from rstmdb_storage.store import env as lmdb_env
 
 
@@ -123,7 +123,7 @@ def test_read_only_takes_no_write_lock_and_sees_a_writer_in_another_process(
 
 
 def test_read_only_needs_an_existing_store(tmp_path: Path) -> None:
-    with pytest.raises(StorageError, match="no LMDB environment"):
+    with pytest.raises(NotAStoreError, match="not an rstmdb-storage data directory"):
         Storage.open(read_only(tmp_path / "nothing"))
     assert not (tmp_path / "nothing").exists()
 

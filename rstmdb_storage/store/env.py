@@ -160,6 +160,33 @@ class LmdbEnvironment:
                 f"{self.path}: could not grow the LMDB map beyond {current} bytes ({exc})"
             ) from exc
 
+    def stats(self) -> dict[str, object]:
+        """What ``mdb_stat -e -r -a`` reports: the map, each named table, the reader table
+        (with slots of processes that are gone counted as stale), read in one transaction."""
+        with self.read() as txn:
+            info = self.env.info()
+            page_size = self.env.stat()["psize"]
+            tables = {}
+            for name, db in self.dbs.items():
+                stat = txn.stat(db)
+                pages = stat["branch_pages"] + stat["leaf_pages"] + stat["overflow_pages"]
+                tables[name.decode()] = {**stat, "bytes": pages * page_size}
+        rows = (line.split() for line in self.env.readers().splitlines()[1:])
+        pids = [int(row[0]) for row in rows if row and row[0].isdigit()]
+        return {
+            "page_size": page_size,
+            "map_size": info["map_size"],
+            "map_used": (info["last_pgno"] + 1) * page_size,
+            "last_txnid": info["last_txnid"],
+            "tables": tables,
+            "readers": {
+                "max": info["max_readers"],
+                "slots_used": info["num_readers"],
+                "active": len(pids),
+                "stale": sum(1 for pid in set(pids) if not _alive(pid)),
+            },
+        }
+
     def sync(self) -> None:
         self.gate.enter()
         try:
@@ -251,9 +278,12 @@ def in_use(config: StorageConfig) -> bool:
     if not path.exists():
         return False
     try:
-        fd = _lock_file(path, config.file_mode, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        # Read-only: a flock needs no write access, and a read-only copy has to answer too.
+        fd = _lock_file(path, config.file_mode, fcntl.LOCK_EX | fcntl.LOCK_NB, read_only=True)
     except BlockingIOError:
         return True
+    except OSError:
+        return True  # cannot tell: assume it is, which only ever holds back a rebuild
     os.close(fd)
     return False
 
@@ -410,6 +440,16 @@ def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dic
         env.close()
         raise
     return env, dbs
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _writable(path: Path) -> bool:
