@@ -20,7 +20,8 @@ port). Then, while the workers run::
 Every answer is JSON. Listings return ``{"items": [...], "count": n, "next_cursor": c}``; pass
 ``c`` back as ``cursor`` for the next page (``null`` on the last one). ``limit`` defaults to
 100 and is at most 1000. Path segments are percent-decoded, so ids may hold ``/`` as ``%2F``.
-``bytes`` in a context come back as ``{"$base64": "..."}``, non-finite floats as strings.
+``bytes`` in a context come back as ``{"$base64": "..."}``, non-finite floats as
+``{"$float": "inf"}`` (the mapping of :mod:`rstmdb_storage.jsonable`, the same as the CLI's).
 
 Status codes: 200; 404 for an unknown id or route; 400, with ``{"error": "..."}``, for bad
 parameters (including what the store itself refuses: ``InvalidInputError`` and
@@ -33,11 +34,8 @@ The service only reads: it opens the store in read-only mode (:func:`open_store`
 from __future__ import annotations
 
 import argparse
-import base64
 import contextlib
-import dataclasses
 import json
-import math
 import signal
 import socket
 import sys
@@ -50,13 +48,13 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from rstmdb_storage import (
-    Instance,
     InvalidInputError,
     InvalidTypeError,
     NotFoundError,
     Storage,
     StorageConfig,
 )
+from rstmdb_storage.jsonable import instance_to_json
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -83,26 +81,9 @@ class NotFound(Exception):
 # --- turning instances into JSON ----------------------------------------------------------------
 
 
-def jsonable(value: Any) -> Any:
-    """*value* (an instance's ctx or metadata) with what JSON cannot carry made explicit."""
-    if isinstance(value, dict):
-        return {key: jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(item) for item in value]
-    if isinstance(value, bytes):
-        return {"$base64": base64.b64encode(value).decode("ascii")}
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "inf", "-inf", "nan": JSON has no such numbers
-    return value
-
-
-def instance_json(instance: Instance) -> dict[str, Any]:
-    return jsonable(dataclasses.asdict(instance))
-
-
 def page_json(page: Any) -> dict[str, Any]:
     return {
-        "items": [instance_json(instance) for instance in page],
+        "items": [instance_to_json(instance) for instance in page],
         "count": len(page),
         "next_cursor": page.next_cursor,
     }
@@ -198,7 +179,7 @@ def get_instance(storage: Storage, args: list[str], query: str) -> tuple[int, An
     instance = storage.get_instance(instance_id)
     if instance is None:
         raise NotFound(f"no instance {instance_id!r}")
-    return 200, instance_json(instance)
+    return 200, instance_to_json(instance)
 
 
 def by_state(storage: Storage, args: list[str], query: str) -> tuple[int, Any]:

@@ -313,3 +313,28 @@ def test_verify_passes_on_a_clean_store_and_reports_damage(filled: Path) -> None
 def test_repair_with_nothing_to_repair(filled: Path) -> None:
     code, out, _ = run("repair", str(filled))
     assert code == 0 and "nothing to repair" in out
+
+
+def test_verify_names_a_damaged_instance_once(data_dir: Path) -> None:
+    with Storage.open(data_dir) as storage:
+        storage.put_instance(
+            Instance(
+                id="order-1",
+                machine="order",
+                version=1,
+                state="new",
+                ctx={"note": "a text to find in data.mdb"},
+            )
+        )
+    data_file = data_dir / "indexes" / "data.mdb"
+    data = bytearray(data_file.read_bytes())
+    at = data.index(b"a text to find")
+    assert data.find(b"a text to find", at + 1) == -1  # one copy: the instance's value
+    data[at] ^= 0x01
+    data_file.write_bytes(bytes(data))
+    code, out, _ = run("verify", str(data_dir))
+    assert code == 1
+    line = out.splitlines()[0]
+    assert line.startswith("instances[b'order-1']: ") and line.count("order-1") == 1
+    code, out, err = run("get", str(data_dir), "order-1")
+    assert code == 1 and out == "" and err.count("order-1") == 1 and "CRC32C" in err

@@ -165,8 +165,9 @@ def transition(
 @data_dir_argument
 @click.argument("source", type=click.File("r"), default="-")
 @click.option("--batch-size", type=click.IntRange(1, 100_000), default=1000, show_default=True)
+@json_option
 @reports_errors
-def load(data_dir: str, source: IO[str], batch_size: int) -> None:
+def load(data_dir: str, source: IO[str], batch_size: int, as_json: bool) -> None:
     """Read JSON lines (as `dump` writes them, or bare instance objects) into a store, created
     when DATA_DIR holds none; instances go in batches, each one WAL record, all or nothing.
 
@@ -188,7 +189,8 @@ def load(data_dir: str, source: IO[str], batch_size: int) -> None:
                 counts["instances"] += _put_all(storage, pending)
                 bars("instances", counts["instances"], 0)
         counts["instances"] += _put_all(storage, pending)
-    click.echo(f"loaded {counts['instances']} instance(s), {counts['machines']} machine(s)")
+    sentence = f"loaded {counts['instances']} instance(s), {counts['machines']} machine(s)"
+    _done(counts, as_json, sentence)
 
 
 def _json_lines(source: IO[str]) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -314,8 +316,9 @@ def recover(data_dir: str, as_json: bool) -> None:
 
 @click.command(context_settings=CONTEXT)
 @data_dir_argument
+@json_option
 @reports_errors
-def repair(data_dir: str) -> None:
+def repair(data_dir: str, as_json: bool) -> None:
     """After a power loss, cut the WAL at a torn record that opening refuses because intact
     (never acknowledged) records follow it; the segment is copied aside first. The store must
     be closed.
@@ -324,19 +327,22 @@ def repair(data_dir: str) -> None:
     """
     done = Storage.repair_wal(data_dir)
     if done is None:
-        click.echo("nothing to repair")
+        _done({"repaired": None}, as_json, "nothing to repair")
     else:
-        click.echo(
+        report = dataclasses.asdict(done)
+        sentence = (
             f"cut {done.bytes_cut} bytes of {done.path} from offset {done.offset} "
             f"({done.reason}); the original is kept as {done.copy_path}"
         )
+        _done({"repaired": report}, as_json, sentence)
 
 
 @click.command("release-hold", context_settings=CONTEXT)
 @data_dir_argument
 @click.argument("name")
+@json_option
 @reports_errors
-def release_hold(data_dir: str, name: str) -> None:
+def release_hold(data_dir: str, name: str, as_json: bool) -> None:
     """Release the WAL hold NAME, so that compaction may delete what only it kept (exit code
     1 when there is no such hold).
 
@@ -346,13 +352,14 @@ def release_hold(data_dir: str, name: str) -> None:
         released = storage.release_wal(name)
     if not released:
         raise Failed(f"no WAL hold named {name!r} in {data_dir}")
-    click.echo(f"released the WAL hold {name!r}")
+    _done({"released": name}, as_json, f"released the WAL hold {name!r}")
 
 
 @click.command("rebuild-indexes", context_settings=CONTEXT)
 @data_dir_argument
+@json_option
 @reports_errors
-def rebuild_indexes(data_dir: str) -> None:
+def rebuild_indexes(data_dir: str, as_json: bool) -> None:
     """Drop the state, metadata and time indexes and rebuild them from the instances (when
     `verify` finds an index that disagrees with them).
 
@@ -360,13 +367,14 @@ def rebuild_indexes(data_dir: str) -> None:
     """
     with changing(data_dir) as storage:
         indexed = storage.rebuild_indexes()
-    click.echo(f"indexed {indexed} instance(s)")
+    _done({"indexed": indexed}, as_json, f"indexed {indexed} instance(s)")
 
 
 @click.command("purge-idempotency", context_settings=CONTEXT)
 @data_dir_argument
+@json_option
 @reports_errors
-def purge_idempotency(data_dir: str) -> None:
+def purge_idempotency(data_dir: str, as_json: bool) -> None:
     """Delete the idempotency keys whose retention has passed (they already count as absent;
     this reclaims their space).
 
@@ -374,7 +382,7 @@ def purge_idempotency(data_dir: str) -> None:
     """
     with changing(data_dir) as storage:
         purged = storage.purge_idempotency_keys()
-    click.echo(f"purged {purged} expired idempotency key(s)")
+    _done({"purged": purged}, as_json, f"purged {purged} expired idempotency key(s)")
 
 
 def _parse_json(text: str, what: str) -> Any:

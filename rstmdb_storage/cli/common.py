@@ -192,7 +192,7 @@ def print_report(report: dict[str, Any], as_json: bool) -> None:
         click.echo(dumps(report, indent=2))
         return
     for key, value in report.items():
-        shown = value if isinstance(value, str | int | float) or value is None else dumps(value)
+        shown = value if isinstance(value, str | int | float) else dumps(value)
         click.echo(f"{key}: {shown}")
 
 
