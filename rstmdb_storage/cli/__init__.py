@@ -8,6 +8,8 @@ codes). Nothing in the package imports the CLI.
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from . import change, inspect
@@ -25,6 +27,8 @@ def main() -> None:
 
     Example: rstmdb-storage info /var/lib/rstmdb
     """
+    # The store logs what an operator should hear of (a rebuild, a network filesystem).
+    logging.basicConfig(format="%(levelname)s: %(message)s", level=logging.WARNING)
 
 
 inspect.register(main)

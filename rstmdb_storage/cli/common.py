@@ -248,9 +248,6 @@ def _print_table(cells: list[list[str]], columns: list[str]) -> None:
     widths = [
         max([len(column)] + [len(row[i]) for row in cells]) for i, column in enumerate(columns)
     ]
-    click.echo(
-        "  ".join(column.ljust(width) for column, width in zip(columns, widths, strict=True))
-    )
-    click.echo("  ".join("-" * width for width in widths))
-    for row in cells:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    for row in [columns, ["-" * width for width in widths], *cells]:
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        click.echo(line.rstrip())
