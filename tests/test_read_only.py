@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from helpers import order
 
 from rstmdb_storage import NotAStoreError, ReadOnlyError, Storage, StorageConfig
+from rstmdb_storage.cli import main
 from rstmdb_storage.store import env as lmdb_env
 
 
@@ -168,6 +170,19 @@ def test_a_store_on_a_read_only_filesystem_is_read_and_restored(
         assert storage.count_instances() == 31
         assert storage.get_instance("in-the-wal-only") is not None
         assert storage.verify() == []
+    for command in (
+        ["info"],
+        ["verify"],
+        ["stats"],
+        ["snapshots"],
+        ["dump"],
+        ["holds"],
+        ["get", "in-the-wal-only"],
+        ["list", "--since", "0"],
+        ["wal"],
+    ):
+        result = CliRunner().invoke(main, [command[0], str(store), *command[1:]])
+        assert result.exit_code == 0, (command, result.stderr)
     assert Storage.restore(store, tmp_path / "restored") == 31
     with Storage.open(tmp_path / "restored") as restored:
         assert restored.count_instances() == 31
