@@ -236,7 +236,7 @@ def test_lookup_service_answers_from_the_store(tmp_path: Path) -> None:
         status, body = get(f"{url}/instances/{quote(ODD_ID, safe='')}")
         assert status == 200
         assert (body["id"], body["state"]) == (ODD_ID, "lost")
-        assert body["ctx"] == {"blob": {"$base64": "AAE="}, "ratio": "inf"}
+        assert body["ctx"] == {"blob": {"$base64": "AAE="}, "ratio": {"$float": "inf"}}
         status, body = get(f"{url}/instances/order-99")
         assert status == 404
         assert "order-99" in body["error"]
