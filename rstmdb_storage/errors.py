@@ -37,8 +37,8 @@ class RecordTooLargeError(InvalidInputError):
 
 
 class ConfigError(StorageError, ValueError):
-    """Raised when a :class:`~rstmdb_storage.StorageConfig` field is invalid, or disagrees with
-    the setting stored in the data directory by whoever created it."""
+    """Raised when a :class:`~rstmdb_storage.StorageConfig` field is invalid (named in the
+    message), before anything is created or opened."""
 
 
 # --- what is (not) there ------------------------------------------------------------------------

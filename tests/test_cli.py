@@ -244,6 +244,13 @@ def test_snapshots_stats_machines_and_holds(filled: Path) -> None:
     assert code == 0 and [(r["name"], r["version"]) for r in rows] == [("order", 1), ("order", 2)]
     code, rows = run_json("holds", str(filled), "--format", "json")
     assert code == 0 and rows == [{"name": "nightly", "from_seq": 2}]
+    code, report = run_json("hold", str(filled), "copying", "--json")
+    assert code == 0 and report == {"hold": "copying", "from_seq": 6}  # the next record on
+    code, rows = run_json("holds", str(filled), "--format", "json")
+    assert code == 0 and rows == [
+        {"name": "copying", "from_seq": 6},
+        {"name": "nightly", "from_seq": 2},
+    ]
     code, out, _ = run("release-hold", str(filled), "nightly")
     assert code == 0 and "released" in out
     code, _, err = run("release-hold", str(filled), "nightly")

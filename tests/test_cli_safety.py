@@ -99,6 +99,7 @@ def bad_paths(tmp_path: Path) -> dict[str, Path]:
         ["delete", "x"],
         ["transition", "x", "a", "b"],
         ["release-hold", "x"],
+        ["hold", "x"],
         ["put", '{"id": "x", "machine": "m", "version": 1, "state": "s"}'],
         ["backup", "/tmp/never"],
     ],
@@ -176,6 +177,9 @@ def test_a_store_whose_last_writer_left_records_unapplied_needs_recovery(data_di
     assert code == 1 and out == "" and "needs recovery" in err  # stale data is not served
     code, out, _ = run("verify", str(data_dir))
     assert code == 1 and "1 problem(s) found" in out
+    for command in ("snapshots", "stats"):  # they report, and say so at the end
+        code, out, err = run(command, str(data_dir))
+        assert code == 1 and "needs recovery" in err, command
     assert tree(data_dir) == before
     code, out, _ = run("recover", str(data_dir))
     assert code == 0 and "applied_seq: 3" in out.splitlines()

@@ -41,6 +41,7 @@ def register(main: click.Group) -> None:
         restore,
         recover,
         repair,
+        hold,
         release_hold,
         rebuild_indexes,
         purge_idempotency,
@@ -335,6 +336,26 @@ def repair(data_dir: str, as_json: bool) -> None:
             f"({done.reason}); the original is kept as {done.copy_path}"
         )
         _done({"repaired": report}, as_json, sentence)
+
+
+@click.command(context_settings=CONTEXT)
+@data_dir_argument
+@click.argument("name")
+@click.option("--from-seq", type=click.IntRange(min=1), help="first sequence kept [the next one]")
+@json_option
+@reports_errors
+def hold(data_dir: str, name: str, from_seq: int | None, as_json: bool) -> None:
+    """Take the WAL hold NAME: compaction keeps every WAL record from its sequence number on
+    (the next record, by default) until `release-hold`, e.g. while copy tools run.
+
+    Example: rstmdb-storage hold /var/lib/rstmdb nightly-backup
+    """
+    with changing(data_dir) as storage:
+        seq = storage.applied_seq + 1 if from_seq is None else from_seq
+        storage.hold_wal(name, seq)
+    _done(
+        {"hold": name, "from_seq": seq}, as_json, f"holding the WAL from sequence {seq} as {name!r}"
+    )
 
 
 @click.command("release-hold", context_settings=CONTEXT)

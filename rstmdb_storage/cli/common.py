@@ -5,8 +5,8 @@ Exit codes (the README and ``docs/operations.md`` have the same table):
 
 ====  ==========================================================================================
 0     done; nothing wrong found
-1     a problem found (``verify``), an operation that failed (a conflict, an absent instance,
-      a store that needs recovery, damage)
+1     a problem found (``verify``, ``snapshots``), an operation that failed (a conflict, an
+      absent instance, damage), a store that needs recovery
 2     bad usage: an unknown option, bad input, or a path that is not a data directory
 ====  ==========================================================================================
 """

@@ -67,8 +67,13 @@ def info(data_dir: str, as_json: bool) -> None:
             "needs_recovery": needs_recovery,
         }
     print_report(report, as_json)
-    if needs_recovery:
-        click.echo(f"error: {data_dir} needs recovery: {needs_recovery}", err=True)
+    exit_if_recovery_needed(data_dir, needs_recovery)
+
+
+def exit_if_recovery_needed(data_dir: str, reason: str | None) -> None:
+    """For the inspections that report on a store needing recovery: say so last, exit 1."""
+    if reason is not None:
+        click.echo(f"error: {data_dir} needs recovery: {reason}", err=True)
         sys.exit(EXIT_PROBLEM)
 
 
@@ -240,6 +245,7 @@ def snapshots(data_dir: str, fmt: str | None) -> None:
     """
     rows, bad = [], 0
     with inspecting(data_dir, stale_ok=True) as storage:
+        needs_recovery = storage.recovery_needed()
         for manifest in storage.list_snapshots():
             try:
                 storage.check_snapshot(manifest)
@@ -252,6 +258,7 @@ def snapshots(data_dir: str, fmt: str | None) -> None:
             rows.append({**row, "crc_status": status})
     columns = ["seq", "size", "instances", "created_at_ms", "crc_status"]
     print_rows(rows, fmt, columns)
+    exit_if_recovery_needed(data_dir, needs_recovery)
     if bad:
         sys.exit(EXIT_PROBLEM)
 
@@ -269,16 +276,18 @@ def stats(data_dir: str, as_json: bool) -> None:
     """
     with inspecting(data_dir, stale_ok=True) as storage:
         report = storage.stats()
+        needs_recovery = storage.recovery_needed()
     if as_json:
         print_report(report, True)
-        return
-    tables = report.pop("tables")
-    print_report(report, False)
-    print_rows(
-        ({"table": name, **table} for name, table in tables.items()),
-        "table",
-        ["table", "entries", "bytes", "depth", "leaf_pages", "branch_pages", "overflow_pages"],
-    )
+    else:
+        tables = report.pop("tables")
+        print_report(report, False)
+        print_rows(
+            ({"table": name, **table} for name, table in tables.items()),
+            "table",
+            ["table", "entries", "bytes", "depth", "leaf_pages", "branch_pages", "overflow_pages"],
+        )
+    exit_if_recovery_needed(data_dir, needs_recovery)
 
 
 @click.command(context_settings=CONTEXT)
