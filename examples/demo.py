@@ -1,6 +1,7 @@
 """The main job in one page: open a store, write instances, read them back, move one through a
 transition, query by state and metadata, list everything, snapshot, compact, back up, restore
-to a point in time, reopen.
+to a point in time, reopen. On a store that already holds many instances (from earlier runs or
+the workers example) it prints a summary, never every id.
 
 Run it with ``python examples/demo.py [DATA_DIR]`` (default ``./rstmdb-data``). Running it again
 continues the same store: sequence numbers carry on where they stopped.
@@ -8,9 +9,11 @@ continues the same store: sequence numbers carry on where they stopped.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 from rstmdb_storage import (
@@ -20,6 +23,20 @@ from rstmdb_storage import (
     Storage,
     StorageConfig,
 )
+
+#: ids printed of any list; a large store gets a count for the rest
+SHOWN = 10
+
+
+def summary(ids: Iterable[str]) -> str:
+    """At most SHOWN ids, then how many more there are."""
+    shown, more = [], 0
+    for instance_id in ids:
+        if len(shown) < SHOWN:
+            shown.append(instance_id)
+        else:
+            more += 1
+    return ", ".join(shown) + (f" ... and {more} more" if more else "") or "(none)"
 
 
 def main(data_dir: str) -> None:
@@ -79,11 +96,13 @@ def main(data_dir: str) -> None:
             f"first page of pending orders: {[i.id for i in pending]}, "
             f"next cursor {pending.next_cursor!r}"
         )
-        bobs = [i.id for i in storage.list_by_metadata("customer", "bob")]
-        print(f"orders of customer bob: {bobs}")
+        bobs = storage.iter_by_metadata("customer", "bob")
+        print(f"orders of customer bob: {summary(inst.id for inst in bobs)}")
 
-        print("stored instances:")
-        for inst in storage.iter_instances():
+        total = storage.count_instances()
+        capped = f" in all, the first {SHOWN}" if total > SHOWN else ""
+        print(f"stored instances ({total}{capped}):")
+        for inst in itertools.islice(storage.iter_instances(), SHOWN):
             print(
                 f"  {inst.id:<10} {inst.machine}/{inst.state:<8} ctx={inst.ctx} "
                 f"seq={inst.last_wal_offset}"
@@ -113,7 +132,7 @@ def main(data_dir: str) -> None:
             before_batch = batch.seq - 1
             Storage.restore(Path(scratch) / "backup", Path(scratch) / "then", seq=before_batch)
             with Storage.open(Path(scratch) / "then") as then:
-                ids = [inst.id for inst in then.iter_instances()]
+                ids = summary(inst.id for inst in then.iter_instances())
                 print(f"point-in-time restore to sequence {before_batch}, before the batch: {ids}")
 
     with Storage.open(config) as storage:

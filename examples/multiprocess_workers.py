@@ -1,9 +1,9 @@
 """A pool of worker processes sharing one data directory, moving orders through a pipeline.
 
-Run it from the repository root (it takes a few seconds)::
+Run it from the repository root (by default it takes several seconds)::
 
-    python examples/multiprocess_workers.py                  # 4 workers, 400 orders
-    python examples/multiprocess_workers.py --workers 8 --orders 2000 --data-dir /tmp/shop
+    python examples/multiprocess_workers.py                  # 4 workers, 2000 orders
+    python examples/multiprocess_workers.py --workers 8 --orders 5000 --data-dir /tmp/shop
 
 and, in a second terminal, answer lookups from the same directory while the workers write::
 
@@ -41,6 +41,18 @@ Idempotency keys, two ways (``--key-scope``):
 Either way the conditions alone make every step happen at most once; the key decides whether
 a repeat is an error or a quiet success. Each run uses a fresh run id, so running it again on
 the same directory adds a new set of orders.
+
+To watch a longer run from the lookup service, give it more orders: ``--orders 20000`` keeps
+four workers busy for about a minute here. Once the workers run, the parent prints their process
+ids (``workers started: pids ...``).
+
+Stopping it: SIGTERM or SIGINT (Ctrl-C) stops it cleanly. The parent sends SIGTERM to the
+workers, each of which stops between two steps, closes its store and exits with 143; the parent
+then releases the run's WAL hold, prints one line (``interrupted by SIGTERM: ...``) and exits
+with 143 (SIGTERM) or 130 (SIGINT). A worker whose parent is gone (killed with SIGKILL) notices
+within one step (the end of a pipe only the parent writes to), closes its store and exits; the
+hold then stays, and ``rstmdb-storage release-hold DIR examples.multiprocess_workers``
+releases it.
 """
 
 from __future__ import annotations
@@ -52,10 +64,13 @@ import multiprocessing
 import queue
 import random
 import secrets
+import signal
 import sys
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,45 +113,150 @@ class Job:
     key_scope: str
 
 
+# --- stopping on a signal -----------------------------------------------------------------------
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+WORKER_GRACE_S = 30  # how long stopped workers get to close their stores before SIGKILL
+
+
+class Interrupted(Exception):
+    """A stop signal arrived: stop, cleaning up on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+        super().__init__(self.name)
+        #: the exit statuses of the workers the parent stopped (none if none had started)
+        self.worker_exits: list[int | None] = []
+
+
+class ParentGone(Exception):
+    """The parent process died without stopping this worker (killed with SIGKILL)."""
+
+
+class Stopper:
+    """Turns the first stop signal into :class:`Interrupted`, raised wherever the main thread
+    is, except inside ``with STOPPER.deferred():`` blocks: an exception in the middle of a
+    store's write or of its ``close`` would leave work for recovery, so the store calls run in
+    such blocks and the signal raises when the block ends. Later signals are only noted: the
+    clean-up that the first one started runs to its end."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._raised = False
+        self._depth = 0
+
+    def install(self, *signums: int) -> None:
+        self.signum, self._raised, self._depth = None, False, 0  # a forked worker starts afresh
+        for signum in signums:
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+        self._raise_if_due()
+
+    def _raise_if_due(self) -> None:
+        if self.signum is not None and not self._raised and not self._depth:
+            self._raised = True
+            raise Interrupted(self.signum)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+        self._raise_if_due()
+
+
+STOPPER = Stopper()
+
+
+@contextmanager
+def opened(data_dir: str) -> Iterator[Storage]:
+    """The store, opened and closed with stop signals deferred; what runs in between may be
+    interrupted (the readers here, and the worker between two steps)."""
+    storage: Storage | None = None
+    try:
+        with STOPPER.deferred():
+            storage = open_store(data_dir)
+        yield storage
+    finally:
+        if storage is not None:
+            with STOPPER.deferred():
+                storage.close()
+
+
 # --- the worker processes -----------------------------------------------------------------------
 
 
-def worker_main(job: Job, start: Any, results: Any) -> None:
-    """Entry point of a worker process: report its counts (or its traceback) on *results*."""
+def worker_main(job: Job, start: Any, results: Any, parent_alive: Any, parent_end: Any) -> None:
+    """Entry point of a worker process, started with the stop signals blocked: report its
+    counts (or its traceback) on *results*.
+
+    SIGTERM (from the parent, when it is stopped) ends the worker between two steps, its store
+    closed, with status 143. Ctrl-C in a terminal reaches the whole process group: the workers
+    ignore SIGINT, and the parent, which handles it, stops them. *parent_alive* is the read end
+    of a pipe whose write end only the parent holds (*parent_end*, which a forked worker
+    inherited and closes): it reads as ready, at its end, once the parent is gone."""
+    parent_end.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    STOPPER.install(signal.SIGTERM)
     try:
-        results.put(("ok", job.worker, work(job, start)))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # a SIGTERM meanwhile raises
+        results.put(("ok", job.worker, work(job, start, parent_alive)))
+    except Interrupted as interrupted:
+        sys.exit(128 + interrupted.signum)  # the store was closed on the way out
+    except ParentGone as gone:
+        sys.stderr.write(f"{job.worker}: {gone}\n")  # one write: the workers' lines stay whole
+        sys.stderr.flush()
+        sys.exit(1)  # nobody is left to report to
     except BaseException:
         start.abort()  # the others stop waiting for this one
         results.put(("error", job.worker, traceback.format_exc()))
         sys.exit(1)  # the parent shows the traceback
 
 
-def work(job: Job, start: Any) -> dict[str, int]:
+def work(job: Job, start: Any, parent_alive: Any) -> dict[str, int]:
     rng = random.Random(job.seed)
     stats = Counter(steps=0, conflicts=0, retries=0, retries_refused=0)
-    with open_store(job.data_dir) as storage:  # every process opens the store itself
+    with opened(job.data_dir) as storage:  # every process opens the store itself
         start.wait(timeout=60)  # all workers start racing at once
         todo = order_ids(job.run, job.orders)
         while todo:
             rng.shuffle(todo)
             unfinished = []
             for order_id in todo:
-                order = storage.get_instance(order_id)
-                if order is None:
-                    raise RuntimeError(f"order {order_id} vanished")
-                target = NEXT_STATE.get(order.state)
-                if target is None:
-                    continue  # delivered: nothing left to do for this order
-                unfinished.append(order_id)
-                if advance(storage, order, target, job, stats) and (
-                    stats["steps"] == 1 or rng.random() < RETRY_RATE
-                ):
-                    # A deliberate retry, as after a lost reply: the same call, the same key.
-                    stats["retries"] += 1
-                    if not advance(storage, order, target, job, stats, retry=True):
-                        stats["retries_refused"] += 1
+                if parent_alive.poll():  # nothing is ever written: ready means end of file
+                    raise ParentGone("the parent process is gone; stopping")
+                with STOPPER.deferred():  # SIGTERM stops the worker between two steps
+                    if take_step(storage, order_id, job, rng, stats):
+                        unfinished.append(order_id)
             todo = unfinished
     return dict(stats)
+
+
+def take_step(
+    storage: Storage, order_id: str, job: Job, rng: random.Random, stats: Counter[str]
+) -> bool:
+    """Try to move *order_id* one step on, now and then repeating the step; False when it was
+    already delivered."""
+    order = storage.get_instance(order_id)
+    if order is None:
+        raise RuntimeError(f"order {order_id} vanished")
+    target = NEXT_STATE.get(order.state)
+    if target is None:
+        return False  # delivered: nothing left to do for this order
+    if advance(storage, order, target, job, stats) and (
+        stats["steps"] == 1 or rng.random() < RETRY_RATE
+    ):
+        # A deliberate retry, as after a lost reply: the same call, the same key.
+        stats["retries"] += 1
+        if not advance(storage, order, target, job, stats, retry=True):
+            stats["retries_refused"] += 1
+    return True
 
 
 def advance(
@@ -196,18 +316,33 @@ def seed(storage: Storage, run: str, orders: int) -> tuple[int, int]:
 
 
 def run_workers(jobs: list[Job]) -> list[dict[str, int]]:
-    """Run one process per job; raise if any of them fails."""
+    """Run one process per job; raise if any of them fails. When a stop signal interrupts it,
+    stop the workers first (their exit statuses go on the :class:`Interrupted` raised)."""
     mp = multiprocessing.get_context()
     start = mp.Barrier(len(jobs))
     results = mp.Queue()
+    parent_alive, parent_end = mp.Pipe(duplex=False)
     processes = [
-        mp.Process(target=worker_main, args=(job, start, results), name=job.worker) for job in jobs
+        mp.Process(
+            target=worker_main,
+            args=(job, start, results, parent_alive, parent_end),
+            name=job.worker,
+        )
+        for job in jobs
     ]
-    for process in processes:
-        process.start()
     reports: dict[str, dict[str, int]] = {}
     errors: list[str] = []
     try:
+        # Started with the stop signals blocked, so that a worker (a fork inherits the parent's
+        # handlers) installs its own before it takes one; one that came meanwhile to the parent
+        # raises here, once they are unblocked.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            for process in processes:
+                process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+        print(f"workers started: pids {' '.join(str(p.pid) for p in processes)}", flush=True)
         while len(reports) + len(errors) < len(jobs):
             try:
                 status, worker, payload = results.get(timeout=1.0)
@@ -220,15 +355,36 @@ def run_workers(jobs: list[Job]) -> list[dict[str, int]]:
                 reports[worker] = payload
             else:
                 errors.append(f"{worker} failed:\n{payload}")
+        stop_workers(processes, terminate=bool(errors))
+    except Interrupted as interrupted:
+        interrupted.worker_exits = stop_workers(processes, terminate=True)
+        raise
+    except BaseException:
+        stop_workers(processes, terminate=True)
+        raise
     finally:
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.terminate()
-                process.join()
+        parent_alive.close()
+        parent_end.close()  # only now: the workers stopped, and this tells them nothing
     if errors:
         raise RuntimeError("\n".join(errors))
     return [reports[job.worker] for job in jobs]
+
+
+def stop_workers(processes: list[Any], terminate: bool) -> list[int | None]:
+    """Wait for the workers that started to end, after SIGTERM when *terminate*; SIGKILL any
+    still running after WORKER_GRACE_S. Return their exit statuses."""
+    started = [process for process in processes if process.pid is not None]
+    if terminate:
+        for process in started:
+            process.terminate()
+    deadline = time.monotonic() + WORKER_GRACE_S
+    for process in started:
+        process.join(max(0.0, deadline - time.monotonic()))
+    for process in started:
+        if process.is_alive():
+            process.kill()
+            process.join()
+    return [process.exitcode for process in started]
 
 
 def check_wal(storage: Storage, first_seq: int, ids: set[str]) -> tuple[Counter[str], int]:
@@ -248,7 +404,7 @@ def check_wal(storage: Storage, first_seq: int, ids: set[str]) -> tuple[Counter[
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=4, help="worker processes (default 4)")
-    parser.add_argument("--orders", type=int, default=400, help="orders to move (default 400)")
+    parser.add_argument("--orders", type=int, default=2000, help="orders to move (default 2000)")
     parser.add_argument("--data-dir", default="rstmdb-data", help="default ./rstmdb-data")
     parser.add_argument(
         "--key-scope",
@@ -261,47 +417,68 @@ def main(argv: list[str] | None = None) -> int:
     if args.workers < 1 or args.orders < 1:
         parser.error("--workers and --orders must be at least 1")
 
+    STOPPER.install(*STOP_SIGNALS)
+    try:
+        return run_example(args)
+    except Interrupted as interrupted:
+        exits = interrupted.worker_exits
+        workers = (
+            f"stopped {len(exits)} workers (exit status {' '.join(map(str, exits))})"
+            if exits
+            else "no workers were running"
+        )
+        print(
+            f"interrupted by {interrupted.name}: {workers}; the WAL hold {WAL_HOLD!r} is released",
+            flush=True,
+        )
+        return 128 + interrupted.signum
+
+
+def run_example(args: argparse.Namespace) -> int:
     run = f"r{time.strftime('%H%M%S')}{secrets.token_hex(2)}"
     ids = order_ids(run, args.orders)
-    with open_store(args.data_dir) as storage:
-        first_seq = storage.applied_seq + 1
-        storage.hold_wal(WAL_HOLD, first_seq)
-        seeded, retried = seed(storage, run, args.orders)
-        print(
-            f"run {run}: seeded {args.orders} orders in {args.data_dir} as one batch, WAL "
-            f"sequence {seeded}; the same batch again (same idempotency key) got sequence "
-            f"{retried} and wrote nothing (applied sequence still {storage.applied_seq})"
-        )
-    # The parent holds no open store while the workers start (they open their own).
-
-    jobs = [
-        Job(args.data_dir, run, args.orders, f"worker-{n}", secrets.randbits(32), args.key_scope)
-        for n in range(1, args.workers + 1)
-    ]
-    started = time.monotonic()
+    held = False
     try:
-        reports = run_workers(jobs)
-    except BaseException:
-        with open_store(args.data_dir) as storage:
-            storage.release_wal(WAL_HOLD)
-        raise
-    elapsed = time.monotonic() - started
-    for job, report in zip(jobs, reports, strict=True):
-        print(
-            f"  {job.worker}: {report['steps']} steps, {report['conflicts']} conflicts, "
-            f"{report['retries']} deliberate retries"
-        )
+        # One step as far as a stop signal goes: the hold taken and the orders seeded, or not.
+        with STOPPER.deferred(), open_store(args.data_dir) as storage:
+            first_seq = storage.applied_seq + 1
+            storage.hold_wal(WAL_HOLD, first_seq)
+            held = True
+            seeded, retried = seed(storage, run, args.orders)
+            print(
+                f"run {run}: seeded {args.orders} orders in {args.data_dir} as one batch, WAL "
+                f"sequence {seeded}; the same batch again (same idempotency key) got sequence "
+                f"{retried} and wrote nothing (applied sequence still {storage.applied_seq})"
+            )
+        # The parent holds no open store while the workers run (they open their own).
 
-    problems: list[str] = []
-    with open_store(args.data_dir) as storage:
-        try:
+        jobs = [
+            Job(
+                args.data_dir, run, args.orders, f"worker-{n}", secrets.randbits(32), args.key_scope
+            )
+            for n in range(1, args.workers + 1)
+        ]
+        started = time.monotonic()
+        reports = run_workers(jobs)
+        elapsed = time.monotonic() - started
+        for job, report in zip(jobs, reports, strict=True):
+            print(
+                f"  {job.worker}: {report['steps']} steps, {report['conflicts']} conflicts, "
+                f"{report['retries']} deliberate retries"
+            )
+
+        with opened(args.data_dir) as storage:
             written, records = check_wal(storage, first_seq, set(ids))
             applied = storage.applied_seq
             finals = (storage.get_instance(order_id) for order_id in ids)
             run_counts = Counter(order.state if order else "(missing)" for order in finals)
             store_counts = storage.count_by_state(MACHINE)
-        finally:
-            storage.release_wal(WAL_HOLD)
+    finally:
+        if held:  # however this ended: the hold must not outlive the run
+            with STOPPER.deferred(), open_store(args.data_dir) as storage:
+                storage.release_wal(WAL_HOLD)
+
+    problems: list[str] = []
 
     expected = {f"{i} {state}" for i in ids for state in PIPELINE}
     missing = sorted(expected - written.keys())

@@ -11,9 +11,16 @@
   routes, 405 for other methods, and a clean exit on SIGTERM;
 * the service and the workers example at once on one directory: every answer given while the
   workers run counts all the orders of the run or none (the seed is one batch), and at the end
-  the service sees what the workers wrote.
+  the service sees what the workers wrote;
+* the workers example stopped mid-run by SIGTERM, by SIGINT and by Ctrl-C (SIGINT to its whole
+  process group): it exits 143 or 130 with one line, every worker exited through its handler
+  (status 143) and is gone, the WAL hold is released and the store is sound; with its parent
+  killed by SIGKILL, the workers stop by themselves and the hold stays until ``release-hold``;
+* ``examples/demo.py`` twice on one directory, and on a store of 500 instances, where it prints
+  counts and the first ids, not every one.
 
-Reading the service's first stdout line is the only synchronisation; nothing sleeps.
+Nothing sleeps: the tests wait for a line on a pipe, the end of a pipe or of a process (a
+pidfd), or poll the store read-only until the workers have written, each with a deadline.
 """
 
 from __future__ import annotations
@@ -21,17 +28,21 @@ from __future__ import annotations
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from rstmdb_storage import Instance, Storage
+import pytest
+
+from rstmdb_storage import Instance, Storage, StorageConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "examples" / "multiprocess_workers.py"
@@ -378,6 +389,217 @@ def test_the_demo_runs_twice_on_one_directory(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stderr[-3000:]
         outputs.append(done.stdout)
-    assert "point-in-time restore to sequence 2, before the batch: ['order-1']" in outputs[0]
+    assert "point-in-time restore to sequence 2, before the batch: order-1\n" in outputs[0]
     assert "reopened: 5 instances, applied sequence 4" in outputs[0]
     assert "reopened: 5 instances, applied sequence 8" in outputs[1]
+
+
+def test_the_demo_summarises_a_large_store(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    with Storage.open(data_dir) as storage, storage.batch() as batch:
+        for n in range(500):
+            batch.put_instance(
+                Instance(
+                    id=f"big-{n:04d}",
+                    machine="order",
+                    version=1,
+                    state="pending",
+                    metadata={"customer": "bob"},
+                )
+            )
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), str(data_dir)],
+        cwd=tmp_path,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.splitlines()) < 40  # a summary, not 500 ids
+    assert "stored instances (505 in all, the first 10):" in done.stdout
+    assert "orders of customer bob: big-0000, big-0001" in done.stdout
+    assert "... and 494 more" in done.stdout  # 500 of bob's and 4 of the demo's, 10 shown
+
+
+def alive(pid: int) -> bool:
+    """Whether *pid* runs (a zombie, which has ended and waits to be reaped, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def wait_until_ended(pids: list[int], timeout: float) -> list[int]:
+    """Wait for each of *pids*, children of this process or not, to end (a pidfd is readable
+    once its process has ended); return those still running at the deadline."""
+    deadline = time.monotonic() + timeout
+    running = []
+    for pid in pids:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # gone already
+        try:
+            ready, _, _ = select.select([pidfd], [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            os.close(pidfd)
+        if not ready:
+            running.append(pid)
+    return running
+
+
+def parent_pid(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("\nPPid:\t")[1].split()[0])
+
+
+WORKERS_HOLD = "examples.multiprocess_workers"
+RUN_ORDERS = 20000  # a run that lasts far longer than the test needs it to
+DEADLINE_S = 60  # a bound on a hung example, not a delay: each wait ends with what it waits for
+
+
+class WorkersRun:
+    """multiprocess_workers.py started in a session of its own (so that the test can send a
+    signal to its whole process group, as Ctrl-C does, and kill what is left when it fails),
+    stdout on a pipe, stderr in a file."""
+
+    def __init__(self, tmp_path: Path, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.log = tmp_path / "workers.log"
+        with self.log.open("w") as err:
+            self.process = subprocess.Popen(
+                workers_command(data_dir, "--orders", str(RUN_ORDERS)),
+                cwd=tmp_path,
+                env=child_env(),
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,
+            )
+        self.out = b""
+
+    def worker_pids(self) -> list[int]:
+        """The pids the parent prints once the workers run (read up to that line)."""
+        prefix = b"workers started: pids "
+        deadline = time.monotonic() + DEADLINE_S
+        assert self.process.stdout is not None
+        fd = self.process.stdout.fileno()
+        while True:
+            for line in self.out.split(b"\n")[:-1]:
+                if line.startswith(prefix):
+                    return [int(pid) for pid in line[len(prefix) :].split()]
+            ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            chunk = os.read(fd, 65536) if ready else b""
+            assert chunk, f"no worker pids (exit {self.process.poll()}): {self.report()}"
+            self.out += chunk
+
+    def wait_for_steps(self) -> int:
+        """Poll the store, read-only, until the workers have written steps; return how many
+        records it holds then."""
+        deadline = time.monotonic() + DEADLINE_S
+        with Storage.open(StorageConfig(data_dir=self.data_dir, read_only=True)) as storage:
+            while (applied := storage.applied_seq) <= 1:  # record 1 is the seed batch
+                assert time.monotonic() < deadline, f"no step written: {self.report()}"
+                assert self.process.poll() is None, f"the example ended: {self.report()}"
+            assert storage.count_instances() == RUN_ORDERS
+            assert storage.wal_holds() == {WORKERS_HOLD: 1}  # held while it runs
+        return applied
+
+    def finish(self) -> str:
+        """Everything it wrote to stdout, once every process holding the pipe is gone."""
+        out, _ = self.process.communicate(timeout=DEADLINE_S)
+        return (self.out + out).decode()
+
+    def report(self) -> str:
+        return f"{self.out.decode()}\n{self.log.read_text()}"
+
+    def kill_all(self) -> None:
+        """Kill what is left of the run: the parent and its workers, whoever their parent."""
+        with suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+@pytest.mark.parametrize(
+    ("signum", "whole_group", "code"),
+    [
+        (signal.SIGTERM, False, 143),  # kill PID
+        (signal.SIGINT, False, 130),  # kill -INT PID
+        (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the parent and every worker
+    ],
+    ids=["SIGTERM", "SIGINT", "Ctrl-C"],
+)
+def test_the_workers_example_stops_its_workers_and_releases_its_hold(
+    tmp_path: Path, signum: int, whole_group: bool, code: int
+) -> None:
+    data_dir = tmp_path / "data"
+    run = WorkersRun(tmp_path, data_dir)
+    try:
+        pids = run.worker_pids()
+        assert len(pids) == 4
+        assert [parent_pid(pid) for pid in pids] == [run.process.pid] * 4
+        written = run.wait_for_steps()
+
+        if whole_group:
+            os.killpg(run.process.pid, signum)
+        else:
+            run.process.send_signal(signum)
+        out = run.finish()
+
+        assert run.process.returncode == code, run.report()
+        name = signal.Signals(signum).name
+        assert out.splitlines()[-1] == (
+            f"interrupted by {name}: stopped 4 workers (exit status 143 143 143 143); "
+            f"the WAL hold '{WORKERS_HOLD}' is released"
+        )  # every worker exited through its SIGTERM handler, which closed its store
+        assert "OK: every order" not in out  # stopped long before the end of its run
+        assert [pid for pid in pids if alive(pid)] == []
+        assert run.log.read_text() == ""  # no traceback from anyone
+
+        with Storage.open(StorageConfig(data_dir=data_dir, read_only=True)) as storage:
+            assert storage.wal_holds() == {}
+            assert storage.recovery_needed() is None  # every record written is applied
+            counts = storage.count_by_state("order")
+            assert sum(counts.values()) == RUN_ORDERS
+            assert written <= storage.applied_seq < 1 + RUN_ORDERS * 4
+            assert counts.get("pending", 0) < RUN_ORDERS  # the steps made are there
+            assert storage.verify() == []
+    finally:
+        run.kill_all()
+
+
+def test_workers_whose_parent_is_killed_stop_by_themselves(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    run = WorkersRun(tmp_path, data_dir)
+    try:
+        pids = run.worker_pids()
+        run.wait_for_steps()
+
+        run.process.kill()  # SIGKILL: no handler runs, no hold is released
+        run.process.wait()
+
+        assert wait_until_ended(pids, DEADLINE_S) == []  # each noticed within one step
+        assert "interrupted" not in run.finish()
+        assert sorted(run.log.read_text().splitlines()) == [
+            f"worker-{n}: the parent process is gone; stopping" for n in range(1, 5)
+        ]
+        with Storage.open(StorageConfig(data_dir=data_dir, read_only=True)) as storage:
+            assert storage.wal_holds() == {WORKERS_HOLD: 1}  # as the docstring says
+            assert storage.recovery_needed() is None  # the workers closed their stores
+        # ... and says how to release it
+        done = subprocess.run(
+            [sys.executable, "-m", "rstmdb_storage", "release-hold", str(data_dir), WORKERS_HOLD],
+            cwd=tmp_path,
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=DEADLINE_S,
+        )
+        assert done.returncode == 0, done.stderr
+        with Storage.open(StorageConfig(data_dir=data_dir, read_only=True)) as storage:
+            assert storage.wal_holds() == {}
+    finally:
+        run.kill_all()
