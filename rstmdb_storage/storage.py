@@ -1533,10 +1533,10 @@ class Storage:
             return
         if self._closed or self._env.stale or not self._maintenance_due():
             return
-        self._maintenance = threading.Thread(
-            target=self._maintain, name="rstmdb-maintenance", daemon=True
-        )
-        self._maintenance.start()
+        thread = threading.Thread(target=self._maintain, name="rstmdb-maintenance", daemon=True)
+        thread.start()
+        # Published only once started: _join_maintenance() in another thread may read it at once.
+        self._maintenance = thread
 
     def _maintenance_due(self) -> bool:
         config = self.config
