@@ -374,21 +374,23 @@ def test_lookup_service_beside_the_workers(tmp_path: Path) -> None:
             assert body == item
 
 
+def run_demo(cwd: Path, data_dir: Path) -> str:
+    """``python examples/demo.py DATA_DIR``; its stdout, once it exited 0."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "demo.py"), str(data_dir)],
+        cwd=cwd,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def test_the_demo_runs_twice_on_one_directory(tmp_path: Path) -> None:
     """The README's main job: a second run carries on the same store."""
-    demo = ROOT / "examples" / "demo.py"
-    outputs = []
-    for _ in range(2):
-        done = subprocess.run(
-            [sys.executable, str(demo), str(tmp_path / "data")],
-            cwd=tmp_path,
-            env=child_env(),
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs.append(done.stdout)
+    outputs = [run_demo(tmp_path, tmp_path / "data") for _ in range(2)]
     assert "point-in-time restore to sequence 2, before the batch: order-1\n" in outputs[0]
     assert "reopened: 5 instances, applied sequence 4" in outputs[0]
     assert "reopened: 5 instances, applied sequence 8" in outputs[1]
@@ -407,19 +409,11 @@ def test_the_demo_summarises_a_large_store(tmp_path: Path) -> None:
                     metadata={"customer": "bob"},
                 )
             )
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "demo.py"), str(data_dir)],
-        cwd=tmp_path,
-        env=child_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert len(done.stdout.splitlines()) < 40  # a summary, not 500 ids
-    assert "stored instances (505 in all, the first 10):" in done.stdout
-    assert "orders of customer bob: big-0000, big-0001" in done.stdout
-    assert "... and 494 more" in done.stdout  # 500 of bob's and 4 of the demo's, 10 shown
+    output = run_demo(tmp_path, data_dir)
+    assert len(output.splitlines()) < 40  # a summary, not 500 ids
+    assert "stored instances (505 in all, the first 10):" in output
+    assert "orders of customer bob: big-0000, big-0001" in output
+    assert "... and 494 more" in output  # 500 of bob's and 4 of the demo's, 10 shown
 
 
 def alive(pid: int) -> bool:
