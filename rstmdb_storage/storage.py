@@ -356,6 +356,8 @@ class Storage:
                     raw = txn.get(key)
         except lmdb.MapResizedError:
             raw = _RETRY  # another process grew the map: the slow path adopts its size
+        except lmdb.Error as exc:
+            raise lmdb_env.lmdb_read_error(env.path, exc) from exc
         finally:
             gate.leave()
         if raw is _RETRY:

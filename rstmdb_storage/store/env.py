@@ -80,12 +80,15 @@ class LmdbEnvironment:
 
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A short read transaction; adopts a map grown by another process."""
+        """A short read transaction; adopts a map grown by another process. LMDB's own
+        errors inside it become typed ones (:func:`lmdb_read_error`)."""
         self.gate.enter()
         try:
             txn = self._begin(write=False)
             try:
                 yield txn
+            except lmdb.Error as exc:
+                raise lmdb_read_error(self.path, exc) from exc
             finally:
                 txn.abort()
         finally:
@@ -440,6 +443,20 @@ def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dic
         env.close()
         raise
     return env, dbs
+
+
+def lmdb_read_error(path: Path, exc: lmdb.Error) -> StorageError:
+    """The typed error for an LMDB error met while reading: damage LMDB noticed itself (it has
+    no page checksums, so it notices only broken structure) is an
+    :class:`IndexesCorruptionError`; anything else a :class:`StorageError`."""
+    if isinstance(exc, lmdb.CorruptedError | lmdb.PageNotFoundError | lmdb.InvalidError):
+        return IndexesCorruptionError(
+            f"{path} is damaged: LMDB reports {exc}",
+            path=str(path),
+        )
+    if isinstance(exc, lmdb.DiskError):  # py-lmdb's ENOSPC, e.g. copying a snapshot
+        return StorageFullError(f"{path}: no space left on the device ({exc})")
+    return StorageError(f"{path}: reading the LMDB environment failed ({exc})")
 
 
 def _alive(pid: int) -> bool:
