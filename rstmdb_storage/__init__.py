@@ -33,10 +33,10 @@ from .errors import (
     StorageFullError,
     WalGapError,
 )
-from .model import Instance
+from .model import Instance, MachineDefinition
 from .query import Page
 from .snapshots import SnapshotManifest
-from .storage import Batch, MachineDefinition, Storage
+from .storage import Batch, Storage
 
 __version__ = "0.1.0"
 

@@ -48,6 +48,21 @@ class Instance:
     updated_at: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class MachineDefinition:
+    """One version of a state machine's definition, as :meth:`Storage.put_machine` stored it.
+
+    Example::
+
+        storage.put_machine("order", 1, {"states": ["pending", "paid"]})
+        assert storage.get_machine("order").version == 1
+    """
+
+    name: str
+    version: int
+    definition: dict[str, Any]
+
+
 _SCALARS = frozenset({type(None), bool, int, float, str, bytes})
 _LABEL_TYPES = frozenset({str, int, float, bool})
 # Text of at most this many characters is at most MAX_ID_BYTES bytes in UTF-8, whatever it holds.

@@ -1,15 +1,17 @@
 """Queries over the indexes: key ranges for each kind of listing, paging cursors, and the
-scans that read index entries with the instances they point to (one read transaction each).
+scans that read index entries with the instances they point to (one read transaction each);
+and the lookups of machine definitions, keyed by the name, a NUL and the version as u64 BE.
 """
 
 from __future__ import annotations
 
 import base64
+import itertools
 from typing import Any
 
-from .codec import decode_instance, unseal
+from .codec import cbor_loads, decode_instance, unseal
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
-from .model import Instance, check_label_value, check_name
+from .model import Instance, MachineDefinition, check_label_value, check_name
 from .store.env import LmdbEnvironment
 from .store.indexes import (
     TAG_OF,
@@ -163,3 +165,34 @@ def index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]])
     for key, raw in page:
         inst = decode_instance(key, raw)
         indexes.add(txn, key, entries_of(inst))
+
+
+def machine_entry(
+    txn: Any, machines_db: Any, prefix: bytes, version: int | None
+) -> tuple[bytes, bytes] | None:
+    """The entry of version *version* of the machine whose keys start with *prefix* (the name
+    and a NUL), or of its newest version when None."""
+    if version is not None:
+        key = prefix + version.to_bytes(8, "big")
+        raw = txn.get(key, db=machines_db)
+        return None if raw is None else (key, raw)
+    cursor = txn.cursor(db=machines_db)  # the newest: the last key with this prefix
+    upper = prefix[:-1] + b"\x01"
+    found = cursor.prev() if cursor.set_range(upper) else cursor.last()
+    if found and cursor.key().startswith(prefix):
+        return cursor.key(), cursor.value()
+    return None
+
+
+def machine_entries(txn: Any, machines_db: Any, prefix: bytes) -> list[tuple[bytes, bytes]]:
+    """Every entry whose key starts with *prefix* (b"" for all), in key order."""
+    cursor = txn.cursor(db=machines_db)
+    if not cursor.set_range(prefix):
+        return []
+    return list(itertools.takewhile(lambda entry: entry[0].startswith(prefix), cursor))
+
+
+def decode_machine(key: bytes, raw: bytes) -> MachineDefinition:
+    definition = cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
+    name = key[:-9].decode()  # the name, a NUL, then the version as u64 BE
+    return MachineDefinition(name, int.from_bytes(key[-8:], "big"), definition)

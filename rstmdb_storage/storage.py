@@ -30,7 +30,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import threading
@@ -50,7 +49,7 @@ from .apply import (
     purge_expired,
     remembered_write,
 )
-from .codec import cbor_dumps, cbor_loads, decode_instance, encode_instance_body, seal, unseal
+from .codec import cbor_dumps, decode_instance, encode_instance_body, seal
 from .compaction import CompactionResult, plan_compaction
 from .config import (
     DB_IDEMPOTENCY,
@@ -81,6 +80,7 @@ from .errors import (
 from .fsutil import make_dir, network_filesystem, os_error
 from .model import (
     Instance,
+    MachineDefinition,
     MetadataValue,
     check_id,
     check_instance,
@@ -92,9 +92,12 @@ from .query import (
     Page,
     count_states,
     decode_cursor,
+    decode_machine,
     encode_cursor,
     index_page,
     instances_page,
+    machine_entries,
+    machine_entry,
     metadata_query,
     scan,
     state_query,
@@ -744,11 +747,11 @@ class Storage:
         check_name("machine", name)
         prefix = name.encode() + b"\x00"
         found = self._read(
-            lambda txn: _machine_entry(txn, self._env.dbs[DB_MACHINES], prefix, version)
+            lambda txn: machine_entry(txn, self._env.dbs[DB_MACHINES], prefix, version)
         )
         if found is None:
             return None
-        return _decode_machine(*found)
+        return decode_machine(*found)
 
     def list_machines(self, name: str | None = None) -> list[MachineDefinition]:
         """Every stored machine definition (only those of machine *name*, when given), by
@@ -756,14 +759,8 @@ class Storage:
         if name is not None:
             check_name("machine", name)
         prefix = b"" if name is None else name.encode() + b"\x00"
-
-        def read(txn: Any) -> list[tuple[bytes, bytes]]:
-            cursor = txn.cursor(db=self._env.dbs[DB_MACHINES])
-            if not cursor.set_range(prefix):
-                return []
-            return list(itertools.takewhile(lambda kv: kv[0].startswith(prefix), cursor))
-
-        return [_decode_machine(key, raw) for key, raw in self._read(read)]
+        found = self._read(lambda txn: machine_entries(txn, self._env.dbs[DB_MACHINES], prefix))
+        return [decode_machine(key, raw) for key, raw in found]
 
     # --- queries --------------------------------------------------------------------------------
 
@@ -1701,36 +1698,6 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.changes)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class MachineDefinition:
-    """One version of a state machine's definition, as :meth:`Storage.put_machine` stored it."""
-
-    name: str
-    version: int
-    definition: dict[str, Any]
-
-
-def _machine_entry(
-    txn: Any, machines_db: Any, prefix: bytes, version: int | None
-) -> tuple[bytes, bytes] | None:
-    if version is not None:
-        key = prefix + version.to_bytes(8, "big")
-        raw = txn.get(key, db=machines_db)
-        return None if raw is None else (key, raw)
-    cursor = txn.cursor(db=machines_db)  # the newest: the last key with this prefix
-    upper = prefix[:-1] + b"\x01"
-    found = cursor.prev() if cursor.set_range(upper) else cursor.last()
-    if found and cursor.key().startswith(prefix):
-        return cursor.key(), cursor.value()
-    return None
-
-
-def _decode_machine(key: bytes, raw: bytes) -> MachineDefinition:
-    definition = cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
-    name = key[:-9].decode()  # the name, a NUL, then the version as u64 BE
-    return MachineDefinition(name, int.from_bytes(key[-8:], "big"), definition)
 
 
 def _must_check(changes: list[list[Any]]) -> bool:
