@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -201,6 +201,6 @@ def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = 
     if not isinstance(value, int) or isinstance(value, bool):
         raise ConfigError(f"{name}: need an int, got {value!r}")
     if value < minimum:
-        raise ConfigError(f"{name}: must be at least {minimum}, got {value}")
+        raise ConfigError(f"{name}: must be at least {minimum}, got {shown(value)}")
     if maximum is not None and value > maximum:
-        raise ConfigError(f"{name}: must be at most {maximum}, got {value}")
+        raise ConfigError(f"{name}: must be at most {maximum}, got {shown(value)}")

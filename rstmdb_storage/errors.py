@@ -133,3 +133,12 @@ class ReadOnlyError(StorageError):
 
 class StorageClosedError(StorageError):
     """Raised when a closed :class:`~rstmdb_storage.Storage` is used."""
+
+
+def shown(value: object) -> str:
+    """*value* for an error message, short whatever it is: an int too large to print in full
+    (Python refuses past 4,300 digits) by its size, anything else by a clipped ``repr``."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"an int of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import MAX_DECODE_DEPTH, MAX_ID_BYTES
-from .errors import InvalidInputError, InvalidTypeError
+from .errors import InvalidInputError, InvalidTypeError, shown
 
 STATUS_ACTIVE = "active"
 STATUS_DELETED = "deleted"
@@ -198,7 +198,7 @@ def _check_int(what: str, value: object) -> None:
     if type(value) is not int:
         raise InvalidTypeError(f"{what}: expected int, got {_tn(value)}")
     if not 0 <= value < 2**63:
-        raise InvalidInputError(f"{what}: must be between 0 and 2**63 - 1, got {value}")
+        raise InvalidInputError(f"{what}: must be between 0 and 2**63 - 1, got {shown(value)}")
 
 
 def _tn(value: object) -> str:

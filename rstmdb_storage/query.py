@@ -10,7 +10,7 @@ import itertools
 from typing import Any
 
 from .codec import cbor_loads, decode_instance, unseal
-from .errors import CorruptionError, InvalidInputError, InvalidTypeError
+from .errors import CorruptionError, InvalidInputError, InvalidTypeError, shown
 from .model import Instance, MachineDefinition, check_label_value, check_name
 from .store.env import LmdbEnvironment
 from .store.indexes import (
@@ -69,7 +69,7 @@ def time_query(start_ms: int, end_ms: int) -> KeyRange:
         if type(value) is not int:
             raise InvalidTypeError(f"{name}: expected int, got {type(value).__name__}")
         if not 0 <= value < 2**64:
-            raise InvalidInputError(f"{name}: must be between 0 and 2**64 - 1, got {value}")
+            raise InvalidInputError(f"{name}: must be between 0 and 2**64 - 1, got {shown(value)}")
     return time_range(start_ms, end_ms)
 
 

@@ -76,6 +76,7 @@ from .errors import (
     StorageClosedError,
     StorageError,
     WalGapError,
+    shown,
 )
 from .fsutil import make_dir, network_filesystem, os_error
 from .model import (
@@ -426,12 +427,21 @@ class Storage:
         applied one. Each :class:`WalRecord` has ``seq``, ``timestamp_ms`` and ``payload``;
         :func:`rstmdb_storage.wal.decoder.decode_changes` decodes the payload.
 
+        :raises InvalidTypeError, InvalidInputError: *from_seq* or *limit* is not a positive
+            int (at once, not when iterating)
         :raises WalGapError: segments holding the sequence numbers asked for are gone
         """
+        for name, value in (("from_seq", from_seq), ("limit", limit)):
+            if value is None and name == "limit":
+                continue
+            if type(value) is not int:
+                raise InvalidTypeError(f"{name}: expected an int, got {shown(value)}")
+            if value < 1:
+                raise InvalidInputError(f"{name}: must be at least 1, got {shown(value)}")
         until = self.applied_seq
         if limit is not None:
             until = min(until, from_seq + limit - 1)
-        yield from self._wal.records(from_seq, until)
+        return self._wal.records(from_seq, until)
 
     def purge_idempotency_keys(self) -> int:
         """Delete the idempotency keys whose retention has passed; return how many.
@@ -649,6 +659,8 @@ class Storage:
 
             seq = storage.backup("/backups/rstmdb-2026-11-25")
         """
+        if not isinstance(target, str | os.PathLike):
+            raise InvalidTypeError(f"backup target: expected a path, got {shown(target)}")
         self.create_snapshot(progress)
         target_path = Path(os.fspath(target))
         return restore_to(
@@ -727,7 +739,7 @@ class Storage:
             raise InvalidTypeError(f"machine version: expected int, got {type(version).__name__}")
         if not 0 <= version < 2**63:
             raise InvalidInputError(
-                f"machine version: must be between 0 and 2**63 - 1, got {version}"
+                f"machine version: must be between 0 and 2**63 - 1, got {shown(version)}"
             )
         if type(definition) is not dict:
             raise InvalidTypeError(
