@@ -93,10 +93,11 @@ def choose_snapshot(
 
 
 def rebuild_from_snapshot(
-    config: StorageConfig, wal: Wal, reason: str, progress: Progress | None = None
+    config: StorageConfig, wal: Wal, problem: str, progress: Progress | None = None
 ) -> SnapshotManifest | None:
     """Replace ``indexes/data.mdb`` with the newest good snapshot; return its manifest, or
-    None when there is none and the WAL starts at sequence 1 (replay it all).
+    None when there is none and the WAL starts at sequence 1 (replay it all). *problem* says
+    what is wrong with ``indexes/``, naming it (an :class:`IndexesCorruptionError`'s message).
 
     The caller holds the open lock, and no process has the environment open.
 
@@ -107,7 +108,7 @@ def rebuild_from_snapshot(
     ids = wal.segment_ids()
     if manifest is None and not (ids and ids[0] == 1):
         raise IndexesCorruptionError(
-            f"{indexes} {reason}, and cannot be rebuilt: no intact snapshot is in "
+            f"{problem}, and cannot be rebuilt: no intact snapshot is in "
             f"{config.path / SNAPSHOTS_DIR} and the WAL starts at sequence "
             f"{ids[0] if ids else '(no segment)'}, not 1",
             path=str(indexes),
@@ -117,13 +118,12 @@ def rebuild_from_snapshot(
         source = config.path / SNAPSHOTS_DIR / (manifest.name + DATA_SUFFIX)
         copy_file_atomic(source, indexes / DATA_FILE, config.file_mode, _step(progress, "copy"))
         log.warning(
-            "%s %s: rebuilt it from snapshot %s; the WAL after it is replayed next",
-            indexes,
-            reason,
+            "%s: rebuilt it from snapshot %s; the WAL after it is replayed next",
+            problem,
             manifest.name,
         )
     else:
-        log.warning("%s %s: rebuilding it from the whole WAL", indexes, reason)
+        log.warning("%s: rebuilding it from the whole WAL", problem)
     return manifest
 
 

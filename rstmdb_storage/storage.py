@@ -238,7 +238,8 @@ class Storage:
             if not (root / INDEXES_DIR / DATA_FILE).exists() and published_seqs(
                 root / SNAPSHOTS_DIR
             ):
-                restored = rebuild_from_snapshot(config, _probe_wal(config), "is missing", progress)
+                missing = f"{root / INDEXES_DIR} is missing"
+                restored = rebuild_from_snapshot(config, _probe_wal(config), missing, progress)
                 return cls._open_environment(config, restored, progress)
             try:
                 return cls._open_environment(config, None, progress)
@@ -249,10 +250,7 @@ class Storage:
                         f"the processes using {root} and open it again",
                         path=exc.path,
                     ) from exc
-                # Every IndexesCorruptionError's message starts with the path; the rebuild
-                # names the path itself, with the reason after it.
-                reason = str(exc).removeprefix(f"{exc.path} ")
-                restored = rebuild_from_snapshot(config, _probe_wal(config), reason, progress)
+                restored = rebuild_from_snapshot(config, _probe_wal(config), str(exc), progress)
                 return cls._open_environment(config, restored, progress)
 
     @classmethod
@@ -431,9 +429,12 @@ class Storage:
             int (at once, not when iterating)
         :raises WalGapError: segments holding the sequence numbers asked for are gone
         """
-        for name, value in (("from_seq", from_seq), ("limit", limit)):
-            if value is None and name == "limit":
-                continue
+        checked = (
+            (("from_seq", from_seq),)
+            if limit is None
+            else (("from_seq", from_seq), ("limit", limit))
+        )
+        for name, value in checked:
             if type(value) is not int:
                 raise InvalidTypeError(f"{name}: expected an int, got {shown(value)}")
             if value < 1:
@@ -629,7 +630,7 @@ class Storage:
             if seq is not None:
                 raise InvalidInputError("restore: give seq or until_ms, not both")
             if type(until_ms) is not int:
-                raise InvalidTypeError(f"until_ms: expected an int, got {until_ms!r:.40}")
+                raise InvalidTypeError(f"until_ms: expected an int, got {shown(until_ms)}")
             seq = seq_at_time(wal, until_ms)
         restored = restore_to(
             source_config.path,

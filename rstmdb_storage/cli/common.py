@@ -96,8 +96,8 @@ def inspecting(data_dir: str, *, stale_ok: bool = False) -> Iterator[Storage]:
             f"(a damaged data.mdb is moved aside and rebuilt from the snapshots and WAL)"
         ) from exc
     with storage:
-        reason = storage.recovery_needed()
-        if reason is not None and not stale_ok:
+        reason = None if stale_ok else storage.recovery_needed()  # those commands ask it
+        if reason is not None:
             raise Failed(f"{data_dir} needs recovery: {reason}")
         yield storage
 
