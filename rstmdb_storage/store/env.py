@@ -184,7 +184,7 @@ class LmdbEnvironment:
             "tables": tables,
             "readers": {
                 "max": info["max_readers"],
-                "slots_used": info["num_readers"],
+                "high_water": info["num_readers"],  # slots ever taken, not in use now
                 "active": len(pids),
                 "stale": sum(1 for pid in set(pids) if not _alive(pid)),
             },
