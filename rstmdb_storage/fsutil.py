@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import StorageError, StorageFullError
+from .failpoints import failpoint
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -75,10 +76,11 @@ def _dir_mode(file_mode: int) -> int:
 
 
 @contextlib.contextmanager
-def atomic_file(path: Path, mode: int) -> Iterator[int]:
+def atomic_file(path: Path, mode: int, point: str | None = None) -> Iterator[int]:
     """A descriptor to write *path* through: the block writes a temporary file, which is then
     synced, renamed to *path* and its directory synced; if the block raises, the temporary
-    file is deleted and *path* is untouched."""
+    file is deleted and *path* is untouched. *point* names the failpoints around the rename
+    (``POINT.before_rename``, ``.after_rename``, ``.after_dir_sync``)."""
     tmp = temporary_name(path)
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
@@ -89,13 +91,19 @@ def atomic_file(path: Path, mode: int) -> Iterator[int]:
         tmp.unlink(missing_ok=True)
         raise
     os.close(fd)
+    if point is not None:
+        failpoint(point + ".before_rename")
     os.replace(tmp, path)
+    if point is not None:
+        failpoint(point + ".after_rename")
     fsync_dir(path.parent)
+    if point is not None:
+        failpoint(point + ".after_dir_sync")
 
 
-def write_file_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_file_atomic(path: Path, data: bytes, mode: int, point: str | None = None) -> None:
     """Replace *path* with *data*: temporary name, fsync, rename, directory fsync."""
-    with atomic_file(path, mode) as fd:
+    with atomic_file(path, mode, point) as fd:
         write_all(fd, data, 0, str(path))
 
 

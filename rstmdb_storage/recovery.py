@@ -35,6 +35,7 @@ from pathlib import Path
 
 from .config import INDEXES_DIR, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
 from .errors import CorruptionError, IndexesCorruptionError, InvalidInputError, WalGapError
+from .failpoints import failpoint
 from .fsutil import copy_file_atomic, fsync_dir, make_dir
 from .snapshots import (
     DATA_SUFFIX,
@@ -136,6 +137,7 @@ def _move_aside(indexes: Path) -> None:
     # The reader table of the old file means nothing for the new one; nobody has it open.
     (indexes / LOCK_FILE).unlink(missing_ok=True)
     fsync_dir(indexes)
+    failpoint("rebuild.after_move_aside")
 
 
 def restore_to(
@@ -190,6 +192,8 @@ def restore_to(
             )
             if progress is not None:
                 progress("copy", number, len(copied))
+            if number == 1:
+                failpoint("restore.mid_copy")
         _cut_after(target / WAL_DIR, end, wal.store_id)
         if manifest is not None:
             for suffix in (DATA_SUFFIX, MANIFEST_SUFFIX):

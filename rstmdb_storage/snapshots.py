@@ -104,14 +104,16 @@ def publish(
     name = f"{manifest_fields['seq']:020d}"
     data_path = directory / (name + DATA_SUFFIX)
     try:
-        with atomic_file(data_path, file_mode) as fd:
+        with atomic_file(data_path, file_mode, "snapshot.data") as fd:
             copy(fd)
             size = os.fstat(fd).st_size
             checksum = _crc_of(fd, size, progress)  # of what is in the file, read back
     except OSError as exc:
         raise os_error(exc, f"writing snapshot {data_path}") from exc
     manifest = SnapshotManifest(size=size, crc32c=checksum, **manifest_fields)
-    write_file_atomic(directory / (name + MANIFEST_SUFFIX), manifest.encode(), file_mode)
+    write_file_atomic(
+        directory / (name + MANIFEST_SUFFIX), manifest.encode(), file_mode, "snapshot.manifest"
+    )
     return manifest
 
 

@@ -78,6 +78,7 @@ from .errors import (
     WalGapError,
     shown,
 )
+from .failpoints import failpoint
 from .fsutil import make_dir, network_filesystem, os_error
 from .model import (
     Instance,
@@ -550,7 +551,10 @@ class Storage:
             self.config.snapshots_kept,
             holds,
         )
-        freed = sum(delete_snapshot(directory, manifest) for manifest in planned.snapshots)
+        freed = 0
+        for manifest in planned.snapshots:
+            freed += delete_snapshot(directory, manifest)
+            failpoint("compact.after_snapshot_delete")
         if planned.snapshots:
             env = self._writable_env()
             with env.write_mutex, env.begin_write() as txn:
@@ -1179,6 +1183,7 @@ class Storage:
                             _raise_failure(txn, env.dbs, tail.next_seq, changes)
                         new_tail = self._append_record(appends, tail, timestamp_ms, payload)
                     written = tail.next_seq
+                    failpoint("write.after_append")
                     # The changes go into the transaction while the record is being written to
                     # the device; they become visible only with the commit, after the sync.
                     sync_due = self._wal.sync_due()
@@ -1189,6 +1194,8 @@ class Storage:
                     self._count_changes(txn, changes)
                     if sync_due:
                         self._wal.sync()
+                    failpoint("write.after_sync")
+                failpoint("write.after_commit")
                 return written
             except lmdb.MapFullError:
                 # The transaction was aborted; if our record was appended it waits at the WAL
@@ -1237,13 +1244,16 @@ class Storage:
         with env.write_mutex:
             self._wal.check_usable()
             seq = self._append_grouped(env, changes, payload, idempotency_key)
+        failpoint("group.after_append")
         synced, covered = self._sync_through(seq)
+        failpoint("group.after_sync")
         # A writer whose sync covered ours may have applied it already; one that synced its
         # own record goes straight to the apply (which checks again inside the transaction).
         if not covered or self.applied_seq < seq:
             with env.write_mutex:
                 self._apply_through(env, seq, synced)
                 self._dirty = True
+        failpoint("group.after_apply")
         return seq
 
     def _append_grouped(
@@ -1488,6 +1498,7 @@ class Storage:
                     progress("replay", replayed, 0)
                 if done:
                     break
+                failpoint("replay.after_chunk")
         if replayed:
             log.info("replayed %d WAL records into %s", replayed, self.config.path)
         return replayed
@@ -1504,6 +1515,7 @@ class Storage:
         env = self._writable_env()
         with env.write_mutex:
             applied = self._checkpoint_locked(env)
+        failpoint("checkpoint.before_lmdb_sync")
         env.sync()  # outside the mutex: writers go on while the data file is flushed
         return applied
 
@@ -1514,6 +1526,7 @@ class Storage:
             # Syncing the tail segment also covers records other processes appended to it.
             self._wal.mark_unsynced(tail.segment)
             self._wal.sync()
+            failpoint("checkpoint.after_wal_sync")
             self._meta.write_checkpoint(txn, Checkpoint(tail.applied_seq, self._boot_id))
         self._dirty = False
         self._last_checkpoint = time.monotonic()
@@ -1535,6 +1548,7 @@ class Storage:
             if not (self._dirty and elapsed_ms >= self.config.checkpoint_interval_ms):
                 return
             self._checkpoint_locked(env)
+        failpoint("checkpoint.before_lmdb_sync")
         env.sync()
 
     # --- automatic snapshots and compaction ---------------------------------------------------

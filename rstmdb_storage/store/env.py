@@ -38,6 +38,7 @@ import lmdb
 
 from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, INDEXES_DIR, StorageConfig
 from ..errors import IndexesCorruptionError, StorageError, StorageFullError
+from ..failpoints import failpoint
 from ..fsutil import make_dir
 
 OPEN_LOCK_NAME = "open.lock"
@@ -135,6 +136,7 @@ class LmdbEnvironment:
     def grow(self, attempt: int) -> None:
         """Double the map size after a ``MapFullError`` aborted a write (attempt 1, 2, …).
         Call holding :attr:`write_mutex` with no transaction open in this thread."""
+        failpoint("lmdb.before_grow")
         current = self.env.info()["map_size"]
         if attempt > _MAP_GROWTH_ATTEMPTS:
             raise StorageFullError(

@@ -17,6 +17,7 @@ from crc32c import crc32c
 
 from ..config import FsyncPolicy
 from ..errors import CorruptionError, StorageFailedError, WalGapError
+from ..failpoints import failpoint
 from ..fsutil import fsync_dir, start_writeback
 from .decoder import (
     BadRecord,
@@ -116,6 +117,7 @@ class Wal:
                 path.unlink()
             except FileNotFoundError:
                 continue  # deleted by a compaction of another process
+            failpoint("wal.after_segment_delete")
         if first_seqs:
             fsync_dir(self.directory)
         return freed
@@ -156,7 +158,9 @@ class Wal:
         self._sync_segment(segment)  # a sealed segment is immutable and durable, whatever policy
         self._unsynced.discard(segment.first_seq)
         self._forget(segment.first_seq)
+        failpoint("wal.after_seal")
         self._create_segment(tail.next_seq)
+        failpoint("wal.after_new_segment")
         return WalTail(tail.next_seq, SEGMENT_HEADER_SIZE, tail.next_seq)
 
     # --- syncing --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..failpoints import failpoint
 from ..fsutil import fsync_dir, fsync_file
 from .decoder import last_nonzero
 from .segment import WalSegment
@@ -51,6 +52,7 @@ def cut_torn_tail(segment: WalSegment, offset: int, reason: str) -> TornTailRepa
     copy_path = segment.path.with_name(f"{segment.path.name}.broken-{offset}")
     shutil.copy(segment.path, copy_path)  # keeps the segment's private mode
     _make_durable(copy_path)  # the copy must survive whatever the cut does not
+    failpoint("repair.after_copy_aside")
     bytes_cut = zero_from(segment, offset)
     repair = TornTailRepair(str(segment.path), offset, bytes_cut, reason, str(copy_path))
     log.warning(

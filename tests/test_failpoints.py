@@ -1,0 +1,123 @@
+"""The failpoint seam: arming, counting, actions, and that every listed point exists."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import rstmdb_storage
+from rstmdb_storage import ConfigError, Instance, Storage
+from rstmdb_storage import failpoints
+from rstmdb_storage.failpoints import POINTS, FailpointError
+
+PACKAGE = Path(rstmdb_storage.__file__).parent
+
+
+@pytest.fixture(autouse=True)
+def disarmed() -> Iterator[None]:
+    failpoints.disable()
+    yield
+    failpoints.disable()
+
+
+def test_every_listed_point_is_placed_in_the_code() -> None:
+    source = "\n".join(path.read_text() for path in PACKAGE.rglob("*.py"))
+    placed = set(re.findall(r'failpoint\("([a-z_.]+)"\)', source))
+    # atomic_file names its points after the prefix its caller passes
+    for prefix in re.findall(r'"(snapshot\.(?:data|manifest))"', source):
+        placed |= {
+            f"{prefix}.{step}" for step in ("before_rename", "after_rename", "after_dir_sync")
+        }
+    assert placed == set(POINTS)
+    assert len(POINTS) >= 15
+
+
+def test_an_unarmed_point_does_nothing_and_counts_nothing() -> None:
+    failpoints.failpoint("write.after_sync")
+    assert failpoints.hits("write.after_sync") == 0
+
+
+def test_counted_terms_run_in_order_then_the_point_is_off() -> None:
+    failpoints.enable("write.after_sync", "2*off->1*raise")
+    failpoints.failpoint("write.after_sync")
+    failpoints.failpoint("write.after_sync")
+    with pytest.raises(FailpointError, match="write.after_sync"):
+        failpoints.failpoint("write.after_sync")
+    failpoints.failpoint("write.after_sync")  # the chain is used up
+    assert failpoints.hits("write.after_sync") == 4
+
+
+def test_a_term_without_count_acts_on_every_hit() -> None:
+    failpoints.enable("wal.after_seal", "1*off->raise")
+    failpoints.failpoint("wal.after_seal")
+    for _ in range(3):
+        with pytest.raises(FailpointError):
+            failpoints.failpoint("wal.after_seal")
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "no.such.point=kill",
+        "write.after_sync=explode",
+        "write.after_sync=0*kill",
+        "write.after_sync",
+    ],
+)
+def test_a_bad_spec_is_a_config_error(spec: str) -> None:
+    with pytest.raises(ConfigError):
+        failpoints.configure(spec)
+
+
+def test_a_raise_at_the_write_path_reaches_the_caller_typed(tmp_path: Path) -> None:
+    with Storage.open(tmp_path / "db") as storage:
+        failpoints.enable("write.after_append", "1*raise")
+        instance = Instance(id="a", machine="m", version=1, state="s")
+        with pytest.raises(FailpointError):
+            storage.put_instance(instance)
+        # The record was appended before the error: the next write applies it first.
+        seq = storage.put_instance(Instance(id="b", machine="m", version=1, state="s"))
+        assert seq == 2
+        assert storage.get_instance("a") is not None
+
+
+def test_the_environment_variable_arms_a_child_that_dies_at_the_point(tmp_path: Path) -> None:
+    script = (
+        "import sys; from rstmdb_storage import Instance, Storage\n"
+        "s = Storage.open(sys.argv[1])\n"
+        "s.put_instance(Instance(id='a', machine='m', version=1, state='s'))\n"
+        "print('acknowledged', flush=True)\n"
+    )
+    env = {**os.environ, "RSTMDB_FAILPOINTS": "write.after_sync=kill"}
+    child = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "db")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == -9
+    assert "acknowledged" not in child.stdout
+    # Durable in the WAL, not committed to LMDB: opening replays it.
+    with Storage.open(tmp_path / "db") as storage:
+        assert storage.get_instance("a") is not None
+        assert storage.applied_seq == 1
+
+
+def test_a_misspelt_point_in_the_environment_stops_the_import() -> None:
+    env = {**os.environ, "RSTMDB_FAILPOINTS": "write.after_synk=kill"}
+    child = subprocess.run(
+        [sys.executable, "-c", "import rstmdb_storage"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert child.returncode == 1
+    assert "write.after_synk" in child.stderr
