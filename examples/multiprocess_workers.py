@@ -23,8 +23,8 @@ What happens:
    idempotency key (as a worker that lost the reply would): the store recognises the key and
    writes nothing.
 3. The parent reopens the store and checks, from the WAL itself, that every order of the run
-   entered every state exactly once (read with ``storage.read_wal`` and decoded with
-   ``decode_changes``), that every step a worker made is in the WAL, and that every order ended
+   entered every state exactly once (read with ``storage.read_wal`` and each record's
+   ``changes()``), that every step a worker made is in the WAL, and that every order ended
    in ``delivered``; it prints a summary and exits with status 1 if anything is off.
 
 Idempotency keys, two ways (``--key-scope``):
@@ -75,9 +75,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rstmdb_storage import ConflictError, Instance, Storage
-from rstmdb_storage.codec import decode_instance_body
-from rstmdb_storage.wal.decoder import decode_changes
-from rstmdb_storage.wal.format import CHANGE_PUT
+from rstmdb_storage.changes import PutInstance
 
 MACHINE = "order"
 PIPELINE = ("pending", "paid", "packed", "shipped", "delivered")
@@ -394,10 +392,10 @@ def check_wal(storage: Storage, first_seq: int, ids: set[str]) -> tuple[Counter[
     records = 0
     for record in storage.read_wal(first_seq):
         records += 1
-        for change in decode_changes(record.payload, f"WAL record {record.seq}"):
-            if change[0] == CHANGE_PUT and change[1] in ids:
-                fields = decode_instance_body(change[4], f"WAL record {record.seq}")
-                written[f"{change[1]} {fields[2]}"] += 1  # fields[2] is the state
+        for change in record.changes():
+            if isinstance(change, PutInstance) and change.id in ids:
+                _, state, _ = change.indexed_fields()
+                written[f"{change.id} {state}"] += 1
     return written, records
 
 

@@ -11,6 +11,7 @@ Example::
         print(storage.get_instance("order-1"))
 """
 
+from .changes import WalRecord
 from .compaction import CompactionResult
 from .config import FsyncPolicy, StorageConfig
 from .errors import (
@@ -68,4 +69,5 @@ __all__ = [
     "StorageFailedError",
     "StorageFullError",
     "WalGapError",
+    "WalRecord",
 ]

@@ -13,13 +13,17 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from .codec import decode_instance, decode_instance_body, encode_instance_value, seal, unseal
+from .changes import (
+    Change,
+    DeleteInstance,
+    IdempotencyKey,
+    PutInstance,
+    PutMachine,
+    is_conditional,
+)
+from .codec import decode_instance, encode_instance_value, seal, unseal
 from .config import DB_IDEMPOTENCY, DB_INSTANCES, DB_MACHINES
 from .store.indexes import Indexes, entries_of, index_entries
-from .wal.format import CHANGE_DELETE, CHANGE_IDEMPOTENCY, CHANGE_MACHINE, CHANGE_PUT
-
-#: the fields of an instance the indexes need: machine, state, metadata
-IndexedFields = tuple[str, str, dict[str, Any]]
 
 
 def machine_key(name: str, version: int) -> bytes:
@@ -27,13 +31,12 @@ def machine_key(name: str, version: int) -> bytes:
     return name.encode() + b"\x00" + version.to_bytes(8, "big")
 
 
-def _machine_conflict(txn: Any, machines_db: Any, change: list[Any]) -> str | None:
-    _, name, version, body = change
-    key = machine_key(name, version)
+def _machine_conflict(txn: Any, machines_db: Any, change: PutMachine) -> str | None:
+    key = machine_key(change.name, change.version)
     raw = txn.get(key, db=machines_db)
-    if raw is None or unseal(key, raw, "machines") == body:
+    if raw is None or unseal(key, raw, "machines") == change.definition:
         return None
-    return f"machine {name!r} version {version} is already defined differently"
+    return f"machine {change.name!r} version {change.version} is already defined differently"
 
 
 _IDEMPOTENCY_ENTRY = struct.Struct("<QQ")  # sequence number of the write, expiry (Unix ms)
@@ -71,22 +74,8 @@ def purge_expired(
     return deleted, (cursor.key() if found else None)
 
 
-def is_conditional(change: list[Any]) -> bool:
-    """Whether applying *change* depends on what is stored: it has a condition, or it is a
-    machine definition (which must not redefine a stored version)."""
-    return change[0] == CHANGE_MACHINE or change_condition(change) is not None
-
-
-def change_condition(change: list[Any]) -> list[Any] | None:
-    """The condition of an instance change, or None (see :mod:`.wal.format`)."""
-    if change[0] not in (CHANGE_PUT, CHANGE_DELETE):
-        return None
-    position = 5 if change[0] == CHANGE_PUT else 2
-    return change[position] if len(change) > position else None
-
-
 def first_failure(
-    txn: Any, dbs: dict[bytes, Any], seq: int, changes: list[list[Any]], deletes_must_find: bool
+    txn: Any, dbs: dict[bytes, Any], seq: int, changes: list[Change], deletes_must_find: bool
 ) -> tuple[str, str] | None:
     """The first change of record *seq* that cannot apply, as ``(kind, message)`` with kind
     ``"conflict"`` (its condition fails) or ``"absent"`` (a delete finds nothing, when
@@ -95,14 +84,14 @@ def first_failure(
     instances_db, machines_db = dbs[DB_INSTANCES], dbs[DB_MACHINES]
     seen: dict[str, tuple[str, int] | None] = {}  # id -> (state, seq) or None when absent
     for change in changes:
-        if change[0] == CHANGE_IDEMPOTENCY:
+        if type(change) is IdempotencyKey:
             continue
-        if change[0] == CHANGE_MACHINE:
+        if type(change) is PutMachine:
             message = _machine_conflict(txn, machines_db, change)
             if message is not None:
                 return "conflict", message
             continue
-        instance_id = change[1]
+        instance_id = change.id
         if instance_id in seen:
             current = seen[instance_id]
         else:
@@ -110,20 +99,21 @@ def first_failure(
             raw = txn.get(key, db=instances_db)
             stored = None if raw is None else decode_instance(key, raw)
             current = None if stored is None else (stored.state, stored.last_wal_offset or 0)
-        condition = change_condition(change)
+        condition = change.condition
         if condition is not None:
-            expected_state, expected_seq = condition
             actual_state, actual_seq = current if current is not None else (None, 0)
-            if expected_seq is not None and actual_seq != expected_seq:
+            if condition.expected_seq is not None and actual_seq != condition.expected_seq:
                 return "conflict", (
                     f"instance {instance_id!r} was last written at sequence {actual_seq}, "
-                    f"not {expected_seq}"
+                    f"not {condition.expected_seq}"
                 )
-            if expected_state is not None and actual_state != expected_state:
+            if condition.expected_state is not None and actual_state != condition.expected_state:
                 found = "absent" if current is None else f"in state {actual_state!r}"
-                return "conflict", f"instance {instance_id!r} is {found}, not {expected_state!r}"
-        if change[0] == CHANGE_PUT:
-            seen[instance_id] = (decode_instance_body(change[4], "change")[2], seq)
+                return "conflict", (
+                    f"instance {instance_id!r} is {found}, not {condition.expected_state!r}"
+                )
+        if type(change) is PutInstance:
+            seen[instance_id] = (change.indexed_fields(seq)[1], seq)
         elif current is None and deletes_must_find:
             return "absent", f"no instance {instance_id!r} to delete"
         else:
@@ -132,63 +122,53 @@ def first_failure(
 
 
 def apply_changes(
-    txn: Any,
-    dbs: dict[bytes, Any],
-    seq: int,
-    timestamp_ms: int,
-    changes: list[list[Any]],
-    known: list[IndexedFields | None] | None = None,
+    txn: Any, dbs: dict[bytes, Any], seq: int, timestamp_ms: int, changes: list[Change]
 ) -> None:
     """Apply the changes of record *seq*, written at *timestamp_ms*, inside *txn*: instances
-    and their index entries together.
-
-    *known* may give, for each change, the indexed fields of the instance a put writes, when
-    the caller has them at hand (the write path); replay decodes them from the record.
-    """
+    and their index entries together."""
     instances_db = dbs[DB_INSTANCES]
     for change in changes:
-        if change[0] != CHANGE_IDEMPOTENCY:
+        if type(change) is not IdempotencyKey:
             continue
-        if remembered_write(txn, dbs[DB_IDEMPOTENCY], change[1], timestamp_ms) is not None:
+        if remembered_write(txn, dbs[DB_IDEMPOTENCY], change.key, timestamp_ms) is not None:
             return  # a retry of a write already applied: it applies nothing
-        key = change[1].encode()
-        entry = _IDEMPOTENCY_ENTRY.pack(seq, timestamp_ms + change[2])
+        key = change.key.encode()
+        entry = _IDEMPOTENCY_ENTRY.pack(seq, timestamp_ms + change.retention_ms)
         txn.put(key, seal(key, entry), db=dbs[DB_IDEMPOTENCY])
     if any(is_conditional(change) for change in changes) and first_failure(
         txn, dbs, seq, changes, deletes_must_find=False
     ):
         return  # deterministic: whoever applies this record finds the same failure
     indexes = Indexes(dbs)
-    for position, change in enumerate(changes):
-        if change[0] == CHANGE_IDEMPOTENCY:
+    for change in changes:
+        if type(change) is IdempotencyKey:
             continue
-        if change[0] == CHANGE_MACHINE:
-            _, name, version, body = change
-            key = machine_key(name, version)
-            txn.put(key, seal(key, body), db=dbs[DB_MACHINES])
+        if type(change) is PutMachine:
+            key = machine_key(change.name, change.version)
+            txn.put(key, seal(key, change.definition), db=dbs[DB_MACHINES])
             continue
-        instance_id = change[1]
+        instance_id = change.id
         key = instance_id.encode()
         old = txn.get(key, db=instances_db)
         previous = None if old is None else decode_instance(key, old)
         stale: list[tuple[bytes, bytes]] = []
         if previous is not None:
             stale = entries_of(previous)
-        if change[0] != CHANGE_PUT:
+        if type(change) is DeleteInstance:
             indexes.remove(txn, stale)
             txn.delete(key, db=instances_db)
             continue
-        created_at, updated_at, body = change[2:5]
+        created_at, updated_at = change.created_at, change.updated_at
         if created_at is None:
             created_at = timestamp_ms if previous is None else previous.created_at
         if updated_at is None:
             updated_at = timestamp_ms
-        fields = known[position] if known is not None else None
-        if fields is None:
-            decoded = decode_instance_body(body, f"WAL record {seq}, instance {instance_id!r}")
-            fields = (decoded[0], decoded[2], decoded[4])
-        machine, state, metadata = fields
-        txn.put(key, encode_instance_value(key, seq, created_at, updated_at, body), db=instances_db)
+        machine, state, metadata = change.indexed_fields(seq)
+        txn.put(
+            key,
+            encode_instance_value(key, seq, created_at, updated_at, change.body),
+            db=instances_db,
+        )
         fresh = index_entries(instance_id, machine, state, metadata, updated_at)
         if stale:  # an update: touch only the entries that change (usually just the time)
             kept = set(stale).intersection(fresh)

@@ -20,6 +20,8 @@ GiB = 1024 * MiB
 WAL_DIR = "wal"
 SNAPSHOTS_DIR = "snapshots"
 INDEXES_DIR = "indexes"
+#: present in a data directory while a restore or backup is still copying into it
+RESTORE_MARKER = "RESTORE-IN-PROGRESS"
 
 # Named sub-databases of the LMDB environment. The index and manifest names are reserved now so
 # that a store created today already has them when the indexes and snapshots arrive.

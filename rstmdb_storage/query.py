@@ -1,17 +1,24 @@
-"""Queries over the indexes: key ranges for each kind of listing, paging cursors, and the
-scans that read index entries with the instances they point to (one read transaction each);
-and the lookups of machine definitions, keyed by the name, a NUL and the version as u64 BE.
+"""Reads: an instance by id; queries over the indexes (key ranges for each kind of listing,
+paging cursors, and the scans that read index entries with the instances they point to, one
+read transaction each); machine definitions, keyed by the name, a NUL and the version as
+u64 BE; and rebuilding the indexes from the instances.
 """
 
 from __future__ import annotations
 
 import base64
 import itertools
+import time
+from collections.abc import Iterator
 from typing import Any
 
+from .apply import remembered_write
+from .changes import WalRecord
 from .codec import cbor_loads, decode_instance, unseal
+from .config import DB_IDEMPOTENCY, DB_MACHINES, INDEX_DATABASES, MAX_ID_BYTES
+from .engine import Engine
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError, shown
-from .model import Instance, MachineDefinition, check_label_value, check_name
+from .model import Instance, MachineDefinition, check_id, check_label_value, check_name
 from .store.env import LmdbEnvironment
 from .store.indexes import (
     TAG_OF,
@@ -26,6 +33,8 @@ from .store.indexes import (
 
 #: instances per page of a lazy listing, and per read transaction of a full scan
 PAGE_SIZE = 512
+#: instances reindexed per write transaction by rebuild_indexes()
+REBUILD_CHUNK = 10_000
 
 
 class Page(list[Instance]):
@@ -196,3 +205,141 @@ def decode_machine(key: bytes, raw: bytes) -> MachineDefinition:
     definition = cbor_loads(unseal(key, raw, "machines"), f"machines[{key!r}]")
     name = key[:-9].decode()  # the name, a NUL, then the version as u64 BE
     return MachineDefinition(name, int.from_bytes(key[-8:], "big"), definition)
+
+
+# --- reads of an open store ---------------------------------------------------------------------
+
+
+def get_instance(engine: Engine, instance_id: str) -> Instance | None:
+    """The instance stored under *instance_id*, or None (see ``Storage.get_instance``)."""
+    if type(instance_id) is not str:
+        check_id(instance_id)  # raises InvalidTypeError
+    try:
+        key = instance_id.encode()
+    except UnicodeEncodeError:
+        check_id(instance_id)  # raises InvalidInputError
+        raise
+    if not 0 < len(key) <= MAX_ID_BYTES or b"\x00" in key:
+        check_id(instance_id)  # raises the precise InvalidInputError
+    env = engine.env
+    if env.stale or engine.closed:
+        env = engine.live()
+    raw = env.lookup(key)
+    return None if raw is None else decode_instance(key, raw)
+
+
+def remembered(engine: Engine, idempotency_key: str) -> int | None:
+    """The sequence number of the write made with *idempotency_key*, if still remembered."""
+    check_name("idempotency_key", idempotency_key)
+    now = time.time_ns() // 1_000_000
+    db = engine.env.dbs[DB_IDEMPOTENCY]
+    return engine.read(lambda txn: remembered_write(txn, db, idempotency_key, now))
+
+
+def count_instances(engine: Engine) -> int:
+    """How many instances are stored."""
+    return engine.read(lambda txn: txn.stat(engine.env.instances)["entries"])
+
+
+def instances(engine: Engine) -> Iterator[Instance]:
+    """Every stored instance in id order, a page per short read transaction."""
+    after: bytes | None = None
+    while True:
+        page = engine.read(lambda txn, after=after: instances_page(txn, engine.env, after))
+        yield from (decode_instance(key, raw) for key, raw in page)
+        if len(page) < PAGE_SIZE:
+            return
+        after = page[-1][0]
+
+
+def wal_records(engine: Engine, from_seq: int, limit: int | None) -> Iterator[WalRecord]:
+    """The applied WAL records from *from_seq* on, at most *limit* (see ``Storage.read_wal``);
+    the arguments are checked at the call, not when iterating."""
+    for name, value in (("from_seq", from_seq), ("limit", 1 if limit is None else limit)):
+        if type(value) is not int:
+            raise InvalidTypeError(f"{name}: expected an int, got {shown(value)}")
+        if value < 1:
+            raise InvalidInputError(f"{name}: must be at least 1, got {shown(value)}")
+    until = engine.applied_tail().applied_seq
+    if limit is not None:
+        until = min(until, from_seq + limit - 1)
+    frames = engine.wal.records(from_seq, until)
+    return (WalRecord(frame.seq, frame.timestamp_ms, frame.payload) for frame in frames)
+
+
+def list_page(
+    engine: Engine, key_range: KeyRange, limit: int | None, cursor: str | None, reverse: bool
+) -> Page:
+    """One page of the listing *key_range*: at most *limit* instances after *cursor*."""
+    if limit is not None and type(limit) is not int:
+        raise InvalidTypeError(f"limit: expected an int or None, got {type(limit).__name__}")
+    if limit is not None and limit < 1:
+        raise InvalidInputError(f"limit: must be at least 1, got {limit}")
+    after = decode_cursor(cursor, key_range)
+    found, more = engine.read(lambda txn: scan(txn, engine.env, key_range, after, reverse, limit))
+    listed = [decode_instance(id_key, raw) for _, id_key, raw in found]
+    return Page(listed, encode_cursor(key_range, found[-1][0]) if more else None)
+
+
+def iterate(engine: Engine, key_range: KeyRange, reverse: bool) -> Iterator[Instance]:
+    """The whole listing *key_range*, lazily, a page per short read transaction."""
+    cursor = None
+    while True:
+        page = list_page(engine, key_range, PAGE_SIZE, cursor, reverse)
+        yield from page
+        if page.next_cursor is None:
+            return
+        cursor = page.next_cursor
+
+
+def count_by_state(engine: Engine, machine: str) -> dict[str, int]:
+    """How many instances of *machine* are in each state, from the state index alone."""
+    check_name("machine", machine)
+    key_range = state_range(machine)
+    return engine.read(lambda txn: count_states(txn, engine.env, key_range))
+
+
+def get_machine(engine: Engine, name: str, version: int | None) -> MachineDefinition | None:
+    """Version *version* of machine *name* (the newest when None), or None."""
+    check_name("machine", name)
+    prefix = name.encode() + b"\x00"
+    db = engine.env.dbs[DB_MACHINES]
+    found = engine.read(lambda txn: machine_entry(txn, db, prefix, version))
+    return None if found is None else decode_machine(*found)
+
+
+def list_machines(engine: Engine, name: str | None) -> list[MachineDefinition]:
+    """Every stored machine definition (of machine *name* only, when given)."""
+    if name is not None:
+        check_name("machine", name)
+    prefix = b"" if name is None else name.encode() + b"\x00"
+    db = engine.env.dbs[DB_MACHINES]
+    found = engine.read(lambda txn: machine_entries(txn, db, prefix))
+    return [decode_machine(key, raw) for key, raw in found]
+
+
+def rebuild_indexes(engine: Engine) -> int:
+    """Drop the indexes and rebuild them from the instances, :data:`REBUILD_CHUNK` per write
+    transaction; return how many instances were indexed."""
+    env = engine.writable()
+    indexed, after = 0, None
+    with env.write_mutex:
+        engine.wal.check_usable()
+        while True:
+            page = engine.growing(env, _reindex_chunk, env, after)
+            indexed += len(page)
+            if len(page) < REBUILD_CHUNK:
+                return indexed
+            after = page[-1][0]
+
+
+def _reindex_chunk(env: LmdbEnvironment, after: bytes | None) -> list[tuple[bytes, bytes]]:
+    """Index the next :data:`REBUILD_CHUNK` instances after *after* (dropping the indexes
+    first, when it is the first chunk); return them."""
+    with env.begin_write() as txn:
+        if after is None:
+            for name in INDEX_DATABASES:
+                txn.drop(env.dbs[name], delete=False)
+        page = instances_page(txn, env, after, REBUILD_CHUNK)
+        index_page(txn, env.dbs, page)
+    return page

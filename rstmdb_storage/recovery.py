@@ -20,7 +20,9 @@ the last segment at the bad record, after copying it aside, when LMDB has not ap
 
 Point-in-time restore (:func:`restore_to`) builds a *new* data directory holding the state at a
 chosen sequence number: the newest good snapshot at or before it, and the WAL segments after the
-snapshot, cut after that record. It writes only inside its target directory.
+snapshot, cut after that record. It writes only inside its target directory, and marks it
+unfinished (``RESTORE-IN-PROGRESS``) until the last file is in place: a restore or backup that
+was interrupted is refused by ``Storage.open`` rather than opened as an older state.
 """
 
 from __future__ import annotations
@@ -33,10 +35,19 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import INDEXES_DIR, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
-from .errors import CorruptionError, IndexesCorruptionError, InvalidInputError, WalGapError
+from .config import INDEXES_DIR, RESTORE_MARKER, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .engine import probe_wal, require_store
+from .errors import (
+    CorruptionError,
+    IndexesCorruptionError,
+    InvalidInputError,
+    InvalidTypeError,
+    StorageError,
+    WalGapError,
+    shown,
+)
 from .failpoints import failpoint
-from .fsutil import copy_file_atomic, fsync_dir, make_dir
+from .fsutil import copy_file_atomic, fsync_dir, make_dir, write_file_atomic
 from .snapshots import (
     DATA_SUFFIX,
     MANIFEST_SUFFIX,
@@ -44,10 +55,13 @@ from .snapshots import (
     SnapshotManifest,
     check_data,
     first_needed_segment,
+    published_seqs,
     readable_manifests,
     snapshot_lock,
 )
-from .wal import TornTailRepair, Wal, WalRecord, WalTail
+from .store import env as lmdb_env
+from .store.meta import Meta
+from .wal import FramedRecord, TornTailRepair, Wal, WalTail
 from .wal.decoder import BadRecord, decode_record
 from .wal.format import RECORD_SEAL, SEGMENT_HEADER_SIZE, segment_name
 from .wal.repair import cut_torn_tail, zero_from
@@ -181,6 +195,10 @@ def restore_to(
             )
         first = first_needed_segment(ids, base)
         assert first is not None  # choose_snapshot made sure, or the WAL starts at 1
+        # Until the last file is in place, the target says it is unfinished: opening what was
+        # copied so far would serve an older state than the one asked for.
+        make_dir(target, file_mode)
+        write_file_atomic(target / RESTORE_MARKER, b"", file_mode)
         for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
             make_dir(target / name, file_mode)
         copied = [i for i in ids if first <= i <= end.segment]
@@ -201,6 +219,8 @@ def restore_to(
                 copy_file_atomic(
                     source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode
                 )
+        (target / RESTORE_MARKER).unlink()
+        fsync_dir(target)
     return end.applied_seq
 
 
@@ -247,7 +267,7 @@ def cut_damaged_tail(wal: Wal, applied_seq: int) -> TornTailRepair | None:
         offset, seq = SEGMENT_HEADER_SIZE, segment.first_seq
         while True:
             found = decode_record(segment.read, offset)
-            if found is None or (isinstance(found, WalRecord) and found.type == RECORD_SEAL):
+            if found is None or (isinstance(found, FramedRecord) and found.type == RECORD_SEAL):
                 return None  # the log ends cleanly
             if isinstance(found, BadRecord):
                 break
@@ -279,3 +299,46 @@ def _step(progress: Progress | None, step: str) -> Callable[[int, int], None] | 
     if progress is None:
         return None
     return lambda done, total: progress(step, done, total)
+
+
+def restore(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    seq: int | None,
+    until_ms: int | None,
+    progress: Progress | None,
+) -> int:
+    """Build in *target* the state of the data directory *source* at *seq*, or as of the
+    time *until_ms* (see :meth:`rstmdb_storage.Storage.restore`); return the sequence number
+    restored to. Opening *target* replays the WAL up to it."""
+    config = StorageConfig(data_dir=source)
+    config.validate()
+    require_store(config)
+    wal = probe_wal(config)
+    if until_ms is not None:
+        if seq is not None:
+            raise InvalidInputError("restore: give seq or until_ms, not both")
+        if type(until_ms) is not int:
+            raise InvalidTypeError(f"until_ms: expected an int, got {shown(until_ms)}")
+        seq = seq_at_time(wal, until_ms)
+    return restore_to(config.path, Path(os.fspath(target)), wal, seq, config.file_mode, progress)
+
+
+def repair_wal(config: StorageConfig) -> TornTailRepair | None:
+    """Cut a torn tail that opening refuses (see :meth:`rstmdb_storage.Storage.repair_wal`);
+    the store must be closed everywhere."""
+    config.validate()
+    require_store(config)
+    with lmdb_env.open_lock(config):
+        if lmdb_env.in_use(config):
+            raise StorageError(f"{config.path} is open (here or in another process); close it")
+        if (config.path / INDEXES_DIR / DATA_FILE).exists():
+            env = lmdb_env.acquire(config, lock_held=True)
+            try:
+                with env.read() as txn:
+                    applied = Meta(env.meta).tail(txn).applied_seq
+            finally:
+                lmdb_env.release(env)
+        else:
+            applied = max(published_seqs(config.path / SNAPSHOTS_DIR), default=0)
+        return cut_damaged_tail(probe_wal(config), applied)

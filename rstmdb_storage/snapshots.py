@@ -12,7 +12,8 @@ The manifest is the envelope of :mod:`.codec` (its checksum covers the key ``b"m
 around a CBOR map: ``seq``, ``size`` (bytes of the ``.mdb`` file), ``crc32c`` (of its bytes),
 ``instances`` (how many it holds), ``created_at_ms``, ``store_id`` (16 bytes). Both files are
 written under a temporary name, synced, renamed and the directory synced; the manifest last, so
-a manifest always describes a complete copy. A manifest is also kept in the ``snapshots``
+a manifest always describes a complete copy (a copy without one is what a snapshot that died
+left, deleted by the next snapshot or compaction). A manifest is also kept in the ``snapshots``
 sub-database, to list them quickly; the files are what recovery trusts, since they survive the
 loss of ``indexes/``.
 
@@ -100,7 +101,7 @@ def publish(
 ) -> SnapshotManifest:
     """Write a snapshot with *copy* (which writes the LMDB copy to a file descriptor), check
     what it wrote, and publish both files atomically. Call under :func:`snapshot_lock`."""
-    _remove_temporaries(directory)
+    remove_leftovers(directory)
     name = f"{manifest_fields['seq']:020d}"
     data_path = directory / (name + DATA_SUFFIX)
     try:
@@ -117,10 +118,18 @@ def publish(
     return manifest
 
 
-def _remove_temporaries(directory: Path) -> None:
-    # Only the holder of the snapshot lock writes temporaries here, so any left are from a
-    # snapshot whose process died: they would never be renamed, only fill the disk.
-    for path in directory.glob("*.tmp-*"):
+def remove_leftovers(directory: Path) -> None:
+    """Delete what a snapshot or a compaction that died left: temporaries, and copies without
+    a manifest (the copy is renamed into place before its manifest is written, and deleted
+    after its manifest). Only the holder of the snapshot lock writes or deletes files here,
+    so these will never be completed; they would only fill the disk."""
+    leftovers = list(directory.glob("*.tmp-*"))
+    leftovers += [
+        path
+        for path in directory.glob(f"*{DATA_SUFFIX}")
+        if not path.with_suffix(MANIFEST_SUFFIX).exists()
+    ]
+    for path in leftovers:
         log.warning("removing %s, left by a snapshot that did not finish", path)
         path.unlink(missing_ok=True)
 

@@ -18,7 +18,8 @@ from .codec import (
     decode_instance,
     unseal,
 )
-from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES
+from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES, SNAPSHOTS_DIR
+from .engine import Engine
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
 from .model import check_instance
 from .snapshots import check_data, first_needed_segment, published_seqs, read_manifest
@@ -160,3 +161,27 @@ def run_checks(checks: Iterable[Callable[[], Iterator[Finding]]]) -> list[Findin
         except CorruptionError as exc:
             findings.append(Finding("store", str(exc)))
     return findings
+
+
+def verify_store(engine: Engine) -> list[Finding]:
+    """See :meth:`rstmdb_storage.Storage.verify`."""
+    applied = engine.applied_tail().applied_seq
+
+    def meta() -> Iterator[Finding]:
+        engine.read(engine.meta.check_all)
+        return iter(())
+
+    return run_checks(
+        [
+            meta,
+            lambda: check_stored(engine, applied),
+            lambda: check_wal(engine.wal, applied),
+            lambda: check_snapshots(engine.config.path / SNAPSHOTS_DIR, engine.wal),
+        ]
+    )
+
+
+def check_stored(engine: Engine, applied: int) -> Iterator[Finding]:
+    """Every instance and index entry, in one read transaction (see ``check_instances``)."""
+    dbs = engine.live().dbs
+    return iter(engine.read(lambda txn: list(check_instances(txn, dbs, applied))))

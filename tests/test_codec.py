@@ -26,6 +26,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rstmdb_storage import codec
+from rstmdb_storage.changes import CHANGE_DELETE, CHANGE_PUT, decode_changes
 from rstmdb_storage.codec import (
     ENVELOPE_VERSION,
     INSTANCE_BODY_OFFSET,
@@ -47,8 +48,7 @@ from rstmdb_storage.errors import (
     StorageError,
 )
 from rstmdb_storage.model import STATUSES, Instance, check_instance
-from rstmdb_storage.wal.decoder import decode_changes
-from rstmdb_storage.wal.format import CHANGE_DELETE, CHANGE_PUT, SEGMENT_HEADER_SIZE
+from rstmdb_storage.wal.format import SEGMENT_HEADER_SIZE
 from rstmdb_storage.wal.log import Wal, WalTail
 
 MiB = 1024 * 1024
@@ -747,7 +747,8 @@ def test_golden_wal_segments_decode(tmp_path: Path) -> None:
             (seq, ts, 1) for seq, ts, _ in GOLDEN_WAL
         ]
         for record, (_, _, changes) in zip(records, GOLDEN_WAL, strict=True):
-            found = decode_changes(record.payload, f"golden record {record.seq}")
+            where = f"golden record {record.seq}"
+            found = [change.encoded() for change in decode_changes(record.payload, where)]
             assert len(found) == len(changes)
             for got, expected in zip(found, changes, strict=True):
                 _check_golden_change(got, expected)

@@ -9,6 +9,7 @@ import pytest
 from helpers import order
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from internals import join_maintenance, wait_for_flusher
 
 from rstmdb_storage import ConfigError, InvalidInputError, Storage, StorageConfig
 from rstmdb_storage.compaction import plan_compaction
@@ -27,11 +28,10 @@ def records_from(storage: Storage, seq: int) -> list[int]:
 
 
 def wait_for(storage: Storage, condition) -> None:
-    """Wait for background passes until *condition* holds (no fixed sleep)."""
-    flusher = storage._flusher
-    with flusher.passed:
-        assert flusher.passed.wait_for(condition, timeout=60)
-    storage._join_maintenance()
+    """Wait for background passes until *condition* holds (no fixed sleep), then for the
+    snapshot or compaction they started to finish."""
+    assert wait_for_flusher(storage, condition, timeout=60)
+    join_maintenance(storage)
 
 
 def test_compact_snapshots_then_deletes_what_the_snapshot_covers(storage: Storage) -> None:

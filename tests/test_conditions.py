@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from helpers import order, wal_bytes
+from internals import append_raw_records
 
 from rstmdb_storage import (
     ConflictError,
@@ -17,6 +18,7 @@ from rstmdb_storage import (
     Storage,
     StorageConfig,
 )
+from rstmdb_storage.changes import PutInstance
 
 
 def test_expected_seq_guards_a_read_modify_write(storage: Storage, data_dir: Path) -> None:
@@ -111,16 +113,10 @@ def test_replay_skips_a_record_whose_condition_fails(config: StorageConfig) -> N
     that applies it must skip it whole, the same way."""
     with Storage.open(config) as storage:
         storage.put_instance(order("a", "paid"))
-        change, _ = storage._put_change(order("a", "shipped"), "pending", None)
-        other, _ = storage._put_change(order("b"), None, None)
-        from rstmdb_storage.codec import cbor_dumps
-
-        env = storage._env
-        with env.write_mutex, env.begin_write() as txn:
-            tail = storage._meta.tail(txn)
-            storage._wal.append(tail, 1, cbor_dumps([other, change], "test"))
-            storage._wal.sync()
-            txn.abort()  # the writer dies before applying it
+        size = storage.config.max_instance_size
+        change = PutInstance.of(order("a", "shipped"), "pending", None, size)
+        other = PutInstance.of(order("b"), None, None, size)
+        append_raw_records(storage, [[other, change]], timestamp_ms=1)  # the writer dies
     with Storage.open(config) as storage:
         assert storage.applied_seq == 2  # replayed ...
         assert storage.get_instance("a").state == "paid"  # ... but skipped whole

@@ -1,19 +1,23 @@
 """Crash tests: real processes killed with SIGKILL, then the data checked (SPEC guarantees 1, 2).
 
-* a writer is killed at random moments, trial after trial in the same data directory: every
-  acknowledged write must be there with exactly its content, the one write in flight all or
-  nothing, and the WAL gap-free 1..applied_seq;
+* a writer kills itself at a failpoint of its write path (the n-th time it reaches it, n
+  seeded), trial after trial in the same data directory: every acknowledged write must be
+  there with exactly its content, the one write in flight all or nothing (there for certain
+  once its record was synced, absent for certain when it was not written), and the WAL
+  gap-free 1..applied_seq;
 * a writer is killed while automatic snapshots and compaction run in its background: nothing
   acknowledged is lost, verify() passes, dead snapshots' temporaries are cleaned up, and the
   snapshots plus the WAL rebuild a lost ``indexes/``;
 * one of two writers is killed while the other keeps writing (and must take over: the lock the
   dead one held, the record it left at the WAL tail), then the other one too;
-* an opener is killed while it replays the WAL into a lost or half-rebuilt ``indexes/``, or
-  while it creates a new store;
+* an opener kills itself between two replay chunks or in its checkpoint while it replays
+  the WAL into a lost or half-rebuilt ``indexes/``, or is killed while it creates a new
+  store;
 * a torn tail (bytes of an unfinished record after the last good one) is cut on open and copied
   aside, while bad bytes *before* a good record are a ``CorruptionError`` naming file and offset.
 
-Workers are run from ``tests/workers.py`` (see there for the transcript they print).
+Workers are run from ``tests/workers.py`` (see there for the transcript they print); the
+failpoints are those of ``rstmdb_storage/failpoints.py``, armed through ``RSTMDB_FAILPOINTS``.
 
 Seeds: every test prints its seed in its assertion messages; set ``RSTMDB_CRASH_SEED`` to replay
 one. ``--crash-trials`` sets the number of kills (20 by default; e.g. 500 for a long run).
@@ -30,13 +34,20 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
-from helpers import start_worker
+from helpers import (
+    State,
+    apply_op,
+    change_lists,
+    parse_lines,
+    start_armed_worker,
+    start_worker,
+    stored_state,
+)
 
 try:
     import workers  # pytest puts tests/ on sys.path: it is not a package
@@ -44,12 +55,12 @@ except ModuleNotFoundError:  # tests/ became a package
     from tests import workers
 
 from rstmdb_storage import CorruptionError, FsyncPolicy, Instance, Storage, StorageConfig
-from rstmdb_storage import storage as storage_module
-from rstmdb_storage.wal.decoder import decode_changes, decode_record
+from rstmdb_storage import engine as engine_module
+from rstmdb_storage.changes import CHANGE_DELETE, CHANGE_PUT
+from rstmdb_storage.wal import Wal
+from rstmdb_storage.wal.decoder import decode_record
 from rstmdb_storage.wal.encoder import encode_record
 from rstmdb_storage.wal.format import (
-    CHANGE_DELETE,
-    CHANGE_PUT,
     RECORD_CHANGES,
     RECORD_SEAL,
     SEGMENT_HEADER_SIZE,
@@ -58,9 +69,6 @@ from rstmdb_storage.wal.format import (
 )
 
 SEGMENT_SIZE = 64 * 1024
-
-#: id -> (spec of the latest write, its sequence number)
-State = dict[str, tuple[dict[str, Any], int]]
 
 
 def make_seed() -> int:
@@ -77,45 +85,6 @@ def config_for(data_dir: Path, policy: FsyncPolicy | None = None) -> StorageConf
     )
 
 
-def parse_lines(text: str) -> list[dict[str, Any]]:
-    """Complete JSON lines; a last line cut short by the kill (no newline) is dropped: its
-    write had not started (a ``try``) or is treated as unacknowledged (an ``ack``)."""
-    lines = text.split("\n")
-    return [json.loads(line) for line in lines[:-1] if line]
-
-
-def apply_op(state: State, changes: Iterable[list[Any]], seq: int) -> State:
-    new = dict(state)
-    for kind, arg in changes:
-        if kind == "put":
-            new[arg["id"]] = (arg, seq)
-        else:
-            assert arg in new, f"delete of absent {arg!r} in the transcript"
-            del new[arg]
-    return new
-
-
-def stored_state(storage: Storage) -> State:
-    """Everything the store holds, as (spec, last_wal_offset), cross-checked with get_instance."""
-    state: State = {}
-    for inst in storage.iter_instances():
-        spec = {
-            "id": inst.id,
-            "machine": inst.machine,
-            "version": inst.version,
-            "state": inst.state,
-            "ctx": inst.ctx,
-            "metadata": inst.metadata,
-        }
-        assert inst.status == "active" and inst.last_event_id is None
-        assert inst.created_at is not None and inst.updated_at is not None
-        assert inst.created_at <= inst.updated_at
-        assert storage.get_instance(inst.id) == inst
-        state[inst.id] = (spec, inst.last_wal_offset)
-    assert storage.count_instances() == len(state)
-    return state
-
-
 def check_wal(
     storage: Storage, ops_by_seq: dict[int, list[list[Any]]], state: State, where: str
 ) -> None:
@@ -129,7 +98,7 @@ def check_wal(
     )
     by_seq = {record.seq: record for record in records}
     for seq, changes in ops_by_seq.items():
-        decoded = decode_changes(by_seq[seq].payload, f"record {seq}")
+        decoded = change_lists(by_seq[seq].payload, f"record {seq}")
         assert len(decoded) == len(changes), f"{where}: record {seq} has the wrong changes"
         for found, (kind, arg) in zip(decoded, changes, strict=True):
             if kind == "del":
@@ -145,7 +114,7 @@ def check_wal(
         assert inst.updated_at == by_seq[seq].timestamp_ms, f"{where}: {instance_id} updated_at"
 
 
-# --- a writer killed at random moments, again and again -------------------------------------
+# --- a writer killed at a failpoint of its write path, again and again ---------------------
 
 
 def kill_writer_after(
@@ -153,11 +122,10 @@ def kill_writer_after(
     writer_args: tuple[object, ...],
     event: str,
     count: int,
-    jitter: float,
     where: str,
 ) -> str:
-    """Run a crash-writer, kill it with SIGKILL right after its *count*-th *event* (and
-    *jitter* seconds more), and return its whole transcript."""
+    """Run a crash-writer, kill it with SIGKILL as soon as its *count*-th *event* is read,
+    and return its whole transcript."""
     with open(stderr_path, "w") as stderr:
         proc = start_worker("crash-writer", *writer_args, stderr=stderr)
         assert proc.stdout is not None
@@ -168,8 +136,6 @@ def kill_writer_after(
                 seen += 1
                 if seen == count:
                     break
-        if jitter:
-            time.sleep(jitter)  # not a synchronisation: spreads the moment of the kill
         proc.kill()
         proc.wait()
         text += proc.stdout.read()
@@ -179,6 +145,38 @@ def kill_writer_after(
         f"{stderr_path.read_text()[-3000:]}"
     )
     return text
+
+
+def run_killed(stderr_path: Path, failpoints: str, args: tuple[object, ...], where: str) -> str:
+    """Run the worker *args* armed with *failpoints* until it kills itself there (anything
+    else fails the test); return its whole transcript."""
+    with open(stderr_path, "w") as stderr:
+        proc = start_armed_worker(failpoints, *args, stderr=stderr)
+        try:
+            text, _ = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"{where}: {args[0]} armed with {failpoints} got stuck") from None
+    assert proc.returncode == -signal.SIGKILL, (
+        f"{where}: {args[0]} was not killed at {failpoints} (rc {proc.returncode}): "
+        f"{stderr_path.read_text()[-3000:]}"
+    )
+    return text
+
+
+#: the writer's failpoints, and whether the write in flight there must be found after reopening
+#: (True), must not (False: its record was not written yet), or may be (None)
+WRITE_POINTS = {
+    "write.after_append": None,  # written, not synced, LMDB not committed
+    "write.after_sync": True,  # the record is durable (or, under a lax policy, in the page cache)
+    "write.after_commit": True,  # committed and visible, not acknowledged
+    "wal.after_seal": False,  # rotation comes before the record is written
+    "wal.after_new_segment": False,
+}
+
+#: writes after which a writer whose failpoint never fired stops (and fails the test)
+WRITER_LIMIT = 2000
 
 
 @pytest.mark.parametrize("policy", ["every_write", "every_n:7", "never"])
@@ -198,20 +196,22 @@ def test_sigkill_writer_keeps_every_acknowledged_write(
     in_flight_applied = 0
     repairs = []
     for trial in range(crash_trials):
-        where = f"seed={seed} policy={policy} trial={trial}"
-        stderr_path = tmp_path / f"writer-{trial}.err"
-        # Kill right after the n-th acknowledgement, or right after the n-th announcement
-        # (while that write is under way), sometimes with a little jitter on top.
-        mode = rng.choice(["ack", "try"])
-        target = rng.choice([0, rng.randint(1, 20), rng.randint(1, 150)])
-        if mode == "try":
-            target = max(target, 1)
-        jitter = rng.uniform(0, 0.003) if rng.random() < 0.5 else 0.0
-        writer_args = (data_dir, rng.randrange(2**32), SEGMENT_SIZE, "inst-", 40, policy)
-        if target == 0:
-            text = kill_writer_after(stderr_path, writer_args, "ready", 1, jitter, where)
+        # Kill at the n-th hit of a point of the write path: the n-th write with its record
+        # written, synced or committed, or the n-th segment rotation.
+        point = rng.choice(sorted(WRITE_POINTS))
+        if point.startswith("wal."):
+            passes = rng.randint(0, 3)
         else:
-            text = kill_writer_after(stderr_path, writer_args, mode, target, jitter, where)
+            passes = rng.choice([0, rng.randint(1, 20), rng.randint(1, 150)])
+        where = f"seed={seed} policy={policy} trial={trial} point={point} passes={passes}"
+        armed = f"{point}={passes}*off->kill" if passes else f"{point}=kill"
+        writer_args = (data_dir, rng.randrange(2**32), SEGMENT_SIZE, "inst-", 40, policy)
+        text = run_killed(
+            tmp_path / f"writer-{trial}.err",
+            armed,
+            ("crash-writer", *writer_args, "off", WRITER_LIMIT),
+            where,
+        )
         events = parse_lines(text)
         ready = [e for e in events if e["event"] == "ready"]
         assert ready, f"{where}: the writer never opened the store"
@@ -230,25 +230,30 @@ def test_sigkill_writer_keeps_every_acknowledged_write(
             ops_by_seq[ack["seq"]] = changes
         applied += len(acks)
         unacked = sorted(op for op in tries if op > len(acks))
-        assert unacked in ([], [len(acks) + 1]), f"{where}: more than one write in flight"
-        in_flight = tries[unacked[0]]["changes"] if unacked else None
+        assert unacked == [len(acks) + 1], f"{where}: not one write in flight: {unacked}"
+        if point.startswith("write."):
+            assert len(acks) == passes, f"{where}: killed in another write"
+        in_flight = tries[unacked[0]]["changes"]
         with Storage.open(config_for(data_dir)) as storage:
             repairs.extend(storage.torn_tail_repairs)
             found = stored_state(storage)
             store_seq = storage.applied_seq
-            if in_flight is not None and store_seq == applied + 1:
+            if WRITE_POINTS[point] is not None:
+                assert store_seq == applied + int(WRITE_POINTS[point]), (
+                    f"{where}: applied_seq {store_seq}: the write in flight "
+                    f"{'is lost' if WRITE_POINTS[point] else 'was not written, yet is there'}"
+                )
+            if store_seq == applied + 1:
                 # The write in flight reached the WAL in full: it must be there in full.
                 state = apply_op(state, in_flight, applied + 1)
                 ops_by_seq[applied + 1] = in_flight
                 applied += 1
                 in_flight_applied += 1
             assert store_seq == applied, (
-                f"{where}: applied_seq {store_seq}, acknowledged up to {applied}"
-                f"{' (+1 in flight)' if in_flight else ''}"
+                f"{where}: applied_seq {store_seq}, acknowledged up to {applied} (+1 in flight)"
             )
             assert found == state, (
-                f"{where}: the store differs from the acknowledged writes "
-                f"(in flight: {in_flight is not None}): "
+                f"{where}: the store differs from the acknowledged writes (+1 in flight): "
                 f"missing or different {sorted(k for k in state if found.get(k) != state[k])}, "
                 f"unexpected {sorted(set(found) - set(state))}"
             )
@@ -289,7 +294,6 @@ def test_sigkill_while_snapshots_and_compaction_run(tmp_path: Path, crash_trials
             (*writer_args, "every_write", "on"),
             "ack",
             rng.randint(1, 150),
-            0.0,
             where,
         )
         events = parse_lines(text)
@@ -423,7 +427,7 @@ def test_sigkill_one_of_two_writers(tmp_path: Path, crash_trials: int) -> None:
             records = {r.seq: r for r in storage.read_wal(applied + 1)}
             assert sorted(records) == list(range(applied + 1, top + 1)), f"{where}: WAL gap"
             for seq in unexplained:
-                ids = [c[:2] for c in decode_changes(records[seq].payload, f"record {seq}")]
+                ids = [c[:2] for c in change_lists(records[seq].payload, f"record {seq}")]
                 owners = [
                     name
                     for name, changes in in_flight.items()
@@ -473,21 +477,27 @@ def build_store(data_dir: Path, rng: random.Random, records: int) -> tuple[State
     return state, ops_by_seq
 
 
-def run_opener(data_dir: Path, stderr_path: Path, kill_after: float | None) -> tuple[list, int]:
-    """Run the opener; kill it *kill_after* seconds after it announced the open (None: let it
-    finish). Returns its events and exit code."""
+def run_opener(data_dir: Path, stderr_path: Path, kill: str | None) -> tuple[list, int]:
+    """Run the opener and return its events and exit code. *kill*: None lets it finish;
+    "opening" kills it as soon as it announced the open; anything else is a
+    ``RSTMDB_FAILPOINTS`` value it runs armed with (it kills itself there, if it gets there)."""
     with open(stderr_path, "w") as stderr:
-        proc = start_worker("opener", data_dir, SEGMENT_SIZE, stderr=stderr)
+        if kill is None or kill == "opening":
+            proc = start_worker("opener", data_dir, SEGMENT_SIZE, stderr=stderr)
+        else:
+            proc = start_armed_worker(kill, "opener", data_dir, SEGMENT_SIZE, stderr=stderr)
         assert proc.stdout is not None
         first = proc.stdout.readline()
-        if kill_after is not None:
-            if kill_after:
-                time.sleep(kill_after)  # not a synchronisation: places the kill inside the open
+        if kill == "opening":
             proc.kill()
-        proc.wait()
+        proc.wait(timeout=120)
         text = first + proc.stdout.read()
         proc.stdout.close()
     return parse_lines(text), proc.returncode
+
+
+#: kills in the opener's close: the checkpoint after the replay, before or after its record
+CHECKPOINT_KILLS = ["checkpoint.after_wal_sync=kill", "checkpoint.before_lmdb_sync=kill"]
 
 
 #: records in the store rebuilt while being killed: several replay transactions of 2,000
@@ -508,7 +518,7 @@ def test_sigkill_while_opening_and_replaying(tmp_path: Path, crash_trials: int) 
             assert stored_state(storage) == state, f"{where}: the rebuilt store differs"
             check_wal(storage, ops_by_seq, state, where)
 
-    # Calibrate: how long a full rebuild from the WAL takes in a worker here and now.
+    # A full rebuild from the WAL, uninterrupted, in a worker.
     shutil.rmtree(indexes)
     events, rc = run_opener(data_dir, tmp_path / "calibrate.err", None)
     assert rc == 0 and events[-1]["event"] == "closed", (tmp_path / "calibrate.err").read_text()
@@ -523,9 +533,15 @@ def test_sigkill_while_opening_and_replaying(tmp_path: Path, crash_trials: int) 
         # (a half-finished replay, or a complete one).
         if trial == 0 or rng.random() < 0.6:
             shutil.rmtree(indexes, ignore_errors=True)
-        delay = 0.0 if trial == 0 else rng.uniform(0, replay_time)
+        # Killed after the n-th replay transaction of 2,000 records (if that many are left to
+        # replay; the first trial is sure to be), or in the checkpoint of its close.
+        chunks = 0 if trial == 0 else rng.randint(0, 2)
+        kill = f"replay.after_chunk={chunks}*off->kill" if chunks else "replay.after_chunk=kill"
+        if trial and rng.random() < 0.3:
+            kill = rng.choice(CHECKPOINT_KILLS)
+        where += f" kill={kill}"
         stderr_path = tmp_path / f"opener-{trial}.err"
-        events, rc = run_opener(data_dir, stderr_path, delay)
+        events, rc = run_opener(data_dir, stderr_path, kill)
         names = [e["event"] for e in events]
         assert names[:1] == ["opening"], f"{where}: {names} {stderr_path.read_text()[-2000:]}"
         if rc == -signal.SIGKILL:
@@ -540,7 +556,7 @@ def test_sigkill_while_opening_and_replaying(tmp_path: Path, crash_trials: int) 
         if rng.random() < 0.25:
             verify(where)
     verify(f"seed={seed} at the end")
-    # The first trial kills as soon as the open was announced: well inside a full rebuild.
+    # The first trial kills after the first chunk of a full rebuild.
     assert killed_mid_open >= 1, f"seed={seed}: no kill landed inside an open"
     print(
         f"seed={seed}: a full rebuild takes {replay_time:.3f}s in a worker; "
@@ -549,8 +565,10 @@ def test_sigkill_while_opening_and_replaying(tmp_path: Path, crash_trials: int) 
 
 
 def test_sigkill_while_creating_a_store(tmp_path: Path, crash_trials: int) -> None:
-    """A process killed while it creates a store (directories, first WAL segment, LMDB meta)
-    leaves a directory that opens cleanly as an empty store, and works."""
+    """A process killed while it creates a store (directories, first WAL segment, LMDB meta),
+    or in the first checkpoint of the new store, leaves a directory that opens cleanly as an
+    empty store, and works. (No failpoint lies inside the creation itself: a kill there is
+    sent as soon as the opener announced the open.)"""
     seed = make_seed()
     rng = random.Random(seed)
     events, rc = run_opener(tmp_path / "calibrate", tmp_path / "calibrate.err", None)
@@ -558,10 +576,12 @@ def test_sigkill_while_creating_a_store(tmp_path: Path, crash_trials: int) -> No
     creation_time = events[1]["elapsed"]
     killed_mid_open = 0
     for trial in range(max(1, crash_trials // 2)):
-        where = f"seed={seed} trial={trial}"
         data_dir = tmp_path / f"data-{trial}"
-        delay = 0.0 if trial == 0 else rng.uniform(0, creation_time)
-        events, rc = run_opener(data_dir, tmp_path / f"create-{trial}.err", delay)
+        kill = "opening" if trial == 0 else rng.choice(["opening", *CHECKPOINT_KILLS])
+        where = f"seed={seed} trial={trial} kill={kill}"
+        events, rc = run_opener(data_dir, tmp_path / f"create-{trial}.err", kill)
+        if kill != "opening":  # (a kill sent from here could come after a quick open)
+            assert rc == -signal.SIGKILL, f"{where}: the opener was not killed (rc {rc})"
         killed_mid_open += rc == -signal.SIGKILL and len(events) == 1
         with Storage.open(config_for(data_dir)) as storage:
             assert storage.applied_seq == 0 and storage.count_instances() == 0, where
@@ -591,7 +611,20 @@ def closed_store(data_dir: Path, writes: int, seed: int) -> tuple[State, list[An
     assert len(ids) >= 3, "the test needs several segments"
     last = data_dir / "wal" / segment_name(ids[-1])
     assert records[-1].seq >= ids[-1]
-    return state, records, last, records[-1].end
+    return state, records, last, framed_record(data_dir, records[-1].seq).end
+
+
+def framed_record(data_dir: Path, seq: int) -> Any:
+    """Record *seq* with where it lies in its segment (``read_wal`` hands out its contents)."""
+    probe = Wal(data_dir / "wal", b"", 1 << 20, FsyncPolicy.never(), 0o600)
+    store_id = probe.segment_store_id(probe.segment_ids()[0])
+    wal = Wal(data_dir / "wal", store_id, 1 << 20, FsyncPolicy.never(), 0o600)
+    try:
+        (record,) = wal.records(seq, seq)
+        return record
+    finally:
+        wal.close()
+        probe.close()
 
 
 def torn_bytes(kind: str, rng: random.Random, next_seq: int) -> bytes:
@@ -632,7 +665,7 @@ def test_torn_tail_is_cut_and_kept_aside(
     if kind == "hole":
         # Only a power loss leaves a hole, and the store checks the end of the log byte for
         # byte only after a reboot: make this open look like the first one after a reboot.
-        monkeypatch.setattr(storage_module, "_boot_id", lambda: "a-later-boot")
+        monkeypatch.setattr(engine_module, "boot_id", lambda: "a-later-boot")
 
     with Storage.open(config_for(data_dir)) as storage:
         repairs = storage.torn_tail_repairs
@@ -654,7 +687,7 @@ def test_torn_tail_is_cut_and_kept_aside(
         # The log goes on where the torn write began.
         seq = storage.put_instance(Instance(**workers.make_spec(rng, "after-repair", 1)))
         assert seq == records[-1].seq + 1
-        (record,) = storage.read_wal(seq)
+        record = framed_record(data_dir, seq)
         if storage.wal_segments()[-1] == seq:  # it did not fit: the segment was sealed at tail
             assert record.offset == SEGMENT_HEADER_SIZE, where
             image = segment.read_bytes()
@@ -690,7 +723,8 @@ def damage(
     first = ids[index]
     end = ids[index + 1] if index + 1 < len(ids) else records[-1].seq + 1
     in_segment = [r for r in records if first <= r.seq < end]
-    victim = rng.choice(in_segment[:-1])  # a good record follows it in the same segment
+    # a good record follows it in the same segment
+    victim = framed_record(data_dir, rng.choice(in_segment[:-1]).seq)
     path = wal_dir / segment_name(first)
     with open(path, "r+b") as f:
         f.seek(victim.offset + 32 + len(victim.payload) // 2)

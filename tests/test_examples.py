@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -43,6 +44,8 @@ from urllib.parse import quote, urlencode
 import pytest
 
 from rstmdb_storage import Instance, Storage, StorageConfig
+from rstmdb_storage.changes import PutInstance
+from rstmdb_storage.codec import decode_instance_body
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ROOT / "examples" / "multiprocess_workers.py"
@@ -63,6 +66,7 @@ def workers_command(data_dir: Path, *args: str) -> list[str]:
 
 
 def run_workers(tmp_path: Path, data_dir: Path, *args: str) -> dict[str, Any]:
+    """The summary of a run; ``summary["reports"]`` holds each worker's line of it."""
     done = subprocess.run(
         workers_command(data_dir, *args),
         cwd=tmp_path,
@@ -71,7 +75,55 @@ def run_workers(tmp_path: Path, data_dir: Path, *args: str) -> dict[str, Any]:
         text=True,
         timeout=120,
     )
-    return check_workers_output(done.returncode, done.stdout, done.stderr)
+    summary = check_workers_output(done.returncode, done.stdout, done.stderr)
+    summary["reports"] = worker_reports(done.stdout)
+    assert sorted(summary["reports"]) == [f"worker-{n}" for n in range(1, summary["workers"] + 1)]
+    return summary
+
+
+WORKER_LINE = re.compile(
+    r"^  (worker-\d+): (\d+) steps, (\d+) conflicts, (\d+) deliberate retries$", re.MULTILINE
+)
+
+
+def worker_reports(stdout: str) -> dict[str, dict[str, int]]:
+    """Each worker's own count of its steps, conflicts and deliberate retries (its stdout
+    line)."""
+    return {
+        name: {"steps": int(steps), "conflicts": int(conflicts), "retries": int(retries)}
+        for name, steps, conflicts, retries in WORKER_LINE.findall(stdout)
+    }
+
+
+def steps_in_wal(data_dir: Path, run: str) -> dict[str, int]:
+    """How many steps each worker wrote, from the WAL: every put of an order of *run* that
+    is not its seed names the worker in its event id (``<order>-><state>@<worker>``)."""
+    made: dict[str, int] = {}
+    with Storage.open(data_dir) as storage:
+        for record in storage.read_wal():
+            for change in record.changes():
+                if isinstance(change, PutInstance) and change.id.startswith(f"{run}-order-"):
+                    fields = decode_instance_body(change.body, change.id)
+                    state, event_id = fields[2], fields[6]
+                    if state == "pending":
+                        assert event_id is None  # the seed batch
+                        continue
+                    order_id, _, worker = event_id.rpartition("@")
+                    assert order_id == f"{change.id}->{state}"
+                    made[worker] = made.get(worker, 0) + 1
+    return made
+
+
+def check_reports_add_up(summary: dict[str, Any]) -> None:
+    """The workers' own lines add up to the summary's totals."""
+    reports = summary["reports"].values()
+    assert sum(r["conflicts"] for r in reports) == summary["conflicts"]
+    assert sum(r["retries"] for r in reports) == summary["deliberate_retries"]
+    # a step reported made but not written was a lost race the shared key answered
+    steps = sum(r["steps"] for r in reports)
+    assert steps - summary["transitions_written"] == summary["absorbed_by_key"]
+    for report in reports:  # a worker repeats its first step made, and only steps it made
+        assert report["retries"] >= 1 if report["steps"] else report["retries"] == 0, report
 
 
 def check_workers_output(returncode: int, stdout: str, stderr: str) -> dict[str, Any]:
@@ -152,8 +204,15 @@ def test_workers_move_every_order_to_delivered_exactly_once(tmp_path: Path) -> N
     assert summary["exactly_once"] is True
     assert summary["transitions_written"] == summary["transitions_expected"] == 60 * 4
     assert summary["absorbed_by_key"] == 0
-    assert summary["conflicts"] >= 0
     assert summary["deliberate_retries"] >= 3  # each worker repeats at least its first step
+    check_reports_add_up(summary)
+    # Each worker's key is its own: every step it reports made is a record naming it, and a
+    # conflict is a race lost to a step another worker wrote.
+    made = steps_in_wal(data_dir, summary["run"])
+    assert made == {name: r["steps"] for name, r in summary["reports"].items() if r["steps"]}
+    for name, report in summary["reports"].items():
+        others = sum(count for worker, count in made.items() if worker != name)
+        assert report["conflicts"] == 0 or others > 0, (name, report, made)
     # A fresh store: the seed batch is record 1, then one record per step and nothing else
     # (the seed's retry and the deliberate retries wrote nothing).
     assert summary["first_seq"] == 1
@@ -179,7 +238,27 @@ def test_workers_with_keys_shared_by_all_workers(tmp_path: Path) -> None:
     assert summary["exactly_once"] is True
     assert summary["transitions_written"] == 120
     assert summary["wal_records_run"] == summary["applied_seq"] == 121
-    assert summary["absorbed_by_key"] >= 0
+    # A shared key answers a lost race quietly: no worker ever sees a ConflictError. Each race
+    # it absorbed is a step the worker counted and another worker wrote, each at most once.
+    assert summary["conflicts"] == 0
+    check_reports_add_up(summary)
+    made = steps_in_wal(data_dir, summary["run"])
+    assert sum(made.values()) == 120
+    for name, report in summary["reports"].items():
+        absorbed = report["steps"] - made.get(name, 0)
+        others = sum(count for worker, count in made.items() if worker != name)
+        assert 0 <= absorbed <= others, (name, report, made)
+
+
+def test_a_single_worker_never_loses_a_race(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    summary = run_workers(tmp_path, data_dir, "--workers", "1", "--orders", "20")
+
+    assert summary["exactly_once"] is True
+    assert summary["conflicts"] == 0 and summary["absorbed_by_key"] == 0
+    assert summary["reports"]["worker-1"]["steps"] == summary["transitions_written"] == 80
+    assert steps_in_wal(data_dir, summary["run"]) == {"worker-1": 80}
+    assert summary["wal_records_run"] == summary["applied_seq"] == 81
 
 
 # --- the lookup service -------------------------------------------------------------------------

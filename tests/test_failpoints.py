@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 import rstmdb_storage
-from rstmdb_storage import ConfigError, Instance, Storage
-from rstmdb_storage import failpoints
+from rstmdb_storage import ConfigError, Instance, Storage, failpoints
 from rstmdb_storage.failpoints import POINTS, FailpointError
 
 PACKAGE = Path(rstmdb_storage.__file__).parent
@@ -47,7 +46,7 @@ def test_counted_terms_run_in_order_then_the_point_is_off() -> None:
     failpoints.enable("write.after_sync", "2*off->1*raise")
     failpoints.failpoint("write.after_sync")
     failpoints.failpoint("write.after_sync")
-    with pytest.raises(FailpointError, match="write.after_sync"):
+    with pytest.raises(FailpointError, match=r"write\.after_sync"):
         failpoints.failpoint("write.after_sync")
     failpoints.failpoint("write.after_sync")  # the chain is used up
     assert failpoints.hits("write.after_sync") == 4
@@ -121,3 +120,9 @@ def test_a_misspelt_point_in_the_environment_stops_the_import() -> None:
     )
     assert child.returncode == 1
     assert "write.after_synk" in child.stderr
+
+
+def test_the_readme_lists_every_failpoint_with_what_it_places() -> None:
+    readme = (PACKAGE.parent / "README.md").read_text()
+    listed = dict(re.findall(r"^\| `([a-z_.]+)` \| (.+) \|$", readme, re.M))
+    assert {name: listed.get(name) for name in POINTS} == POINTS

@@ -20,7 +20,7 @@ import cbor2
 import pytest
 from crc32c import crc32c
 
-from rstmdb_storage import codec
+from rstmdb_storage import changes, codec
 from rstmdb_storage.errors import DecodeError
 from rstmdb_storage.model import Instance
 from rstmdb_storage.wal import decoder, encoder, group_commit
@@ -283,40 +283,57 @@ def test_segment_name_examples_in_prose() -> None:
 
 
 def test_change_layout_in_prose() -> None:
-    doc = wal_format.__doc__
+    doc = changes.__doc__
     put = re.search(
         r"\[(\d+), id, created_at \| null, updated_at \| null, body, condition\?\]\s+put", doc
     )
     delete = re.search(r"\[(\d+), id, condition\?\]\s+delete", doc)
     condition = re.search(r"``\[expected_state \| null, expected_seq \| null\]``", doc)
-    assert put and int(put.group(1)) == wal_format.CHANGE_PUT == 1
-    assert delete and int(delete.group(1)) == wal_format.CHANGE_DELETE == 2
+    assert put and int(put.group(1)) == changes.CHANGE_PUT == 1
+    assert delete and int(delete.group(1)) == changes.CHANGE_DELETE == 2
     assert condition
     good = [
-        [wal_format.CHANGE_PUT, "a", None, 5, b"body"],
-        [wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid", None]],
-        [wal_format.CHANGE_DELETE, "a"],
-        [wal_format.CHANGE_DELETE, "a", [None, 7]],
-        [wal_format.CHANGE_MACHINE, "order", 1, b"definition"],
-        [wal_format.CHANGE_IDEMPOTENCY, "request-1", 86_400_000],
+        [changes.CHANGE_PUT, "a", None, 5, b"body"],
+        [changes.CHANGE_PUT, "a", None, 5, b"body", ["paid", None]],
+        [changes.CHANGE_DELETE, "a"],
+        [changes.CHANGE_DELETE, "a", [None, 7]],
+        [changes.CHANGE_MACHINE, "order", 1, b"definition"],
+        [changes.CHANGE_IDEMPOTENCY, "request-1", 86_400_000],
     ]
     idempotency = re.search(r"\[(\d+), key, retention_ms\]\s+idempotency key", doc)
-    assert idempotency and int(idempotency.group(1)) == wal_format.CHANGE_IDEMPOTENCY == 4
+    assert idempotency and int(idempotency.group(1)) == changes.CHANGE_IDEMPOTENCY == 4
     machine = re.search(r"\[(\d+), name, version, definition\]\s+put a machine", doc)
-    assert machine and int(machine.group(1)) == wal_format.CHANGE_MACHINE == 3
-    assert decoder.decode_changes(cbor2.dumps(good), "doc") == good
+    assert machine and int(machine.group(1)) == changes.CHANGE_MACHINE == 3
+    decoded = changes.decode_changes(cbor2.dumps(good), "doc")
+    assert [type(change) for change in decoded] == [
+        changes.PutInstance,
+        changes.PutInstance,
+        changes.DeleteInstance,
+        changes.DeleteInstance,
+        changes.PutMachine,
+        changes.IdempotencyKey,
+    ]
+    assert decoded[1].condition == changes.Condition("paid", None)
+    assert [change.encoded() for change in decoded] == good
+    assert cbor2.loads(changes.encode_changes(decoded, 1 << 20)) == good
     for bad in (
-        [[wal_format.CHANGE_PUT, "a", None, None]],  # four fields
-        [[wal_format.CHANGE_DELETE, "a", None]],  # a condition that is not one
-        [[wal_format.CHANGE_DELETE, "a", [None, None]]],  # a condition of nothing
-        [[wal_format.CHANGE_PUT, "a", None, 5, b"body", ["paid"]]],  # half a condition
-        [[wal_format.CHANGE_DELETE, "a", [1, 2]]],  # a state that is not text
-        [[wal_format.CHANGE_MACHINE, "order", "1", b"x"]],  # a version that is not an int
-        [[wal_format.CHANGE_IDEMPOTENCY, "request-1", 0]],  # no retention
+        [[changes.CHANGE_PUT, "a", None, None]],  # four fields
+        [[changes.CHANGE_DELETE, "a", None]],  # a condition that is not one
+        [[changes.CHANGE_DELETE, "a", [None, None]]],  # a condition of nothing
+        [[changes.CHANGE_PUT, "a", None, 5, b"body", ["paid"]]],  # half a condition
+        [[changes.CHANGE_DELETE, "a", [1, 2]]],  # a state that is not text
+        [[changes.CHANGE_MACHINE, "order", "1", b"x"]],  # a version that is not an int
+        [[changes.CHANGE_IDEMPOTENCY, "request-1", 0]],  # no retention
         [[9, "a"]],  # unknown kind
     ):
         with pytest.raises(DecodeError):
-            decoder.decode_changes(cbor2.dumps(bad), "doc")
+            changes.decode_changes(cbor2.dumps(bad), "doc")
+
+
+def test_the_wal_leaves_the_payload_to_the_changes_module() -> None:
+    assert "rstmdb_storage.changes" in wal_format.__doc__
+    assert not hasattr(wal_format, "CHANGE_PUT")
+    assert not hasattr(decoder, "decode_changes")
 
 
 # --- codec.py -----------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ import os
 import subprocess
 import threading
 
-import cbor2
 import pytest
 from helpers import order, start_worker
+from internals import append_grouped_only, force_group_commit, start_contention
 
 from rstmdb_storage import (
     ConflictError,
@@ -20,23 +20,31 @@ from rstmdb_storage import (
     StorageConfig,
     StorageFailedError,
 )
+from rstmdb_storage.changes import IdempotencyKey, PutInstance
+from rstmdb_storage.engine import boot_id
 from rstmdb_storage.wal import group_commit
 
 
 @pytest.fixture
 def grouped(storage: Storage, monkeypatch: pytest.MonkeyPatch) -> Storage:
     """The store with group commit on for every write, as under contention."""
-    monkeypatch.setattr(storage, "_grouping", lambda: True)
+    force_group_commit(storage, monkeypatch)
     return storage
 
 
 def append_only(storage: Storage, instance, **condition) -> int:
     """Step 1 of a grouped write and no more: a writer paused between appending and syncing."""
-    change, _ = storage._put_change(instance, condition.get("state"), condition.get("seq"))
-    payload = cbor2.dumps([change])
-    env = storage._env
-    with env.write_mutex:
-        return storage._append_grouped(env, [change], payload, None)
+    size = storage.config.max_instance_size
+    change = PutInstance.of(instance, condition.get("state"), condition.get("seq"), size)
+    return append_grouped_only(storage, [change])
+
+
+def this_boots_append_tail(storage: Storage) -> group_commit.SharedAppendTail:
+    """The shared append tail of *storage*'s directory, opened here as another process of this
+    boot opens it (close it after use)."""
+    return group_commit.SharedAppendTail(
+        storage.config.path / "indexes", boot_id(), storage.config.file_mode
+    )
 
 
 def test_grouped_writes_read_back_like_any_other(grouped: Storage) -> None:
@@ -75,11 +83,9 @@ def test_conditions_are_judged_against_records_appended_before(grouped: Storage)
 
 
 def test_a_retry_of_a_pending_keyed_write_waits_for_it_to_be_durable(grouped: Storage) -> None:
-    change, _ = grouped._put_change(order("o"), None, None)
-    changes = [change, [4, "key", 60_000]]  # put + idempotency key, as _commit builds them
-    env = grouped._env
-    with env.write_mutex:
-        first = grouped._append_grouped(env, changes, cbor2.dumps(changes), "key")
+    change = PutInstance.of(order("o"), None, None, grouped.config.max_instance_size)
+    changes = [change, IdempotencyKey("key", 60_000)]  # put + key, as a keyed write builds them
+    first = append_grouped_only(grouped, changes, "key")
     assert grouped.get_instance("o") is None
     assert grouped.put_instance(order("o", state="x"), idempotency_key="key") == first
     assert grouped.get_instance("o").state == "pending"  # the first write, now durable
@@ -93,7 +99,7 @@ def test_in_group_mode_threads_share_fsyncs(data_dir, monkeypatch: pytest.Monkey
     threads, per_thread = 8, 40
     seqs: list[int] = []
     with Storage.open(config) as storage:
-        storage._note_contention()  # start grouped; contention keeps it so
+        start_contention(storage)  # start grouped; contention keeps it so
 
         def writer(name: str) -> None:
             for i in range(per_thread):
@@ -122,25 +128,29 @@ def test_a_failed_shared_sync_fails_the_store_and_shows_nothing(
     with pytest.raises(StorageFailedError, match="fdatasync"):
         grouped.put_instance(order("o", state="paid"))
     monkeypatch.undo()
-    monkeypatch.setattr(grouped, "_grouping", lambda: True)
+    force_group_commit(grouped, monkeypatch)
     assert grouped.get_instance("o").state == "pending"
     with pytest.raises(StorageFailedError):  # fail-stop: no write until reopened
         grouped.put_instance(order("p"))
 
 
-def test_an_append_tail_past_the_end_of_the_log_is_reset_on_open(grouped: Storage) -> None:
+def test_an_append_tail_past_the_end_of_the_log_is_reset_on_open(
+    grouped: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """As after a repair that cut records counted by the shared append tail: opening replays
     to where the log really ends, and appends go on there."""
     for i in range(3):
         grouped.put_instance(order(f"o{i}"))
-    appends, _ = grouped._group_locks()
+    appends = this_boots_append_tail(grouped)
     with appends.locked():
         tail = appends.tail()
+        assert tail is not None and tail.next_seq == 4  # what the grouped writes stored
         appends.write_tail(tail._replace(offset=tail.offset + 4096, next_seq=9))
+    appends.close()
     config = grouped.config
     grouped.close()
     with Storage.open(config) as storage:
-        storage._grouping = lambda: True
+        force_group_commit(storage, monkeypatch)
         assert storage.put_instance(order("after")) == 4
         assert [r.seq for r in storage.read_wal()] == [1, 2, 3, 4]
         assert storage.verify() == []
@@ -150,7 +160,7 @@ def test_an_append_tail_of_another_boot_is_not_trusted(grouped: Storage) -> None
     """After a reboot the shared append tail may be stale; appends then start from the
     applied tail, past any complete record left behind."""
     grouped.put_instance(order("o1"))
-    appends, _ = grouped._group_locks()
+    appends = this_boots_append_tail(grouped)
     with appends.locked():
         tail = appends.tail()
     other_boot = group_commit.SharedAppendTail(
@@ -161,6 +171,7 @@ def test_an_append_tail_of_another_boot_is_not_trusted(grouped: Storage) -> None
     other_boot.close()
     with appends.locked():
         assert appends.tail() is None
+    appends.close()
     assert grouped.put_instance(order("o2")) == 2
     assert [r.seq for r in grouped.read_wal()] == [1, 2]
     assert grouped.get_instance("o2").last_wal_offset == 2

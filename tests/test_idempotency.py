@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from helpers import order
+from internals import append_raw_records, stage_transition_race
 
 from rstmdb_storage import Storage, StorageConfig
-from rstmdb_storage.codec import cbor_dumps
+from rstmdb_storage.changes import IdempotencyKey, PutInstance
 
 
 def test_a_retried_put_returns_the_first_seq_and_writes_nothing(storage: Storage) -> None:
@@ -58,14 +58,9 @@ def test_replay_of_a_retry_record_applies_nothing(config: StorageConfig) -> None
     commit, then a retry): whoever applies the second must skip it, in every process."""
     with Storage.open(config) as storage:
         storage.put_instance(order("o"), idempotency_key="k")
-        change, _ = storage._put_change(order("o", "twice"), None, None)
-        record = [change, [4, "k", config.idempotency_retention_ms]]
-        env = storage._env
-        with env.write_mutex, env.begin_write() as txn:
-            now = time.time_ns() // 1_000_000
-            storage._wal.append(storage._meta.tail(txn), now, cbor_dumps(record, "test"))
-            storage._wal.sync()
-            txn.abort()  # dies before applying
+        change = PutInstance.of(order("o", "twice"), None, None, config.max_instance_size)
+        retry = [change, IdempotencyKey("k", config.idempotency_retention_ms)]
+        append_raw_records(storage, [retry])  # written now, and the writer dies before applying
     with Storage.open(config) as storage:
         assert storage.applied_seq == 2
         assert storage.get_instance("o").state == "pending"
@@ -99,24 +94,9 @@ def test_a_transition_whose_key_is_found_only_inside_the_write_returns_what_is_s
     first = storage.transition("o", "pending", "paid", event_id="a", idempotency_key="step-1")
     storage.put_instance(order("o", "shipped"))
     # As if the retry checked its key just before the first write landed (a race between two
-    # workers): the write itself finds the key and writes nothing.
-    monkeypatch.setattr(storage, "_remembered", lambda key: None)
-    monkeypatch.setattr(storage, "get_instance", _moved_back_to_pending(storage))
+    # workers), and read the instance then, still "pending": the write itself finds the key
+    # and writes nothing.
+    stage_transition_race(monkeypatch, stale_state="pending")
     again = storage.transition("o", "pending", "paid", event_id="b", idempotency_key="step-1")
     assert again.state == "shipped" and again.last_event_id != "b"
     assert storage.applied_seq == first.last_wal_offset + 1  # nothing more was written
-
-
-def _moved_back_to_pending(storage: Storage):
-    """get_instance that shows the retry its stale read once ("pending"), then the truth."""
-    real = storage.get_instance
-    calls = []
-
-    def get(instance_id: str):
-        calls.append(instance_id)
-        inst = real(instance_id)
-        if len(calls) == 1:
-            inst.state = "pending"
-        return inst
-
-    return get

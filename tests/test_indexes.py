@@ -13,8 +13,7 @@ from helpers import order
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rstmdb_storage import Storage, StorageConfig
-from rstmdb_storage import storage as storage_module
+from rstmdb_storage import Storage, StorageConfig, query
 from rstmdb_storage.codec import seal
 from rstmdb_storage.store.indexes import encode_label_value, index_entries
 
@@ -154,7 +153,7 @@ def test_rebuild_in_chunks_indexes_everything(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     filled(storage)
-    monkeypatch.setattr(storage_module, "_REBUILD_CHUNK", 7)
+    monkeypatch.setattr(query, "REBUILD_CHUNK", 7)
     assert storage.rebuild_indexes() == 30
     assert storage.verify() == []
     assert storage.count_by_state("order") == {"paid": 10, "pending": 20}

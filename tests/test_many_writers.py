@@ -17,11 +17,11 @@ import signal
 from pathlib import Path
 
 import pytest
+from internals import raw_read_transaction
 
 from rstmdb_storage import ConflictError, Instance, Storage, StorageConfig
+from rstmdb_storage.changes import PutInstance
 from rstmdb_storage.codec import decode_instance_body
-from rstmdb_storage.wal.decoder import decode_changes
-from rstmdb_storage.wal.format import CHANGE_PUT
 
 ORDERS = [f"order-{i}" for i in range(10)]
 LAST_STEP = 30
@@ -61,10 +61,10 @@ def steps_in_wal(storage: Storage) -> tuple[list[int], list[tuple[int, str, int]
     seqs, moves = [], []
     for record in storage.read_wal(1):
         seqs.append(record.seq)
-        for change in decode_changes(record.payload, f"record {record.seq}"):
-            if change[0] == CHANGE_PUT:
-                state = decode_instance_body(change[4], change[1])[2]
-                moves.append((record.seq, change[1], int(state[1:])))
+        for change in record.changes():
+            if isinstance(change, PutInstance):
+                state = decode_instance_body(change.body, change.id)[2]
+                moves.append((record.seq, change.id, int(state[1:])))
     return seqs, moves
 
 
@@ -124,7 +124,7 @@ def test_killed_workers_lose_no_acknowledged_transition_and_none_happens_twice(
 
 def _hold_a_read(data_dir: str, ready) -> None:  # runs in its own process, until killed
     storage = Storage.open(StorageConfig(data_dir=data_dir, max_readers=3))
-    txn = storage._env.env.begin()  # a reader slot, held
+    txn = raw_read_transaction(storage)  # a reader slot, held
     txn.get(b"x")
     ready.set()
     signal.pause()
@@ -142,7 +142,7 @@ def test_reader_slots_of_killed_processes_are_reclaimed(data_dir: Path) -> None:
         os.kill(holder.pid, signal.SIGKILL)
         holder.join()
     with Storage.open(config) as storage:
-        readers = [storage._env.env.begin() for _ in range(3)]  # every slot is usable
+        readers = [raw_read_transaction(storage) for _ in range(3)]  # every slot is usable
         assert all(txn.get(b"x") is None for txn in readers)
         for txn in readers:
             txn.abort()

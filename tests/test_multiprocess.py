@@ -32,6 +32,7 @@ from typing import Any
 import cbor2
 import pytest
 from helpers import start_worker
+from internals import held_write_transaction
 
 try:
     import workers  # pytest puts tests/ on sys.path: it is not a package
@@ -39,8 +40,7 @@ except ModuleNotFoundError:  # tests/ became a package
     from tests import workers
 
 from rstmdb_storage import FsyncPolicy, Storage, StorageConfig
-from rstmdb_storage.wal.decoder import decode_changes
-from rstmdb_storage.wal.format import CHANGE_DELETE, CHANGE_PUT
+from rstmdb_storage.changes import CHANGE_DELETE, CHANGE_PUT
 
 SEGMENT_SIZE = 64 * 1024  # rotations happen while the processes race
 
@@ -236,7 +236,7 @@ def check_writers(
         assert [r.seq for r in records] == all_seqs, f"{where}: read_wal is not 1..{total}"
         for record in records:
             changes = changes_by_seq[record.seq]
-            decoded = decode_changes(record.payload, f"record {record.seq}")
+            decoded = [change.encoded() for change in record.changes()]
             assert [c[:2] for c in decoded] == [
                 [CHANGE_PUT, arg["id"]] if kind == "put" else [CHANGE_DELETE, arg]
                 for kind, arg in changes
@@ -396,7 +396,7 @@ def test_forked_children_keep_working(tmp_path: Path) -> None:
 def test_fork_while_another_thread_is_in_a_write_transaction(tmp_path: Path) -> None:
     """The deterministic form of a hang the test above hits now and then: fork while another
     thread of the parent is inside a write transaction of the store, as the store's own
-    flusher thread is during every checkpoint (``Storage._checkpoint_locked``). The child must
+    flusher thread is during every checkpoint (``maintenance.checkpoint``). The child must
     still be able to use the Storage it inherited.
 
     (White-box: the other thread enters the write transaction the way the store does, under
@@ -404,11 +404,10 @@ def test_fork_while_another_thread_is_in_a_write_transaction(tmp_path: Path) -> 
     it, unless the store makes fork wait for it.)"""
     with Storage.open(config_for(tmp_path / "data")) as storage:
         first = storage.put_instance(workers.pair_instance("before-fork", 1))
-        env = storage._env
         in_txn, done = threading.Event(), threading.Event()
 
         def write_transaction() -> None:
-            with env.write_mutex, env.begin_write():
+            with held_write_transaction(storage):
                 in_txn.set()
                 done.wait(0.5)  # the length of this transaction, not a synchronisation
 

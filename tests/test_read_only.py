@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from helpers import order
+from internals import pretend_read_only_mount
 
 from rstmdb_storage import NotAStoreError, ReadOnlyError, Storage, StorageConfig
 from rstmdb_storage.cli import main
-from rstmdb_storage.store import env as lmdb_env
 
 
 def read_only(path: Path) -> StorageConfig:
@@ -84,7 +84,7 @@ def test_a_copy_without_a_writable_lock_file_is_read_without_touching_it(
     shutil.copytree(filled.path, copy)
     (copy / "indexes" / "lock.mdb").unlink()
     before = fingerprint(copy)
-    monkeypatch.setattr(lmdb_env, "_writable", lambda path: False)  # as on a read-only mount
+    pretend_read_only_mount(monkeypatch)
     with Storage.open(read_only(copy)) as storage:
         assert storage.count_instances() == 30 and storage.get_instance("o0").state == "pending"
     assert fingerprint(copy) == before

@@ -10,6 +10,13 @@ from pathlib import Path
 import lmdb
 import pytest
 from crc32c import crc32c
+from internals import (
+    append_raw_records,
+    checkpointed_seq,
+    shift_wal_sync_clock,
+    wait_for_flusher,
+    wal_has_unsynced,
+)
 
 from rstmdb_storage import (
     CorruptionError,
@@ -18,8 +25,10 @@ from rstmdb_storage import (
     Storage,
     StorageConfig,
     StorageError,
+    failpoints,
 )
-from rstmdb_storage.codec import cbor_dumps
+from rstmdb_storage.changes import PutInstance
+from rstmdb_storage.engine import probe_wal
 from rstmdb_storage.store.meta import Checkpoint, Meta
 
 
@@ -54,8 +63,18 @@ def flip_a_value(env, txn) -> None:
     txn.put(b"o3", bytes(value), db=db)
 
 
-def checkpointed_seq(storage: Storage) -> int:
-    return storage._read(storage._meta.checkpoint).applied_seq
+def read_lmdb(config: StorageConfig, read):
+    """``read(env, txn)`` on the LMDB environment of a closed store."""
+    env = lmdb.open(str(config.path / "indexes"), max_dbs=16, readonly=True)
+    try:
+        with env.begin() as txn:
+            return read(env, txn)
+    finally:
+        env.close()
+
+
+def recorded_checkpoint(env, txn) -> Checkpoint:
+    return Meta(env.open_db(b"meta", txn=txn, create=False)).checkpoint(txn)
 
 
 def test_checkpoint_flushes_and_records_the_applied_sequence(storage: Storage) -> None:
@@ -70,9 +89,7 @@ def test_the_background_flusher_checkpoints_after_writes(data_dir: Path) -> None
     with Storage.open(config) as storage:
         for i in range(30):
             storage.put_instance(order(f"o{i}"))
-        flusher = storage._flusher
-        with flusher.passed:
-            assert flusher.passed.wait_for(lambda: checkpointed_seq(storage) == 30, timeout=30)
+        assert wait_for_flusher(storage, lambda: checkpointed_seq(storage) == 30, timeout=30)
 
 
 def test_every_ms_policy_syncs_without_waiting_for_another_write(data_dir: Path) -> None:
@@ -80,22 +97,23 @@ def test_every_ms_policy_syncs_without_waiting_for_another_write(data_dir: Path)
         data_dir=data_dir, fsync_policy=FsyncPolicy.every_ms(20), checkpoint_interval_ms=3_600_000
     )
     with Storage.open(config) as storage:
-        storage._wal._last_sync += 3600  # the write below is not due for a sync itself
-        storage.put_instance(order("o0"))
-        assert storage._wal.has_unsynced
-        storage._wal._last_sync -= 7200  # now it is: the flusher, not a write, must sync it
-        flusher = storage._flusher
-        with flusher.passed:
-            assert flusher.passed.wait_for(lambda: not storage._wal.has_unsynced, timeout=30)
-        assert checkpointed_seq(storage) == 0  # no checkpoint did it
+        failpoints.enable("checkpoint.after_wal_sync", "off")  # counts checkpoints
+        try:
+            shift_wal_sync_clock(storage, 3600)  # the write below is not due for a sync itself
+            storage.put_instance(order("o0"))
+            assert wal_has_unsynced(storage)
+            shift_wal_sync_clock(storage, -7200)  # now it is due: the flusher must sync it
+            assert wait_for_flusher(storage, lambda: not wal_has_unsynced(storage), timeout=30)
+            assert failpoints.hits("checkpoint.after_wal_sync") == 0  # no checkpoint did it
+        finally:
+            failpoints.disable()
 
 
 def test_close_records_a_checkpoint_of_everything(config: StorageConfig) -> None:
     fill(config, 5)
-    with Storage.open(config) as storage:
-        checkpoint = storage._read(storage._meta.checkpoint)
-        assert checkpoint.applied_seq == 5
-        assert checkpoint.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    checkpoint = read_lmdb(config, recorded_checkpoint)
+    assert checkpoint.applied_seq == 5
+    assert checkpoint.boot_id == Path("/proc/sys/kernel/random/boot_id").read_text().strip()
 
 
 def test_reboot_with_unflushed_commits_checks_lmdb_and_opens_when_sound(
@@ -210,20 +228,20 @@ def test_a_data_dir_that_is_a_file_is_a_storage_error(tmp_path: Path) -> None:
 def append_unapplied(config: StorageConfig, ids: list[str]) -> list[tuple[int, int]]:
     """Append records to the WAL that LMDB never applies (as if the machine lost power between
     appending and applying them); return (seq, offset) of each."""
-    placed = []
     with Storage.open(config) as storage:
-        env = storage._env
-        with env.write_mutex:
-            txn = env.begin_write()
-            tail = storage._meta.tail(txn)
-            for instance_id in ids:
-                change, _ = storage._put_change(order(instance_id), None, None)
-                new = storage._wal.append(tail, 1, cbor_dumps([change], "test"))
-                placed.append((tail.next_seq, tail.offset))
-                tail = new
-            storage._wal.sync()
-            txn.abort()
-    return placed
+        size = storage.config.max_instance_size
+        records = [[PutInstance.of(order(i), None, None, size)] for i in ids]
+        return append_raw_records(storage, records, timestamp_ms=1)
+
+
+def record_offset(config: StorageConfig, seq: int) -> int:
+    """Where WAL record *seq* of a closed store starts in its segment."""
+    wal = probe_wal(config)
+    try:
+        (record,) = wal.records(seq, seq)
+        return record.offset
+    finally:
+        wal.close()
 
 
 def flip_payload_byte(config: StorageConfig, offset: int) -> None:
@@ -253,9 +271,7 @@ def test_repair_cuts_a_torn_record_that_intact_unapplied_ones_follow(
 
 def test_repair_refuses_damage_in_what_lmdb_applied(config: StorageConfig) -> None:
     fill(config, 5)
-    with Storage.open(config) as storage:
-        record_5 = next(iter(storage.read_wal(5)))
-    flip_payload_byte(config, record_5.offset)
+    flip_payload_byte(config, record_offset(config, 5))
     path = sorted((config.path / "wal").glob("*.wal"))[-1]
     before = path.read_bytes()
     with pytest.raises(CorruptionError, match="LMDB has applied sequence 5"):

@@ -11,6 +11,8 @@ from helpers import order
 
 from rstmdb_storage import CorruptionError, SnapshotManifest, Storage
 from rstmdb_storage.codec import decode_instance
+from rstmdb_storage.wal.decoder import decode_segment_header
+from rstmdb_storage.wal.format import SEGMENT_HEADER_SIZE, segment_name
 
 
 def snapshot_state(data_dir: Path, manifest: SnapshotManifest, tmp_path: Path) -> dict:
@@ -41,7 +43,10 @@ def test_a_snapshot_holds_the_state_at_its_sequence(
     manifest = storage.create_snapshot()
     storage.put_instance(order("later"))
     assert (manifest.seq, manifest.instances) == (20, 20)
-    assert manifest.store_id == storage._wal.store_id
+    for first_seq in storage.wal_segments():  # the store id every WAL segment header carries
+        path = data_dir / "wal" / segment_name(first_seq)
+        header = path.read_bytes()[:SEGMENT_HEADER_SIZE]
+        assert decode_segment_header(header, str(path)) == (first_seq, manifest.store_id)
     assert storage.list_snapshots() == [manifest]
     storage.check_snapshot(manifest)
     assert snapshot_state(data_dir, manifest, tmp_path) == {f"o{i}": "pending" for i in range(20)}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import order, wal_bytes
+from internals import flusher_pass, held_read
 
 from rstmdb_storage import (
     ConfigError,
@@ -27,8 +28,8 @@ from rstmdb_storage import (
     StorageConfig,
     StorageError,
     StorageFailedError,
+    opening,
 )
-from rstmdb_storage import storage as storage_module
 from rstmdb_storage.fsutil import network_filesystem
 
 
@@ -237,15 +238,23 @@ def test_reads_in_other_threads_go_on_while_the_map_grows(data_dir: Path) -> Non
             done.set()
             for thread in readers:
                 thread.join()
-        grown = storage._env.env.info()["map_size"]
+        grown = storage.stats()["map_size"]
     assert failures == []
     assert grown >= 4 * 1024 * 1024
 
 
 def map_use(storage: Storage) -> float:
     """The fraction of the LMDB map in use."""
-    env = storage._env.env
-    return (env.info()["last_pgno"] + 1) * env.stat()["psize"] / env.info()["map_size"]
+    stats = storage.stats()
+    return stats["map_used"] / stats["map_size"]
+
+
+def map_size(storage: Storage) -> int:
+    return storage.stats()["map_size"]
+
+
+#: the background thread makes a pass only when a test wakes it (no checkpoint is ever due)
+ON_DEMAND_FLUSHER = {"checkpoint_interval_ms": 3_600_000}
 
 
 def fill_map_to(storage: Storage, fraction: float) -> None:
@@ -256,30 +265,32 @@ def fill_map_to(storage: Storage, fraction: float) -> None:
 
 
 def test_the_flusher_grows_a_nearly_full_map_before_a_write_fails(data_dir: Path) -> None:
-    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
+    config = StorageConfig(
+        data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0, **ON_DEMAND_FLUSHER
+    )
     with Storage.open(config) as storage:
-        env = storage._env.env
         fill_map_to(storage, 0.8)
-        before = env.info()["map_size"]
-        storage._background_flush()  # one pass of the flusher
-        assert env.info()["map_size"] == 2 * before and map_use(storage) < 0.5
-        storage._background_flush()
-        assert env.info()["map_size"] == 2 * before  # not again while there is room
+        before = map_size(storage)
+        assert flusher_pass(storage)  # one pass of the flusher
+        assert map_size(storage) == 2 * before and map_use(storage) < 0.5
+        assert flusher_pass(storage)
+        assert map_size(storage) == 2 * before  # not again while there is room
 
 
 def test_an_early_map_growth_gives_way_to_a_long_read(data_dir: Path) -> None:
     """The map changes size only with no transaction open in the process; the flusher's early
     growth does not wait for a long read (a snapshot's copy) with every write of the process
     held back behind it: it gives up, and the next pass after the read grows the map."""
-    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
+    config = StorageConfig(
+        data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0, **ON_DEMAND_FLUSHER
+    )
     with Storage.open(config) as storage:
-        env = storage._env
         fill_map_to(storage, 0.8)
-        before = env.env.info()["map_size"]
+        before = map_size(storage)
         reading, release = threading.Event(), threading.Event()
 
         def long_read() -> None:
-            with env.read():
+            with held_read(storage):
                 reading.set()
                 release.wait()
 
@@ -287,14 +298,14 @@ def test_an_early_map_growth_gives_way_to_a_long_read(data_dir: Path) -> None:
         reader.start()
         try:
             reading.wait()
-            storage._background_flush()
-            assert env.env.info()["map_size"] == before
+            assert flusher_pass(storage)
+            assert map_size(storage) == before
             assert storage.put_instance(order("meanwhile")) > 0  # writes go on
         finally:
             release.set()
             reader.join()
-        storage._background_flush()
-        assert env.env.info()["map_size"] == 2 * before
+        assert flusher_pass(storage)
+        assert map_size(storage) == 2 * before
 
 
 def test_files_are_private_to_the_owner(storage: Storage, data_dir: Path) -> None:
@@ -420,7 +431,7 @@ def test_a_network_filesystem_is_recognised(tmp_path: Path) -> None:
 def test_opening_on_a_network_filesystem_warns(
     data_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(storage_module, "network_filesystem", lambda path: "nfs")
+    monkeypatch.setattr(opening, "network_filesystem", lambda path: "nfs")
     with Storage.open(data_dir):
         pass
     assert "network filesystem (nfs)" in caplog.text

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from rstmdb_storage.config import FsyncPolicy
 from rstmdb_storage.errors import CorruptionError, StorageFailedError, WalGapError
 from rstmdb_storage.wal import log as wal_log
-from rstmdb_storage.wal.decoder import WalRecord
+from rstmdb_storage.wal.decoder import FramedRecord
 from rstmdb_storage.wal.format import (
     RECORD_ALIGN,
     RECORD_CHANGES,
@@ -73,7 +73,7 @@ def write_log(wal: Wal, sizes: list[int], sync: bool = True) -> WalTail:
     return tail
 
 
-def walk(wal: Wal, strict: bool = False, into: list[WalRecord] | None = None) -> WalTail:
+def walk(wal: Wal, strict: bool = False, into: list[FramedRecord] | None = None) -> WalTail:
     """Replay from the start with next_record, as opening a store does; records go to *into*."""
     records = into if into is not None else []
     tail = START
@@ -84,13 +84,13 @@ def walk(wal: Wal, strict: bool = False, into: list[WalRecord] | None = None) ->
     return tail
 
 
-def walked(wal: Wal, strict: bool = False) -> tuple[list[WalRecord], WalTail]:
-    records: list[WalRecord] = []
+def walked(wal: Wal, strict: bool = False) -> tuple[list[FramedRecord], WalTail]:
+    records: list[FramedRecord] = []
     tail = walk(wal, strict, records)
     return records, tail
 
 
-def assert_records(records: list[WalRecord], sizes: list[int], first_seq: int = 1) -> None:
+def assert_records(records: list[FramedRecord], sizes: list[int], first_seq: int = 1) -> None:
     assert [r.seq for r in records] == list(range(first_seq, first_seq + len(sizes)))
     for record, size in zip(records, sizes, strict=True):
         assert record.type == RECORD_CHANGES
@@ -391,7 +391,7 @@ def test_replay_into_a_missing_middle_segment_raises(log_copy: Path) -> None:
     segment_path(log_copy, gone).unlink()
     wal = open_wal(log_copy)
     try:
-        records: list[WalRecord] = []
+        records: list[FramedRecord] = []
         with pytest.raises(CorruptionError):
             walk(wal, into=records)
         assert [r.seq for r in records] == list(range(1, gone))
@@ -612,7 +612,7 @@ def assert_damage_raises(directory: Path, path: Path, offset: int, n: int, bad_s
     before = path.read_bytes()
     wal = open_wal(directory)
     try:
-        records: list[WalRecord] = []
+        records: list[FramedRecord] = []
         with pytest.raises(CorruptionError) as caught:
             walk(wal, into=records)
         error = caught.value

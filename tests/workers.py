@@ -14,8 +14,11 @@ worker passed: id, machine, version, state, ctx, metadata) or ``["del", id]``.
 
 Commands::
 
-    crash-writer DATA_DIR SEED SEGMENT_SIZE [PREFIX IDS POLICY]  write until killed (stdout)
+    crash-writer DATA_DIR SEED SEGMENT_SIZE [PREFIX IDS POLICY MAINTENANCE LIMIT START END
+                 MAP_SIZE]                             write until killed, or LIMIT writes (stdout)
     opener DATA_DIR SEGMENT_SIZE                       open, report, close (stdout)
+    call DATA_DIR SEGMENT_SIZE KEPT ACTION [TARGET]    one maintenance call: snapshot, compact,
+                                                       checkpoint, repair, restore or backup
     mp-writer DATA_DIR SEGMENT_SIZE NAME OPS SEED LOG [IDS MAP_SIZE GROUPING]
                                                        wait for "go" on stdin, write OPS ops
     pair-writer DATA_DIR SEGMENT_SIZE BATCHES          wait for "go", write BATCHES batches
@@ -26,14 +29,22 @@ Commands::
 from __future__ import annotations
 
 import json
+import os
 import random
 import sys
 import time
 from typing import Any
 
 from rstmdb_storage import FsyncPolicy, Instance, Storage, StorageConfig
+
+try:
+    from internals import force_group_commit  # tests/ is on sys.path, as for helpers
+except ModuleNotFoundError:  # tests/ became a package
+    from tests.internals import force_group_commit
+from rstmdb_storage.engine import boot_id
 from rstmdb_storage.wal.encoder import encode_record
-from rstmdb_storage.wal.format import RECORD_CHANGES
+from rstmdb_storage.wal.format import RECORD_CHANGES, segment_name
+from rstmdb_storage.wal.group_commit import SharedAppendTail
 
 PAIR_A = "pair-a"
 PAIR_B = "pair-b"
@@ -61,6 +72,7 @@ def store_config(
     map_size: int = 1 << 30,
     policy: str = "every_write",
     maintenance: bool = False,
+    snapshots_kept: int = 2,
 ) -> StorageConfig:
     """With *maintenance*, automatic snapshots and compaction run often; without, none (most
     tests read the WAL from its first record)."""
@@ -72,7 +84,10 @@ def store_config(
         snapshot_interval=40 if maintenance else 0,
         compaction_enabled=maintenance,
         max_wal_segments=3,
-        checkpoint_interval_ms=20 if maintenance else 1000,
+        snapshots_kept=snapshots_kept,
+        # A map-full test wants the write, not the flusher's early growth, to find the map
+        # full: with a small map, the flusher does not run while the test does.
+        checkpoint_interval_ms=20 if maintenance else 1000 if map_size >= 1 << 30 else 600_000,
     )
 
 
@@ -153,26 +168,45 @@ def crash_writer(
     ids: str = "40",
     policy: str = "every_write",
     maintenance: str = "off",
+    limit: str = "0",
+    start: str = "now",
+    end: str = "close",
+    map_size: str = str(1 << 30),
 ) -> None:
     """Write forever (until SIGKILL), announcing each write before and after. Ids are
     ``<prefix><i>``; the instances of other prefixes are left alone. With *maintenance*
-    "on", automatic snapshots and compaction run all along."""
+    "on", automatic snapshots and compaction run all along.
+
+    With LIMIT > 0 the writer stops after that many writes (so that one armed with a
+    failpoint that never fires ends instead of writing forever): END "checkpoint" calls
+    ``checkpoint()`` first, then it closes the store and says "done". START "go" waits for
+    "go" on stdin after "ready" (to start several writers at once)."""
     rng = random.Random(int(seed))
     out = sys.stdout
     emit(out, event="opening")
     storage = open_store(
-        data_dir, int(segment_size), policy=policy, maintenance=maintenance == "on"
+        data_dir,
+        int(segment_size),
+        int(map_size),
+        policy=policy,
+        maintenance=maintenance == "on",
     )
     present = {inst.id for inst in storage.iter_instances() if inst.id.startswith(prefix)}
     emit(out, event="ready", applied_seq=storage.applied_seq, count=len(present))
+    if start == "go" and sys.stdin.readline().strip() != "go":
+        raise SystemExit("expected 'go' on stdin")
     n = 0
-    while True:
+    while n < int(limit) or limit == "0":
         n += 1
         op = make_op(rng, present, n, prefix, int(ids))
         emit(out, event="try", op=n, **op)
         seq = run_op(storage, op)
         apply_to_present(present, op)
         emit(out, event="ack", op=n, seq=seq)
+    if end == "checkpoint":
+        emit(out, event="checkpoint", applied_seq=storage.checkpoint())
+    storage.close()
+    emit(out, event="done")
 
 
 def opener(data_dir: str, segment_size: str) -> None:
@@ -193,6 +227,35 @@ def opener(data_dir: str, segment_size: str) -> None:
     emit(out, event="closed")
 
 
+def call(data_dir: str, segment_size: str, kept: str, action: str, target: str = "") -> None:
+    """One call, reported before ("ready") and after ("done"): ``create_snapshot()``,
+    ``compact()`` or ``checkpoint()`` of the open store (snapshots_kept KEPT), ``backup(TARGET)``,
+    or ``Storage.repair_wal`` or ``Storage.restore(DATA_DIR, TARGET)`` of the closed store."""
+    out = sys.stdout
+    config = store_config(data_dir, int(segment_size), snapshots_kept=int(kept))
+    if action in ("repair", "restore"):
+        emit(out, event="ready")
+        if action == "repair":
+            repair = Storage.repair_wal(config)
+            emit(out, event="done", offset=None if repair is None else repair.offset)
+        else:
+            emit(out, event="done", seq=Storage.restore(data_dir, target))
+        return
+    with Storage.open(config) as storage:
+        emit(out, event="ready", applied_seq=storage.applied_seq)
+        if action == "snapshot":
+            emit(out, event="done", seq=storage.create_snapshot().seq)
+        elif action == "compact":
+            result = storage.compact()
+            emit(out, event="done", segments=result.segments_deleted)
+        elif action == "checkpoint":
+            emit(out, event="done", seq=storage.checkpoint())
+        elif action == "backup":
+            emit(out, event="done", seq=storage.backup(target))
+        else:
+            raise SystemExit(f"unknown action {action!r}")
+
+
 def mp_writer(
     data_dir: str,
     segment_size: str,
@@ -211,7 +274,7 @@ def mp_writer(
     storage = open_store(data_dir, int(segment_size), int(map_size))
     if grouping == "mixed":
         grouped = int(name[-1]) % 2 == 0
-        storage._grouping = lambda: grouped  # type: ignore[method-assign]
+        force_group_commit(storage, when=lambda: grouped)
     emit(sys.stdout, event="ready", name=name)
     if sys.stdin.readline().strip() != "go":
         raise SystemExit("expected 'go' on stdin")
@@ -256,19 +319,25 @@ def pair_instance(instance_id: str, n: int) -> Instance:
 def torn_appender(data_dir: str) -> None:
     """A grouped writer stopped in the middle of its append: it holds the append lock and has
     written half of its record, and the append tail does not count it yet."""
-    storage = Storage.open(StorageConfig(data_dir=data_dir, snapshot_interval=0))
-    appends, _ = storage._group_locks()
+    config = StorageConfig(data_dir=data_dir, snapshot_interval=0)
+    storage = Storage.open(config)  # a writer of the store, as the real one would be
+    appends = SharedAppendTail(config.path / "indexes", boot_id(), config.file_mode)
     with appends.locked():
         tail = appends.tail()
+        assert tail is not None, "the store's open wrote the append tail"
         frame = encode_record(tail.next_seq, 0, RECORD_CHANGES, b"\x80" * 200)
-        storage._wal.segment(tail.segment).write(tail.offset, frame[: len(frame) // 2])
+        fd = os.open(config.path / "wal" / segment_name(tail.segment), os.O_WRONLY)
+        os.pwrite(fd, frame[: len(frame) // 2], tail.offset)
+        os.close(fd)
         emit(sys.stdout, event="torn", offset=tail.offset)
         sys.stdin.read()  # the test kills us here, the lock still held
+    storage.close()
 
 
 COMMANDS = {
     "crash-writer": crash_writer,
     "opener": opener,
+    "call": call,
     "mp-writer": mp_writer,
     "pair-writer": pair_writer,
     "torn-appender": torn_appender,

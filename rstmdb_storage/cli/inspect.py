@@ -12,12 +12,10 @@ from typing import Any
 
 import click
 
+from ..changes import DeleteInstance, IdempotencyKey, PutInstance, PutMachine, WalRecord
 from ..errors import CorruptionError
 from ..jsonable import instance_to_json
 from ..storage import Storage
-from ..wal import WalRecord
-from ..wal.decoder import decode_changes
-from ..wal.format import CHANGE_DELETE, CHANGE_IDEMPOTENCY, CHANGE_MACHINE, CHANGE_PUT
 from .common import (
     CONTEXT,
     EXIT_PROBLEM,
@@ -192,12 +190,6 @@ def wal(data_dir: str, from_seq: int, limit: int | None, follow: bool, fmt: str 
 
 
 _WAL_COLUMNS = ["seq", "timestamp_ms", "bytes", "changes"]
-_CHANGE_NAMES = {
-    CHANGE_PUT: "put",
-    CHANGE_DELETE: "delete",
-    CHANGE_MACHINE: "machine",
-    CHANGE_IDEMPOTENCY: "idempotency_key",
-}
 
 
 def _follow(storage: Storage, from_seq: int, limit: int | None) -> Iterator[WalRecord]:
@@ -215,16 +207,16 @@ def _follow(storage: Storage, from_seq: int, limit: int | None) -> Iterator[WalR
 
 
 def _record_json(record: WalRecord) -> dict[str, Any]:
-    changes = []
-    for change in decode_changes(record.payload, f"WAL record {record.seq}"):
-        entry: dict[str, Any] = {"op": _CHANGE_NAMES[change[0]]}
-        if change[0] == CHANGE_MACHINE:
-            entry.update(machine=change[1], version=change[2])
-        elif change[0] == CHANGE_IDEMPOTENCY:
-            entry["key"] = change[1]
-        else:
-            entry["id"] = change[1]
-        changes.append(entry)
+    changes: list[dict[str, Any]] = []
+    for change in record.changes():
+        if type(change) is PutInstance:
+            changes.append({"op": "put", "id": change.id})
+        elif type(change) is DeleteInstance:
+            changes.append({"op": "delete", "id": change.id})
+        elif type(change) is PutMachine:
+            changes.append({"op": "machine", "machine": change.name, "version": change.version})
+        elif type(change) is IdempotencyKey:
+            changes.append({"op": "idempotency_key", "key": change.key})
     return {
         "seq": record.seq,
         "timestamp_ms": record.timestamp_ms,

@@ -16,7 +16,7 @@ the same moment (py-lmdb #289, #309, #340). So:
 * every process with the environment open holds a shared ``flock`` on ``indexes/users.lock``:
   :func:`in_use` tells whether anyone does, before ``data.mdb`` is replaced;
 * ``sync=False``: the WAL carries durability, LMDB is flushed at checkpoints (see
-  :mod:`rstmdb_storage.storage`); ``writemap`` is never used (a full disk then kills the process
+  :mod:`rstmdb_storage.maintenance`); ``writemap`` is never used (a full disk then kills the process
   with SIGBUS instead of raising);
 * the map grows geometrically when full, and adopts a size grown by another process; either
   happens with no transaction of this process open (the write mutex and the gate keep them
@@ -95,9 +95,41 @@ class LmdbEnvironment:
         finally:
             self.gate.leave()
 
+    def lookup(self, key: bytes) -> bytes | None:
+        """``instances[key]``, in a read transaction of its own: the hot path of every lookup,
+        with :class:`ForkGate`'s enter and leave inlined. A fork waiting at the gate, or a map
+        grown by another process, sends it the slow way, through :meth:`read`."""
+        gate = self.gate
+        gate.active.append(None)
+        try:
+            if not gate.closing:
+                with self.env.begin(db=self.instances) as txn:
+                    return txn.get(key)
+        except lmdb.MapResizedError:
+            pass  # the slow path adopts the new size
+        except lmdb.Error as exc:
+            raise lmdb_read_error(self.path, exc) from exc
+        finally:
+            gate.leave()
+        with self.read() as txn:
+            return txn.get(key, db=self.instances)
+
     def begin_write(self) -> lmdb.Transaction:
         """Begin a write transaction; the caller holds :attr:`write_mutex`."""
         return self._begin(write=True)
+
+    def begin_nested(self, parent: lmdb.Transaction) -> lmdb.Transaction:
+        """A write transaction nested in *parent*: its changes are thrown away by ``abort()``
+        and leave *parent* as it was."""
+        return self.env.begin(write=True, parent=parent)
+
+    def copy_to(self, fd: int, txn: lmdb.Transaction) -> None:
+        """Write a compacted copy of the environment as *txn* sees it to the descriptor *fd*."""
+        self.env.copyfd(fd, compact=True, txn=txn)
+
+    def reader_check(self) -> None:
+        """Clear the reader slots of processes that are gone (PITFALLS 5: now and then)."""
+        self.env.reader_check()
 
     def _begin(self, write: bool) -> lmdb.Transaction:
         """Begin a transaction: a write holding :attr:`write_mutex`, a read inside the gate."""

@@ -17,18 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from crc32c import crc32c
 
-from ..codec import cbor_loads
 from ..config import MAX_RECORD_BYTES
-from ..errors import CorruptionError, DecodeError
+from ..errors import CorruptionError
 from .format import (
-    CHANGE_DELETE,
-    CHANGE_IDEMPOTENCY,
-    CHANGE_MACHINE,
-    CHANGE_PUT,
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
     RECORD_TYPES,
@@ -45,7 +39,7 @@ Reader = Callable[[int, int], bytes]
 
 
 @dataclass(frozen=True, slots=True)
-class WalRecord:
+class FramedRecord:
     """One good record, and where it lies in its segment (``end`` includes the padding)."""
 
     seq: int
@@ -90,8 +84,8 @@ def decode_segment_header(data: bytes, path: str) -> tuple[int, bytes]:
     return first_seq, store_id
 
 
-def decode_record(read: Reader, offset: int) -> WalRecord | BadRecord | None:
-    """The record at *offset*: a :class:`WalRecord`, a :class:`BadRecord`, or None for the
+def decode_record(read: Reader, offset: int) -> FramedRecord | BadRecord | None:
+    """The record at *offset*: a :class:`FramedRecord`, a :class:`BadRecord`, or None for the
     end of the log (an all-zero header, or the end of the file)."""
     header = read(offset, RECORD_HEADER_SIZE)
     if header.count(0) == len(header):
@@ -116,7 +110,7 @@ def decode_record(read: Reader, offset: int) -> WalRecord | BadRecord | None:
     padding = framed[length:]
     if padding.count(0) != len(padding):  # padding is outside the CRC, so check it is zero
         return BadRecord(offset, "non-zero padding after the payload", end)
-    return WalRecord(seq, timestamp_ms, record_type, payload, offset, end)
+    return FramedRecord(seq, timestamp_ms, record_type, payload, offset, end)
 
 
 def find_later_record(
@@ -139,7 +133,7 @@ def find_later_record(
                 record_offset = seq_offset - 8
                 if seq_offset % 8 == 0 and record_offset >= start:
                     candidate = decode_record(read, record_offset)
-                    if isinstance(candidate, WalRecord):
+                    if isinstance(candidate, FramedRecord):
                         return record_offset
                 found = chunk.find(needle, found + 1)
         position += chunk_size
@@ -171,39 +165,3 @@ def last_nonzero(read: Reader, start: int, end: int) -> int:
             return begin + len(chunk)
         position = begin
     return start
-
-
-def decode_changes(payload: bytes, where: str) -> list[list[Any]]:
-    """The change list of a CHANGES record, checked for shape."""
-    changes = cbor_loads(payload, where, max_size=MAX_RECORD_BYTES)
-    if type(changes) is not list:
-        raise DecodeError(f"{where}: CHANGES payload is not an array")
-    for change in changes:
-        if type(change) is not list or len(change) < 2 or type(change[1]) is not str:
-            raise DecodeError(f"{where}: malformed change {change!r:.80}")
-        kind = change[0]
-        if kind == CHANGE_PUT:
-            ok = len(change) in (5, 6) and type(change[4]) is bytes
-            ok = ok and all(v is None or type(v) is int for v in change[2:4])
-            ok = ok and (len(change) == 5 or _is_condition(change[5]))
-        elif kind == CHANGE_DELETE:
-            ok = len(change) == 2 or (len(change) == 3 and _is_condition(change[2]))
-        elif kind == CHANGE_IDEMPOTENCY:
-            ok = len(change) == 3 and type(change[2]) is int and change[2] > 0
-        elif kind == CHANGE_MACHINE:
-            ok = len(change) == 4 and type(change[2]) is int and type(change[3]) is bytes
-        else:
-            ok = False
-        if not ok:
-            raise DecodeError(f"{where}: malformed change {change!r:.80}")
-    return changes
-
-
-def _is_condition(value: Any) -> bool:
-    return (
-        type(value) is list
-        and len(value) == 2
-        and (value[0] is None or type(value[0]) is str)
-        and (value[1] is None or type(value[1]) is int)
-        and value != [None, None]
-    )

@@ -40,23 +40,8 @@ padding up to the next multiple of 8::
     32      n     payload
     32+n    pad   zero up to a multiple of 8
 
-A ``CHANGES`` payload is a CBOR array of changes, applied all together in one LMDB transaction
-(a single put is an array of one change; a batch is one record)::
-
-    [1, id, created_at | null, updated_at | null, body, condition?]   put (body: see codec)
-    [2, id, condition?]                                                delete
-    [3, name, version, definition]                                     put a machine definition
-    [4, key, retention_ms]                                             idempotency key
-
-An optional *condition* is ``[expected_state | null, expected_seq | null]``: the change applies
-only if the stored instance is in that state and/or was last written by that sequence number
-(0: no instance is stored under the id), judged in order against the changes before it in the
-same record. If any condition of a record fails, none of its changes apply. A machine
-definition (``definition``: CBOR bytes of a JSON-like map) is immutable once stored: putting
-the same name and version again with another definition is a failed condition. A record with
-an idempotency key applies only if no unexpired entry for that key is stored (expiry is judged
-at the record's timestamp); applying it stores the key with the record's sequence number until
-``timestamp_ms + retention_ms``.
+A ``CHANGES`` payload is opaque to the WAL: the encoded changes of one write or batch,
+defined by :mod:`rstmdb_storage.changes`.
 
 A ``SEAL`` record closes a segment that is full: its payload is 8 bytes, the CRC-32C (u32 LE) of
 every byte from the end of the header to the start of the seal, then 4 zero bytes. A sealed
@@ -88,11 +73,6 @@ RECORD_TYPES = (RECORD_CHANGES, RECORD_SEAL)
 
 SEAL_PAYLOAD = struct.Struct("<I4x")  # crc32c of the records before the seal
 SEAL_RECORD_SIZE = RECORD_HEADER_SIZE + SEAL_PAYLOAD.size  # 40
-
-CHANGE_PUT = 1
-CHANGE_DELETE = 2
-CHANGE_MACHINE = 3
-CHANGE_IDEMPOTENCY = 4
 
 SEGMENT_SUFFIX = ".wal"
 _SEGMENT_NAME = re.compile(r"^(\d{20})\.wal$")

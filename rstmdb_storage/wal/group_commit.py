@@ -1,8 +1,8 @@
 """Group commit across processes: the shared append tail and the shared sync.
 
-Under group commit (see :mod:`rstmdb_storage.storage`) a durable write takes three steps, each
-under its own lock, so that the slow one, ``fdatasync``, serves every record appended while it
-waited:
+Under group commit (see :mod:`rstmdb_storage.writes`, which takes the locks) a durable write
+takes three steps, each under its own lock, so that the slow one, ``fdatasync``, serves every
+record appended while it waited:
 
 1. **append** under the *append lock*: read the append tail, write the record there, store the
    new tail. Appends do not take LMDB's write lock, so they go on while other writers apply;
@@ -35,8 +35,7 @@ reads as no position.
     0       8     synced_seq  u64 LE: every WAL record up to it is on stable storage
     8       36    boot_id     as above
 
-Locks are always taken in one order, so that no two writers wait for each other: LMDB's write
-lock, then the append lock; the sync lock, then the append lock.
+The order the locks are taken in is :mod:`rstmdb_storage.writes`'s, which takes them.
 """
 
 from __future__ import annotations

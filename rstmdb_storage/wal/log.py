@@ -1,8 +1,10 @@
 """The write-ahead log of one data directory: appending, rotation, sync policies, and reading.
 
-The WAL keeps no position of its own. Where the next record goes (:class:`WalTail`) is shared
-by every process writing the directory and lives in LMDB's meta table; callers read it and store
-the new one inside the LMDB write transaction that also applies the record, which is what
+The WAL keeps no position of its own: where the next record goes (:class:`WalTail`) is the
+caller's, shared by every process writing the directory. The *applied* tail lives in LMDB's
+meta table, stored by the write transaction that applies the record; under group commit the
+*append* tail, which may run ahead of it, lives in ``indexes/append.lock``
+(:mod:`.group_commit`). Appending at a tail read and written under those locks is what
 serialises appends across processes and keeps sequence numbers gap-free.
 """
 
@@ -21,7 +23,7 @@ from ..failpoints import failpoint
 from ..fsutil import fsync_dir, start_writeback
 from .decoder import (
     BadRecord,
-    WalRecord,
+    FramedRecord,
     decode_record,
     decode_segment_header,
     find_later_record,
@@ -231,7 +233,7 @@ class Wal:
 
     def next_record(
         self, tail: WalTail, strict: bool = False
-    ) -> tuple[WalRecord | None, WalTail] | None:
+    ) -> tuple[FramedRecord | None, WalTail] | None:
         """The record at *tail* that nobody has applied yet, and the tail after it.
 
         Returns None at the end of the log. A seal moves on to the next segment, returning
@@ -307,7 +309,7 @@ class Wal:
             )
         self.repairs.append(cut_torn_tail(segment, bad.offset, bad.reason))
 
-    def records(self, from_seq: int, until_seq: int) -> Iterator[WalRecord]:
+    def records(self, from_seq: int, until_seq: int) -> Iterator[FramedRecord]:
         """CHANGES records with ``from_seq <= seq <= until_seq``, in order.
 
         Raises :class:`WalGapError` when the segments present do not hold *from_seq* or skip
@@ -366,7 +368,7 @@ class Wal:
             tail = WalTail(segment.first_seq, SEGMENT_HEADER_SIZE, segment.first_seq)
             while tail.applied_seq != seq:
                 found = decode_record(segment.read, tail.offset)
-                if not isinstance(found, WalRecord) or found.type == RECORD_SEAL:
+                if not isinstance(found, FramedRecord) or found.type == RECORD_SEAL:
                     break
                 tail = WalTail(tail.segment, found.end, found.seq + 1)
         finally:
@@ -377,7 +379,7 @@ class Wal:
             )
         return tail
 
-    def _segment_records(self, segment: WalSegment, first_seq: int) -> Iterator[WalRecord]:
+    def _segment_records(self, segment: WalSegment, first_seq: int) -> Iterator[FramedRecord]:
         offset, expected = SEGMENT_HEADER_SIZE, first_seq
         while True:
             found = decode_record(segment.read, offset)
@@ -419,7 +421,7 @@ def _crc_of(segment: WalSegment, start: int, end: int) -> int:
     return crc
 
 
-def _check_seal(segment: WalSegment, seal: WalRecord) -> None:
+def _check_seal(segment: WalSegment, seal: FramedRecord) -> None:
     (stored,) = SEAL_PAYLOAD.unpack(seal.payload)
     computed = _crc_of(segment, SEGMENT_HEADER_SIZE, seal.offset)
     if stored != computed:
@@ -432,7 +434,7 @@ def _check_seal(segment: WalSegment, seal: WalRecord) -> None:
 
 
 def _unexpected(
-    segment: WalSegment, record: WalRecord, expected: int, what: str
+    segment: WalSegment, record: FramedRecord, expected: int, what: str
 ) -> CorruptionError:
     error = WalGapError if record.seq > expected else CorruptionError
     return error(

@@ -1,0 +1,292 @@
+"""The changes a WAL record carries: their types, their checks, and their bytes.
+
+This is the log's *logical* format. The WAL (:mod:`rstmdb_storage.wal`) frames and checksums a
+``CHANGES`` record's payload without looking inside; this module builds the payload on the
+write path, decodes it for replay, and :mod:`rstmdb_storage.apply` applies what it decoded.
+
+Payload
+-------
+A ``CHANGES`` payload is a CBOR array of changes, applied all together in one LMDB transaction
+(a single put is an array of one change; a batch is one record)::
+
+    [1, id, created_at | null, updated_at | null, body, condition?]   put (body: see codec)
+    [2, id, condition?]                                                delete
+    [3, name, version, definition]                                     put a machine definition
+    [4, key, retention_ms]                                             idempotency key
+
+An optional *condition* is ``[expected_state | null, expected_seq | null]``: the change applies
+only if the stored instance is in that state and/or was last written by that sequence number
+(0: no instance is stored under the id), judged in order against the changes before it in the
+same record. If any condition of a record fails, none of its changes apply. A machine
+definition (``definition``: CBOR bytes of a JSON-like map) is immutable once stored: putting
+the same name and version again with another definition is a failed condition. A record with
+an idempotency key applies only if no unexpired entry for that key is stored (expiry is judged
+at the record's timestamp); applying it stores the key with the record's sequence number until
+``timestamp_ms + retention_ms``.
+
+In Python each change is a small type: :class:`PutInstance`, :class:`DeleteInstance`,
+:class:`PutMachine` and :class:`IdempotencyKey`; :func:`encode_changes` and
+:func:`decode_changes` turn a list of them into the payload and back.
+
+Example::
+
+    for record in storage.read_wal(from_seq=1, limit=10):
+        for change in record.changes():
+            if isinstance(change, PutInstance):
+                print(record.seq, "put", change.id)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codec import cbor_dumps, cbor_loads, decode_instance_body, encode_instance_body
+from .config import MAX_RECORD_BYTES
+from .errors import DecodeError, InvalidInputError, InvalidTypeError, RecordTooLargeError, shown
+from .model import Instance, check_id, check_instance, check_name, check_plain_value
+
+CHANGE_PUT = 1
+CHANGE_DELETE = 2
+CHANGE_MACHINE = 3
+CHANGE_IDEMPOTENCY = 4
+
+#: the fields of an instance the indexes need: machine, state, metadata
+IndexedFields = tuple[str, str, dict[str, Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    """What the stored instance must be for a change to apply (None: not checked)."""
+
+    expected_state: str | None
+    expected_seq: int | None
+
+    @classmethod
+    def of(cls, expected_state: str | None, expected_seq: int | None) -> Condition | None:
+        """The condition of a write's arguments, checked; None when there is none."""
+        if expected_state is not None:
+            check_name("expected_state", expected_state)
+        if expected_seq is not None and (type(expected_seq) is not int or expected_seq < 0):
+            raise InvalidInputError(f"expected_seq: expected an int >= 0, got {expected_seq!r}")
+        if expected_state is None and expected_seq is None:
+            return None
+        return cls(expected_state, expected_seq)
+
+
+@dataclass(frozen=True, slots=True)
+class PutInstance:
+    """Insert or replace instance *id* with *body* (the instance minus its envelope fields;
+    ``None`` timestamps are filled in from the record when it is applied)."""
+
+    id: str
+    created_at: int | None
+    updated_at: int | None
+    body: bytes = field(repr=False)
+    condition: Condition | None = None
+    #: (machine, state, metadata) when the writer has them at hand; never encoded: replay
+    #: decodes them from *body*
+    indexed: IndexedFields | None = field(default=None, compare=False, repr=False)
+
+    @classmethod
+    def of(
+        cls,
+        instance: Instance,
+        expected_state: str | None,
+        expected_seq: int | None,
+        max_instance_size: int,
+    ) -> PutInstance:
+        """The put that stores *instance*, checked and encoded (bad input raises here)."""
+        check_instance(instance)
+        body = encode_instance_body(instance, max_instance_size)
+        return cls(
+            instance.id,
+            instance.created_at,
+            instance.updated_at,
+            body,
+            Condition.of(expected_state, expected_seq),
+            (instance.machine, instance.state, instance.metadata),
+        )
+
+    def indexed_fields(self, seq: int | None = None) -> IndexedFields:
+        """The machine, state and metadata this put stores: at hand on the write path,
+        decoded from *body* otherwise (a ``DecodeError`` names record *seq*)."""
+        if self.indexed is not None:
+            return self.indexed
+        decoded = decode_instance_body(self.body, f"WAL record {seq}, instance {self.id!r}")
+        return decoded[0], decoded[2], decoded[4]
+
+    def encoded(self) -> list[Any]:
+        change = [CHANGE_PUT, self.id, self.created_at, self.updated_at, self.body]
+        if self.condition is not None:
+            change.append([self.condition.expected_state, self.condition.expected_seq])
+        return change
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteInstance:
+    """Delete instance *id*."""
+
+    id: str
+    condition: Condition | None = None
+
+    @classmethod
+    def of(
+        cls, instance_id: str, expected_state: str | None, expected_seq: int | None
+    ) -> DeleteInstance:
+        check_id(instance_id)
+        return cls(instance_id, Condition.of(expected_state, expected_seq))
+
+    def encoded(self) -> list[Any]:
+        if self.condition is None:
+            return [CHANGE_DELETE, self.id]
+        return [
+            CHANGE_DELETE,
+            self.id,
+            [self.condition.expected_state, self.condition.expected_seq],
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class PutMachine:
+    """Store version *version* of machine *name*; *definition* is its CBOR."""
+
+    name: str
+    version: int
+    definition: bytes = field(repr=False)
+
+    @classmethod
+    def of(cls, name: str, version: int, definition: dict[str, Any], max_size: int) -> PutMachine:
+        check_name("machine", name)
+        if type(version) is not int:
+            raise InvalidTypeError(f"machine version: expected int, got {type(version).__name__}")
+        if not 0 <= version < 2**63:
+            raise InvalidInputError(
+                f"machine version: must be between 0 and 2**63 - 1, got {shown(version)}"
+            )
+        where = f"definition of machine {name!r}"
+        if type(definition) is not dict:
+            raise InvalidTypeError(f"{where}: expected a dict, got {type(definition).__name__}")
+        check_plain_value(definition, where)
+        body = cbor_dumps(definition, where)
+        if len(body) > max_size:
+            raise RecordTooLargeError(
+                f"{where}: {len(body)} bytes, more than max_instance_size ({max_size})"
+            )
+        return cls(name, version, body)
+
+    def encoded(self) -> list[Any]:
+        return [CHANGE_MACHINE, self.name, self.version, self.definition]
+
+
+@dataclass(frozen=True, slots=True)
+class IdempotencyKey:
+    """Remember the record's sequence number under *key* for *retention_ms*; a record whose
+    key is remembered applies nothing."""
+
+    key: str
+    retention_ms: int
+
+    def encoded(self) -> list[Any]:
+        return [CHANGE_IDEMPOTENCY, self.key, self.retention_ms]
+
+
+Change = PutInstance | DeleteInstance | PutMachine | IdempotencyKey
+
+
+def encode_changes(changes: list[Change], max_size: int) -> bytes:
+    """The payload of a record of *changes*.
+
+    :raises RecordTooLargeError: it is larger than *max_size* bytes
+    """
+    payload = cbor_dumps([change.encoded() for change in changes], "WAL record")
+    if len(payload) > max_size:
+        raise RecordTooLargeError(
+            f"WAL record of {len(payload)} bytes is larger than max_record_size ({max_size})"
+        )
+    return payload
+
+
+def decode_changes(payload: bytes, where: str) -> list[Change]:
+    """The changes of a ``CHANGES`` payload, checked for shape.
+
+    :raises DecodeError: it is not an array of well-formed changes
+    """
+    raw = cbor_loads(payload, where, max_size=MAX_RECORD_BYTES)
+    if type(raw) is not list:
+        raise DecodeError(f"{where}: CHANGES payload is not an array")
+    return [_decode_change(change, where) for change in raw]
+
+
+def _decode_change(change: Any, where: str) -> Change:
+    if type(change) is list and len(change) >= 2 and type(change[1]) is str:
+        kind, size = change[0], len(change)
+        if kind == CHANGE_PUT and size in (5, 6) and type(change[4]) is bytes:
+            condition = _condition(change[5]) if size == 6 else None
+            timestamps_ok = all(v is None or type(v) is int for v in change[2:4])
+            if timestamps_ok and (size == 5 or condition is not None):
+                return PutInstance(change[1], change[2], change[3], change[4], condition)
+        elif kind == CHANGE_DELETE and size in (2, 3):
+            condition = _condition(change[2]) if size == 3 else None
+            if size == 2 or condition is not None:
+                return DeleteInstance(change[1], condition)
+        elif kind == CHANGE_IDEMPOTENCY and size == 3:
+            if type(change[2]) is int and change[2] > 0:
+                return IdempotencyKey(change[1], change[2])
+        elif kind == CHANGE_MACHINE and size == 4 and type(change[2]) is int:
+            definition = change[3]
+            if type(definition) is bytes:
+                return PutMachine(change[1], change[2], definition)
+    raise DecodeError(f"{where}: malformed change {change!r:.80}")
+
+
+def _condition(value: Any) -> Condition | None:
+    """The condition encoded as *value*, or None when it is not a well-formed one."""
+    if type(value) is not list or len(value) != 2 or value == [None, None]:
+        return None
+    state, seq = value
+    if (state is None or type(state) is str) and (seq is None or type(seq) is int):
+        return Condition(state, seq)
+    return None
+
+
+def must_check(changes: list[Change]) -> bool:
+    """Whether *changes* can fail against the stored state: a delete (which must find its
+    instance), a condition, or a machine definition (which must not redefine a version)."""
+    return any(
+        type(change) is DeleteInstance
+        or type(change) is PutMachine
+        or (type(change) is PutInstance and change.condition is not None)
+        for change in changes
+    )
+
+
+def is_conditional(change: Change) -> bool:
+    """Whether applying *change* depends on what is stored: it has a condition, or it is a
+    machine definition."""
+    if type(change) is PutInstance or type(change) is DeleteInstance:
+        return change.condition is not None
+    return type(change) is PutMachine
+
+
+@dataclass(frozen=True, slots=True)
+class WalRecord:
+    """One record of the log, as :meth:`Storage.read_wal` hands it out: its sequence number,
+    when it was written (Unix milliseconds), and its payload; :meth:`changes` decodes it.
+
+    Example::
+
+        record = next(storage.read_wal(from_seq=7))
+        print(record.seq, [type(change).__name__ for change in record.changes()])
+    """
+
+    seq: int
+    timestamp_ms: int
+    payload: bytes
+
+    def changes(self) -> list[Change]:
+        """The changes the record carries (see the module docstring).
+
+        :raises DecodeError: the payload is not a well-formed change list
+        """
+        return decode_changes(self.payload, f"WAL record {self.seq}")

@@ -1,0 +1,246 @@
+"""The engine: what every room of an open store shares.
+
+A :class:`~rstmdb_storage.Storage` is a front door over one :class:`Engine`; the rooms behind
+it are modules of functions that take the engine:
+
+====================  ==========================================================================
+module                owns
+====================  ==========================================================================
+``opening``           directories, the rebuild decision, WAL bootstrap, closing
+``writes``            a write as one record: the one-transaction path and group commit
+``replay``            applying the WAL records LMDB has not seen: on open and before a write
+``maintenance``       checkpoints, the flusher thread, snapshots, compaction, holds
+``query``             reads by id, state, metadata and time; machine definitions; reindexing
+``recovery``          rebuilding ``indexes/``, restore, backup copies, repairing a torn tail
+``verify``            checking everything the store holds
+``inspection``        what is pending, and how big the store is
+====================  ==========================================================================
+
+The engine holds the environment (the live one: a forked child re-acquires its own), the WAL,
+the meta table, the group-commit lock files, the boot id, and the bookkeeping the rooms share;
+and the one retry every write uses when LMDB's map is full (:meth:`Engine.growing`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+import lmdb
+
+from .changes import Change, DeleteInstance, PutInstance
+from .codec import seal
+from .config import DB_SNAPSHOTS, INDEXES_DIR, RESTORE_MARKER, WAL_DIR, StorageConfig
+from .errors import NotAStoreError, ReadOnlyError, StorageClosedError
+from .snapshots import SnapshotManifest
+from .store import env as lmdb_env
+from .store.meta import Meta
+from .wal import Wal, WalTail
+from .wal.group_commit import SharedAppendTail, SharedSync
+
+T = TypeVar("T")
+
+#: how long group commit stays on after contention was last seen, in seconds
+GROUP_WINDOW = 0.5
+
+_INSTANCE_CHANGES = (PutInstance, DeleteInstance)
+
+
+class Flusher(Protocol):
+    """The background thread of :mod:`rstmdb_storage.maintenance`, as the engine sees it."""
+
+    pid: int
+
+    def wake(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def restarted(self) -> Flusher: ...
+
+
+class Engine:
+    """The shared state of one open store, in this process."""
+
+    def __init__(self, config: StorageConfig, env: lmdb_env.LmdbEnvironment, wal: Wal) -> None:
+        self.config = config
+        self.env = env
+        self.wal = wal
+        self.meta = Meta(env.meta)
+        self.boot_id = boot_id()
+        self.closed = False
+        #: whether a write happened since the last checkpoint
+        self.dirty = False
+        self.last_checkpoint = time.monotonic()
+        #: durable writes use group commit until then (see :meth:`note_contention`)
+        self.group_until = 0.0
+        self._group_files: tuple[SharedAppendTail, SharedSync] | None = None
+        #: the background thread (None when read-only), started by ``maintenance``
+        self.flusher: Flusher | None = None
+        self.maintenance_thread: Any = None
+        #: WAL segments left by the last automatic compaction (retention or holds may keep
+        #: more than ``max_wal_segments``; then only a new segment makes it due again)
+        self.segments_left = 0
+        #: read-only: whether another process had the store open when this one opened it
+        self.opened_in_use = True
+
+    # --- the environment ------------------------------------------------------------------------
+
+    def live(self) -> lmdb_env.LmdbEnvironment:
+        """The environment, re-acquired in a forked child (LMDB handles do not cross a fork)."""
+        env = self.env
+        if env.stale or self.closed:
+            if self.closed:
+                raise StorageClosedError(f"storage at {self.config.path} is closed")
+            env = self.env = lmdb_env.acquire(self.config)
+            self.meta = Meta(env.meta)
+        return env
+
+    def writable(self) -> lmdb_env.LmdbEnvironment:
+        """The environment, for a change: refused when the store is open read-only."""
+        if self.config.read_only:
+            raise ReadOnlyError(f"storage at {self.config.path} is open read-only")
+        return self.live()
+
+    def read(self, read: Callable[[Any], T]) -> T:
+        """``read(txn)`` in a short read transaction."""
+        with self.live().read() as txn:
+            return read(txn)
+
+    def applied_tail(self) -> WalTail:
+        return self.read(self.meta.tail)
+
+    def write(self, change: Callable[[Any], T]) -> T:
+        """``change(txn)`` in a write transaction of its own, holding the write mutex (for the
+        small writes of housekeeping: holds, checkpoints, snapshot listings)."""
+        env = self.writable()
+        with env.write_mutex:
+            return self.growing(env, _in_write_transaction, env, change)
+
+    def growing(self, env: lmdb_env.LmdbEnvironment, attempt: Callable[..., T], *args: Any) -> T:
+        """``attempt(*args)``, again after doubling the map each time LMDB finds it full.
+
+        Every write transaction goes through here: a ``MapFullError`` aborts the transaction,
+        so *attempt* must start its own and be safe to run again (the write path's is: a
+        record it appended before the abort waits at the WAL tail, and the next attempt's
+        catch-up applies it). Call holding the write mutex."""
+        growths = 0
+        while True:
+            try:
+                return attempt(*args)
+            except lmdb.MapFullError:
+                growths += 1
+                env.grow(growths)
+
+    # --- group commit ---------------------------------------------------------------------------
+
+    def grouping(self) -> bool:
+        """Whether durable writes take the three steps of group commit now."""
+        return (
+            self.config.fsync_policy.mode == "every_write" and time.monotonic() < self.group_until
+        )
+
+    def note_contention(self) -> None:
+        """Another writer was seen: group durable writes for the next :data:`GROUP_WINDOW`."""
+        if self.config.fsync_policy.mode == "every_write":
+            self.group_until = time.monotonic() + GROUP_WINDOW
+
+    def group_locks(self) -> tuple[SharedAppendTail, SharedSync]:
+        """This process's append and sync locks (opened again in a forked child: a ``flock``
+        is shared with every process the descriptor was inherited by)."""
+        files = self._group_files
+        if files is None or files[0].pid != os.getpid():
+            indexes, mode = self.config.path / INDEXES_DIR, self.config.file_mode
+            files = self._group_files = (
+                SharedAppendTail(indexes, self.boot_id, mode),
+                SharedSync(indexes, self.config.path / WAL_DIR, self.boot_id, mode),
+            )
+        return files
+
+    # --- bookkeeping ----------------------------------------------------------------------------
+
+    def count_changes(self, txn: Any, changes: list[Change]) -> None:
+        """Count the puts and deletes among *changes*, applied in *txn*; wake the flusher when
+        that makes an automatic snapshot due."""
+        changed = sum(1 for change in changes if type(change) in _INSTANCE_CHANGES)
+        if changed:
+            total = self.meta.add_changes(txn, changed)
+            interval = self.config.snapshot_interval
+            if interval and total // interval != (total - changed) // interval and self.flusher:
+                self.flusher.wake()
+
+    def list_snapshot(self, txn: Any, manifest: SnapshotManifest) -> None:
+        """List *manifest* in the snapshots table (what ``verify`` and opening compare)."""
+        key = manifest.seq.to_bytes(8, "big")
+        txn.put(key, seal(key, manifest.encode()), db=self.env.dbs[DB_SNAPSHOTS])
+
+    def after_write(self) -> None:
+        """Restart the flusher in a forked child (threads do not survive a fork)."""
+        flusher = self.flusher
+        if flusher is not None and flusher.pid != os.getpid():
+            self.flusher = flusher.restarted()
+
+    def release_files(self) -> None:
+        """Close the group-commit files, the WAL and the environment (once, at close)."""
+        self.closed = True
+        if self._group_files is not None and self._group_files[0].pid == os.getpid():
+            for file in self._group_files:
+                file.close()
+        try:
+            self.wal.close()
+        finally:
+            lmdb_env.release(self.env)
+
+
+def _in_write_transaction(env: lmdb_env.LmdbEnvironment, change: Callable[[Any], T]) -> T:
+    with env.begin_write() as txn:
+        return change(txn)
+
+
+def require_store(config: StorageConfig) -> None:
+    """Raise :class:`NotAStoreError` unless *config.data_dir* holds a (whole) store."""
+    refuse_unfinished_restore(config)
+    if not config.holds_store():
+        raise NotAStoreError(
+            f"not an rstmdb-storage data directory: {config.path} (no {WAL_DIR}/ or {INDEXES_DIR}/)"
+        )
+
+
+def refuse_unfinished_restore(config: StorageConfig) -> None:
+    """Raise :class:`NotAStoreError` when a restore or backup into *config.data_dir* did not
+    finish: what it copied so far would open as an older state than the one asked for."""
+    marker = config.path / RESTORE_MARKER
+    if marker.exists():
+        raise NotAStoreError(
+            f"{config.path} is a restore or backup that did not finish ({marker} is there): "
+            f"delete the directory and restore or back up again"
+        )
+
+
+def make_wal(config: StorageConfig, store_id: bytes) -> Wal:
+    """The WAL of *config*'s data directory, for the store *store_id*."""
+    return Wal(
+        config.path / WAL_DIR,
+        store_id,
+        config.wal_segment_size,
+        config.fsync_policy,
+        config.file_mode,
+    )
+
+
+def probe_wal(config: StorageConfig) -> Wal:
+    """The WAL of a data directory whose LMDB is not open, with the store id of its first
+    segment (an empty id when there is none)."""
+    probe = make_wal(config, b"")  # only lists segments and reads a header
+    ids = probe.segment_ids()
+    return make_wal(config, probe.segment_store_id(ids[0]) if ids else b"")
+
+
+def boot_id() -> str:
+    """This boot of the machine: what a checkpoint and the group-commit files are valid in."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return "unknown"

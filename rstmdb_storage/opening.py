@@ -1,0 +1,177 @@
+"""Opening and closing a store: directories, the rebuild decision, the WAL's bootstrap.
+
+Opening for writing creates what is missing (unless ``create=False``), then, holding
+``indexes/open.lock`` (so that no other opener races a rebuild):
+
+* rebuilds ``indexes/`` from the newest intact snapshot and the WAL (:mod:`.recovery`) when it is
+  missing while snapshots exist, or when LMDB fails its check and nobody else has it open;
+* adopts an existing WAL when LMDB holds no store yet (``indexes/`` lost without a snapshot, or
+  a crash while the store was being created), else starts a new store with a random id;
+* replays what LMDB has not applied (:mod:`.replay`) and starts the flusher thread.
+
+Opening read-only checks that the store exists and LMDB is readable, and nothing else: it
+never writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from .config import INDEXES_DIR, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .engine import Engine, make_wal, probe_wal, refuse_unfinished_restore, require_store
+from .errors import CorruptionError, IndexesCorruptionError, RecoveryNeededError, WalGapError
+from .fsutil import make_dir, network_filesystem, os_error
+from .maintenance import Flusher, checkpoint
+from .recovery import DATA_FILE, rebuild_from_snapshot
+from .replay import adopt_snapshot, recover
+from .snapshots import Progress, SnapshotManifest, published_seqs
+from .store import env as lmdb_env
+from .store.meta import Checkpoint, Meta
+from .wal import Wal, WalTail
+from .wal.format import SEGMENT_HEADER_SIZE
+
+log = logging.getLogger("rstmdb_storage")
+
+
+def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
+    """Open the store of *config* (see :meth:`rstmdb_storage.Storage.open`)."""
+    config.validate()
+    remote = network_filesystem(config.path)
+    if remote is not None:
+        log.warning(
+            "%s is on a network filesystem (%s): LMDB's locks and memory map are not "
+            "reliable there and the store can be corrupted; use a local disk",
+            config.path,
+            remote,
+        )
+    root = config.path
+    refuse_unfinished_restore(config)
+    if not config.create or config.read_only:
+        require_store(config)
+    if config.read_only:
+        return _open_read_only(config)
+    try:
+        make_dir(root, config.file_mode)
+        for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
+            make_dir(root / name, config.file_mode)
+    except OSError as exc:
+        raise os_error(exc, f"creating the data directory {root}") from exc
+    with lmdb_env.open_lock(config):
+        if not (root / INDEXES_DIR / DATA_FILE).exists() and published_seqs(root / SNAPSHOTS_DIR):
+            missing = f"{root / INDEXES_DIR} is missing"
+            restored = rebuild_from_snapshot(config, probe_wal(config), missing, progress)
+            return _open_environment(config, restored, progress)
+        try:
+            return _open_environment(config, None, progress)
+        except IndexesCorruptionError as exc:
+            if lmdb_env.in_use(config):
+                raise IndexesCorruptionError(
+                    f"{exc}; another process has it open, so it is not rebuilt now: stop "
+                    f"the processes using {root} and open it again",
+                    path=exc.path,
+                ) from exc
+            restored = rebuild_from_snapshot(config, probe_wal(config), str(exc), progress)
+            return _open_environment(config, restored, progress)
+
+
+def release(engine: Engine, checkpoint_first: bool) -> None:
+    """Close: stop the flusher, checkpoint (unless told not to: after a failed open it would
+    mark an environment that failed its check as sound), and release the files. Idempotent."""
+    if engine.closed:
+        return
+    try:
+        if engine.flusher is not None:
+            engine.flusher.stop()
+            if checkpoint_first and not engine.env.stale and engine.wal.usable:
+                checkpoint(engine)
+    finally:
+        engine.release_files()
+
+
+def _open_read_only(config: StorageConfig) -> Engine:
+    indexes = config.path / INDEXES_DIR
+    if not (indexes / DATA_FILE).exists():
+        raise RecoveryNeededError(
+            f"{indexes / DATA_FILE} is missing: open {config.path} for writing to rebuild it "
+            f"from its snapshots and WAL (rstmdb-storage recover {config.path})"
+        )
+    # Asked before our own shared lock on users.lock would answer it.
+    writers_may_be_running = lmdb_env.in_use(config)
+    env = lmdb_env.acquire(config)
+    try:
+        meta = Meta(env.meta)
+        with env.read() as txn:
+            meta.check_all(txn)
+            store_id = meta.store_id(txn)
+        engine = Engine(config, env, make_wal(config, store_id))
+        engine.opened_in_use = writers_may_be_running
+        return engine
+    except BaseException:
+        lmdb_env.release(env)
+        raise
+
+
+def _open_environment(
+    config: StorageConfig, restored: SnapshotManifest | None, progress: Progress | None
+) -> Engine:
+    env = lmdb_env.acquire(config, lock_held=True)
+    try:
+        wal, created = _open_wal(config, env)
+        engine = Engine(config, env, wal)
+        if created:
+            engine.write(
+                lambda txn: engine.meta.write_checkpoint(txn, Checkpoint(0, engine.boot_id))
+            )
+    except BaseException:
+        lmdb_env.release(env)
+        raise
+    engine.flusher = Flusher(engine)
+    try:
+        if restored is not None:
+            adopt_snapshot(engine, restored)
+        recover(engine, progress)
+    except BaseException:
+        release(engine, checkpoint_first=False)
+        raise
+    return engine
+
+
+def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> tuple[Wal, bool]:
+    """The WAL of the store, and whether the store is new: then this creates it (meta, and
+    the first segment unless a WAL is adopted); the caller records its first checkpoint."""
+    meta = Meta(env.meta)
+    with env.write_mutex, env.begin_write() as txn:
+        try:
+            if meta.exists(txn):
+                meta.check_all(txn)
+                return make_wal(config, meta.store_id(txn)), False
+        except CorruptionError as exc:
+            indexes = config.path / INDEXES_DIR
+            raise IndexesCorruptionError(
+                f"{indexes} fails its check ({exc})", path=str(indexes)
+            ) from exc
+        store_id, tail = _adopt_or_create(config, config.path / WAL_DIR)
+        wal = make_wal(config, store_id)
+        if tail is None:
+            tail = wal.start()
+        meta.create(txn, store_id, tail)
+        return wal, True
+
+
+def _adopt_or_create(config: StorageConfig, wal_dir: Path) -> tuple[bytes, WalTail | None]:
+    """A new store gets a random id. A WAL without LMDB (``indexes/`` lost, or a crash while
+    the store was being created) is adopted and replayed from its first record."""
+    probe = make_wal(config, b"")  # only lists segments and reads a header
+    ids = probe.segment_ids()
+    if not ids:
+        return os.urandom(16), None
+    if ids[0] != 1:
+        raise WalGapError(
+            f"{config.path / INDEXES_DIR} holds no store, no snapshot is in "
+            f"{config.path / SNAPSHOTS_DIR}, and the WAL in {wal_dir} starts at sequence "
+            f"{ids[0]}: sequences 1..{ids[0] - 1} are missing",
+            path=str(wal_dir),
+        )
+    return probe.segment_store_id(ids[0]), WalTail(1, SEGMENT_HEADER_SIZE, 1)

@@ -1,0 +1,392 @@
+"""The write path: a put, a delete, a machine definition or a whole batch, as one WAL record.
+
+One transaction (the usual path):
+
+1. check and encode the input into :mod:`~rstmdb_storage.changes` (outside any lock: bad input
+   raises before anything is written);
+2. take the write lock (a thread lock, then LMDB's cross-process write transaction);
+3. under the append lock (which keeps grouped appenders of other processes out), apply any
+   record past the applied tail that a crashed writer left behind (:mod:`.replay`), judge the
+   write's conditions and idempotency key, and append the record at the tail;
+4. put its changes and the new tail into the same transaction while the device writes the
+   record, then ``fdatasync`` it (under the default policy);
+5. commit: the changes become visible; then return (the acknowledgement).
+
+A change is therefore never visible before its WAL record is written (and, by default,
+durable), and the transaction that applies it records its sequence number, so opening the store
+replays exactly the records LMDB has not seen.
+
+Group commit: when writer *processes* contend (another process was found holding the write
+lock, or a sync of another writer covered ours), durable writes take three steps instead, so
+that one ``fdatasync`` serves many of them (the lock files are described in
+:mod:`rstmdb_storage.wal.group_commit`): **append** under the append lock, without LMDB's write
+lock and without syncing; **sync** outside both, unless another writer's sync covered the
+record; **apply** every synced record not applied yet, whoever wrote it. Nothing is visible
+before it is durable, and conditions are judged at append time against the state every earlier
+record leads to, which is what applying them in order reaches again. Both paths judge with
+:func:`judge`.
+
+Locks are always taken in one order, so that no two writers wait for each other: the write
+mutex, then LMDB's write transaction, then the append lock; the sync lock, then the append
+lock. The sync lock is never taken holding the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from .apply import apply_changes, first_failure, remembered_write
+from .changes import (
+    Change,
+    DeleteInstance,
+    IdempotencyKey,
+    PutInstance,
+    encode_changes,
+    must_check,
+)
+from .config import DB_IDEMPOTENCY, WAL_DIR
+from .engine import Engine
+from .errors import ConflictError, InstanceNotFoundError
+from .failpoints import failpoint
+from .model import Instance, check_name
+from .query import get_instance, remembered
+from .replay import apply_pending, apply_through, walk
+from .store.env import LmdbEnvironment
+from .wal import WalTail
+from .wal.group_commit import SharedAppendTail
+
+#: a wait for the write lock longer than this means another writer held it: contention
+_CONTENDED_WAIT = 0.0002
+
+
+def commit(engine: Engine, changes: list[Change], idempotency_key: str | None = None) -> int:
+    """Write *changes* as one record; return its sequence number (for a retry with a known
+    *idempotency_key*, the first write's).
+
+    :raises ConflictError, InstanceNotFoundError: a condition or a delete fails; nothing is
+        written
+    """
+    config = engine.config
+    if idempotency_key is not None:
+        check_name("idempotency_key", idempotency_key)
+        changes = [*changes, IdempotencyKey(idempotency_key, config.idempotency_retention_ms)]
+    payload = encode_changes(changes, config.max_record_size)
+    env = engine.writable()
+    if engine.grouping():
+        seq = _commit_grouped(engine, env, changes, payload, idempotency_key)
+    else:
+        with env.write_mutex:
+            engine.wal.check_usable()
+            seq = _write(engine, env, changes, payload, idempotency_key)
+            engine.dirty = True
+    engine.after_write()
+    return seq
+
+
+def judge(
+    txn: Any,
+    dbs: dict[bytes, Any],
+    seq: int,
+    changes: list[Change],
+    idempotency_key: str | None,
+    timestamp_ms: int,
+) -> int | None:
+    """Judge *changes*, to be written as record *seq*, against the state in *txn*: the first
+    write's sequence number for a known idempotency key, else None.
+
+    :raises ConflictError, InstanceNotFoundError: a condition or a delete fails
+    """
+    if idempotency_key is not None:
+        first = remembered_write(txn, dbs[DB_IDEMPOTENCY], idempotency_key, timestamp_ms)
+        if first is not None:
+            return first
+    if must_check(changes):
+        failure = first_failure(txn, dbs, seq, changes, deletes_must_find=True)
+        if failure is not None:
+            kind, message = failure
+            raise (ConflictError if kind == "conflict" else InstanceNotFoundError)(message)
+    return None
+
+
+# --- one transaction ----------------------------------------------------------------------------
+
+
+def _write(
+    engine: Engine,
+    env: LmdbEnvironment,
+    changes: list[Change],
+    payload: bytes,
+    idempotency_key: str | None,
+) -> int:
+    """The one-transaction path, holding the write mutex: attempts until one commits the
+    record (or finds the first write of its idempotency key)."""
+    appended: list[int] = []
+    while True:
+        seq = engine.growing(
+            env, _write_once, engine, env, changes, payload, idempotency_key, appended
+        )
+        if seq is not None:
+            return seq
+
+
+def _write_once(
+    engine: Engine,
+    env: LmdbEnvironment,
+    changes: list[Change],
+    payload: bytes,
+    idempotency_key: str | None,
+    appended: list[int],
+) -> int | None:
+    """One attempt of the one-transaction path: the record's sequence number, or None when
+    the catch-up committed a chunk of replay first. *appended* keeps our sequence number
+    once appended: after a full map aborted the transaction, the next attempt's catch-up
+    applies the record, and the attempt just says so."""
+    meta, wal = engine.meta, engine.wal
+    appends, _ = engine.group_locks()
+    started = time.perf_counter()
+    with env.begin_write() as txn:
+        if time.perf_counter() - started > _CONTENDED_WAIT:
+            # Another process held the write lock. (Threads of this process wait for the
+            # write mutex instead: under the GIL, the extra steps of group commit cost them
+            # more than the syncs they share.)
+            engine.note_contention()
+        # The append lock keeps grouped appenders out while the log's end is read and
+        # written; it is not held across the sync.
+        with appends.locked():
+            tail, caught_up = apply_pending(engine, txn, meta.tail(txn))
+            if not caught_up:
+                return None  # commit this chunk of replay, then go on
+            if appended:
+                return appended[0]  # the catch-up above applied our record
+            timestamp_ms = time.time_ns() // 1_000_000
+            first = judge(txn, env.dbs, tail.next_seq, changes, idempotency_key, timestamp_ms)
+            if first is not None:
+                return first  # a retry: the first write's result
+            new_tail = _append_record(engine, appends, tail, timestamp_ms, payload)
+        seq = tail.next_seq
+        appended.append(seq)
+        failpoint("write.after_append")
+        # The changes go into the transaction while the record is being written to the
+        # device; they become visible only with the commit, after the sync.
+        sync_due = wal.sync_due()
+        if sync_due:
+            wal.start_sync()
+        apply_changes(txn, env.dbs, seq, timestamp_ms, changes)
+        meta.write_tail(txn, new_tail)
+        engine.count_changes(txn, changes)
+        if sync_due:
+            wal.sync()
+        failpoint("write.after_sync")
+    failpoint("write.after_commit")
+    return seq
+
+
+def _append_record(
+    engine: Engine, appends: SharedAppendTail, tail: WalTail, timestamp_ms: int, payload: bytes
+) -> WalTail:
+    """Append the record at *tail* and store the tail after it; call holding the append
+    lock. Return the new tail."""
+    new_tail = engine.wal.append(tail, timestamp_ms, payload)
+    appends.write_tail(new_tail)
+    return new_tail
+
+
+# --- group commit -------------------------------------------------------------------------------
+
+
+def _commit_grouped(
+    engine: Engine,
+    env: LmdbEnvironment,
+    changes: list[Change],
+    payload: bytes,
+    idempotency_key: str | None,
+) -> int:
+    with env.write_mutex:
+        engine.wal.check_usable()
+        seq = _append_grouped(engine, env, changes, payload, idempotency_key)
+    failpoint("group.after_append")
+    synced, covered = _sync_through(engine, seq)
+    failpoint("group.after_sync")
+    # A writer whose sync covered ours may have applied it already; one that synced its
+    # own record goes straight to the apply (which checks again inside the transaction).
+    if not covered or engine.applied_tail().applied_seq < seq:
+        with env.write_mutex:
+            engine.growing(env, _apply_synced, engine, env, seq, synced)
+            engine.dirty = True
+    failpoint("group.after_apply")
+    return seq
+
+
+def _append_grouped(
+    engine: Engine,
+    env: LmdbEnvironment,
+    changes: list[Change],
+    payload: bytes,
+    idempotency_key: str | None,
+) -> int:
+    """Step 1: append the record at the append tail; return its sequence number (or, for
+    a retry with a known idempotency key, the first write's). A plain put needs only the
+    append lock; a condition or an idempotency key is judged inside an LMDB write
+    transaction that is then thrown away."""
+    if idempotency_key is None and not must_check(changes):
+        appends, _ = engine.group_locks()
+        with appends.locked():
+            tail = _tail_for_append(engine, appends, None)
+            timestamp_ms = time.time_ns() // 1_000_000
+            return _append_record(engine, appends, tail, timestamp_ms, payload).applied_seq
+    return engine.growing(env, _judge_and_append, engine, env, changes, payload, idempotency_key)
+
+
+def _judge_and_append(
+    engine: Engine,
+    env: LmdbEnvironment,
+    changes: list[Change],
+    payload: bytes,
+    idempotency_key: str | None,
+) -> int:
+    appends, _ = engine.group_locks()
+    txn = env.begin_write()
+    try:
+        applied = engine.meta.tail(txn)
+        with appends.locked():
+            appended = _tail_for_append(engine, appends, applied)
+            if appended != applied:
+                engine.note_contention()
+            timestamp_ms = time.time_ns() // 1_000_000
+            # Records appended but not applied yet are applied in a nested transaction thrown
+            # away afterwards: what they change is not durable yet.
+            view = txn if appended == applied else env.begin_nested(txn)
+            try:
+                if view is not txn:
+                    walk(engine, view, applied, until_seq=appended.applied_seq, mark_unsynced=False)
+                first = judge(
+                    view, env.dbs, appended.next_seq, changes, idempotency_key, timestamp_ms
+                )
+            finally:
+                if view is not txn:
+                    view.abort()
+            if first is not None:
+                return first  # steps 2 and 3 make the first write durable and visible
+            return _append_record(engine, appends, appended, timestamp_ms, payload).applied_seq
+    finally:
+        txn.abort()
+
+
+def _tail_for_append(engine: Engine, appends: SharedAppendTail, applied: WalTail | None) -> WalTail:
+    """Where the next record goes; call holding the append lock. The tail the last append
+    stored, unless there is none in this boot or it is behind the applied tail; then past any
+    complete record a writer appended before it crashed."""
+    tail = appends.tail()
+    if tail is None or (applied is not None and tail.next_seq < applied.next_seq):
+        tail = applied if applied is not None else engine.applied_tail()
+    end, _, _ = walk(engine, None, tail)
+    return end
+
+
+def _sync_through(engine: Engine, seq: int) -> tuple[int, bool]:
+    """Step 2: make the records up to *seq* durable, sharing the sync; return the sequence
+    number known durable, and whether another writer's sync covered *seq*."""
+    _, shared = engine.group_locks()
+    try:
+        synced, covered = shared.sync_through(seq, lambda: _appended_tail(engine))
+    except OSError as exc:
+        raise engine.wal.failed(exc, str(engine.config.path / WAL_DIR)) from exc
+    if covered:
+        engine.note_contention()
+    return synced, covered
+
+
+def _appended_tail(engine: Engine) -> WalTail:
+    appends, _ = engine.group_locks()
+    with appends.locked():
+        tail = appends.tail()
+    return tail if tail is not None else engine.applied_tail()
+
+
+def _apply_synced(engine: Engine, env: LmdbEnvironment, seq: int, synced: int) -> None:
+    """Step 3: apply every synced record not applied yet, unless another writer applied
+    record *seq* already."""
+    with env.begin_write() as txn:
+        applied = engine.meta.tail(txn)
+        if applied.applied_seq < seq:
+            apply_through(engine, txn, applied, synced)
+
+
+# --- what the front door builds on ------------------------------------------------------------
+
+
+def transition(
+    engine: Engine,
+    instance_id: str,
+    from_state: str,
+    to_state: str,
+    ctx: dict[str, Any] | None,
+    event_id: str | None,
+    idempotency_key: str | None,
+) -> Instance:
+    """See :meth:`rstmdb_storage.Storage.transition`."""
+    check_name("from_state", from_state)
+    if idempotency_key is not None and remembered(engine, idempotency_key) is not None:
+        return get_instance(engine, instance_id)  # type: ignore[return-value]
+    current = get_instance(engine, instance_id)
+    if current is None:
+        raise InstanceNotFoundError(f"no instance {instance_id!r} to transition")
+    if current.state != from_state:
+        raise ConflictError(
+            f"instance {instance_id!r} is in state {current.state!r}, not {from_state!r}"
+        )
+    moved = dataclasses.replace(
+        current,
+        state=to_state,
+        ctx=current.ctx if ctx is None else ctx,
+        last_event_id=event_id if event_id is not None else current.last_event_id,
+        updated_at=None,
+    )
+    put = PutInstance.of(
+        moved, from_state, current.last_wal_offset, engine.config.max_instance_size
+    )
+    seq = commit(engine, [put], idempotency_key)
+    stored = get_instance(engine, instance_id)
+    if stored is not None and (stored.last_wal_offset == seq or idempotency_key is not None):
+        return stored  # ours; or, for a retry the key absorbed, the instance as it is now
+    moved.last_wal_offset = seq  # moved on since our write: ours, rebuilt locally
+    return moved
+
+
+class Batch:
+    """Changes collected by :meth:`Storage.batch`, committed together when the block ends."""
+
+    def __init__(self, max_instance_size: int) -> None:
+        self._max_instance_size = max_instance_size
+        self.changes: list[Change] = []
+        #: the sequence number of the batch's WAL record, once committed
+        self.seq: int | None = None
+
+    def put_instance(
+        self,
+        instance: Instance,
+        *,
+        expected_state: str | None = None,
+        expected_seq: int | None = None,
+    ) -> None:
+        """Add a put, conditional as :meth:`Storage.put_instance`; the instance is checked
+        and encoded now (bad input raises here). A failed condition fails the whole batch."""
+        self.changes.append(
+            PutInstance.of(instance, expected_state, expected_seq, self._max_instance_size)
+        )
+
+    def delete_instance(
+        self,
+        instance_id: str,
+        *,
+        expected_state: str | None = None,
+        expected_seq: int | None = None,
+    ) -> None:
+        """Add a delete; the instance must exist when the batch commits (or be put earlier in
+        the batch), else the whole batch raises :class:`InstanceNotFoundError`."""
+        self.changes.append(DeleteInstance.of(instance_id, expected_state, expected_seq))
+
+    def __len__(self) -> int:
+        return len(self.changes)

@@ -1,0 +1,102 @@
+"""Counts for one run, and the command line that picks them."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import bench
+from bench.data import BATCH_SIZE, LIST_STATES
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+WRITER_TIMEOUT = 300.0
+"""Seconds the main process waits for a worker or writer process before giving up."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Counts for one run; ``--quick`` picks small ones."""
+
+    repeats: int
+    records: int
+    lookups: int
+    puts: int
+    batches: int
+    list_matches: int
+    snapshot_instances: int
+    replay_records: int
+    mp_seconds: float
+    """Seconds of each multi-process durable-put run (lookup runs take half of it)."""
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """Turn the command line into counts, filling what was not given."""
+    quick = args.quick
+    records = args.records or (10_000 if quick else 100_000)
+    return Settings(
+        repeats=args.repeats or (3 if quick else 5),
+        records=records,
+        lookups=args.lookups or (20_000 if quick else 100_000),
+        puts=args.puts or (500 if quick else 3_000),
+        batches=args.batches or (1 if quick else 3),
+        list_matches=args.list_matches or (2_000 if quick else 10_000),
+        snapshot_instances=args.snapshot_instances or (20_000 if quick else 1_000_000),
+        replay_records=args.replay_records or (20_000 if quick else 200_000),
+        mp_seconds=args.mp_seconds or (0.5 if quick else 2.0),
+    )
+
+
+def default_tmp_dir() -> Path:
+    """The repository's parent when writable (same disk, outside git), else the repository."""
+    return REPO_ROOT.parent if os.access(REPO_ROOT.parent, os.W_OK) else REPO_ROOT
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    prog = "python -m bench" if Path(sys.argv[0]).name == "__main__.py" else None
+    parser = argparse.ArgumentParser(prog=prog, description=(bench.__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small counts, for CI smoke runs")
+    parser.add_argument("--repeats", type=int, help="repetitions per side (default 5, quick 3)")
+    parser.add_argument("--records", type=int, help="instances in the get stores (default 100k)")
+    parser.add_argument("--lookups", type=int, help="random gets per repetition")
+    parser.add_argument("--puts", type=int, help="durable single puts per repetition")
+    parser.add_argument("--batches", type=int, help=f"batches of {BATCH_SIZE} per repetition")
+    parser.add_argument(
+        "--list-matches",
+        type=int,
+        help=f"instances listed per repetition (default 10k, quick 2k); the listing stores "
+        f"hold that many in each of {len(LIST_STATES)} states",
+    )
+    parser.add_argument(
+        "--snapshot-instances",
+        type=int,
+        help="instances in the store that create_snapshot copies (default 1M, quick 20k)",
+    )
+    parser.add_argument(
+        "--replay-records",
+        type=int,
+        help="single-instance WAL records replayed on open (default 200k, quick 20k)",
+    )
+    parser.add_argument(
+        "--mp-seconds",
+        type=float,
+        help="seconds of each multi-process durable-put run; lookup runs take half "
+        "(default 2, quick 0.5)",
+    )
+    parser.add_argument(
+        "--tmp-dir",
+        type=Path,
+        default=default_tmp_dir(),
+        help="where to create the temporary directory (a real disk, not tmpfs; "
+        "default: beside the repository, so that a killed run leaves nothing in the work tree)",
+    )
+    parser.add_argument(
+        "--only",
+        metavar="TEXT",
+        action="append",
+        help="run only comparisons and sections whose name contains TEXT (repeatable: any)",
+    )
+    return parser.parse_args(argv)
