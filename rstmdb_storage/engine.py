@@ -24,6 +24,7 @@ and the one retry every write uses when LMDB's map is full (:meth:`Engine.growin
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,9 @@ class Flusher(Protocol):
     """The background thread of :mod:`rstmdb_storage.maintenance`, as the engine sees it."""
 
     pid: int
+    #: passes made, and notified after each (tests wait on it instead of sleeping)
+    passes: int
+    passed: threading.Condition
 
     def wake(self) -> None: ...
 

@@ -117,7 +117,8 @@ class StorageFailedError(StorageError):
 
 class NotAStoreError(StorageError):
     """Raised when a path is not an rstmdb-storage data directory (it has neither ``wal/`` nor
-    ``indexes/``) and the store was opened with ``create=False`` (or read-only). Nothing was
+    ``indexes/``) and the store was opened with ``create=False`` (or read-only), or is a
+    restore or backup that did not finish (it holds ``RESTORE-IN-PROGRESS``). Nothing was
     created there."""
 
 

@@ -9,9 +9,11 @@ import tarfile
 import threading
 from pathlib import Path
 
+import pytest
 from helpers import order
 
-from rstmdb_storage import Storage, StorageConfig
+from rstmdb_storage import NotAStoreError, Storage, StorageConfig, failpoints
+from rstmdb_storage.failpoints import FailpointError
 
 PAD = "p" * 1500  # about 40 records fill a 64 KiB segment
 
@@ -105,3 +107,29 @@ def test_a_tar_of_a_closed_store_restores(config: StorageConfig, tmp_path: Path)
         tar.extractall(tmp_path / "unpacked", filter="data")
     with Storage.open(tmp_path / "unpacked" / "data") as copy:
         assert state_of(copy) == expected and copy.verify() == []
+
+
+def test_a_restore_that_did_not_finish_is_refused_by_every_open(
+    config: StorageConfig, tmp_path: Path
+) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 150)
+        applied = storage.applied_seq
+        assert len(storage.wal_segments()) >= 2
+    failpoints.enable("restore.mid_copy", "1*raise")  # an error after the first segment
+    try:
+        with pytest.raises(FailpointError):
+            Storage.restore(config.data_dir, tmp_path / "half")
+    finally:
+        failpoints.disable()
+    assert (tmp_path / "half" / "RESTORE-IN-PROGRESS").exists()
+    for half in (
+        StorageConfig(data_dir=tmp_path / "half"),
+        StorageConfig(data_dir=tmp_path / "half", read_only=True),
+    ):
+        with pytest.raises(NotAStoreError, match="did not finish"):
+            Storage.open(half)
+    assert Storage.restore(config.data_dir, tmp_path / "whole") == applied
+    assert not (tmp_path / "whole" / "RESTORE-IN-PROGRESS").exists()
+    with Storage.open(tmp_path / "whole") as copy:
+        assert copy.applied_seq == applied and copy.verify() == []
