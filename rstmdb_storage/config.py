@@ -22,6 +22,8 @@ SNAPSHOTS_DIR = "snapshots"
 INDEXES_DIR = "indexes"
 #: present in a data directory while a restore or backup is still copying into it
 RESTORE_MARKER = "RESTORE-IN-PROGRESS"
+#: present in ``indexes/`` when a flush of ``data.mdb`` failed: the next open rebuilds it
+UNTRUSTED_MARKER = "UNTRUSTED"
 
 # Named sub-databases of the LMDB environment. The index and manifest names are reserved now so
 # that a store created today already has them when the indexes and snapshots arrive.

@@ -23,6 +23,7 @@ and the one retry every write uses when LMDB's map is full (:meth:`Engine.growin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -34,8 +35,16 @@ import lmdb
 
 from .changes import Change, DeleteInstance, PutInstance
 from .codec import seal
-from .config import DB_SNAPSHOTS, INDEXES_DIR, RESTORE_MARKER, WAL_DIR, StorageConfig
+from .config import (
+    DB_SNAPSHOTS,
+    INDEXES_DIR,
+    RESTORE_MARKER,
+    UNTRUSTED_MARKER,
+    WAL_DIR,
+    StorageConfig,
+)
 from .errors import NotAStoreError, ReadOnlyError, StorageClosedError
+from .fsutil import write_file_atomic
 from .snapshots import SnapshotManifest
 from .store import env as lmdb_env
 from .store.meta import Meta
@@ -59,6 +68,8 @@ class Flusher(Protocol):
     passed: threading.Condition
 
     def wake(self) -> None: ...
+
+    def running(self) -> bool: ...
 
     def stop(self) -> None: ...
 
@@ -89,6 +100,8 @@ class Engine:
         self.segments_left = 0
         #: read-only: whether another process had the store open when this one opened it
         self.opened_in_use = True
+        #: the last error a background thread met (see ``Storage.health``)
+        self.background_error: str | None = None
 
     # --- the environment ------------------------------------------------------------------------
 
@@ -103,9 +116,12 @@ class Engine:
         return env
 
     def writable(self) -> lmdb_env.LmdbEnvironment:
-        """The environment, for a change: refused when the store is open read-only."""
+        """The environment, for a change: refused when the store is open read-only, or has
+        failed (then snapshots and compaction stop too: they must not delete the WAL that a
+        rebuild will need)."""
         if self.config.read_only:
             raise ReadOnlyError(f"storage at {self.config.path} is open read-only")
+        self.wal.check_usable()
         return self.live()
 
     def read(self, read: Callable[[Any], T]) -> T:
@@ -174,6 +190,21 @@ class Engine:
             interval = self.config.snapshot_interval
             if interval and total // interval != (total - changed) // interval and self.flusher:
                 self.flusher.wake()
+
+    def flush_lmdb(self) -> None:
+        """Flush LMDB to disk. When that fails the store fail-stops: the kernel may have
+        dropped the pages it could not write and marked them clean, so a later flush proves
+        nothing. Every later write is refused, and ``indexes/`` is marked untrusted, so that the
+        next open rebuilds it from the snapshots and the WAL instead of trusting the
+        checkpoint this flush was to make durable."""
+        env = self.env
+        try:
+            env.sync()
+        except (lmdb.Error, OSError) as exc:
+            marker = self.config.path / INDEXES_DIR / UNTRUSTED_MARKER
+            with contextlib.suppress(OSError):  # best effort: the disk is failing
+                write_file_atomic(marker, str(exc).encode(), self.config.file_mode)
+            raise self.wal.failed(f"the flush of {env.path / 'data.mdb'}", str(exc)) from exc
 
     def list_snapshot(self, txn: Any, manifest: SnapshotManifest) -> None:
         """List *manifest* in the snapshots table (what ``verify`` and opening compare)."""

@@ -20,8 +20,13 @@ the last counted term the point is off again. Actions:
 ``off``        nothing (with a count: let that many hits pass first)
 ``kill``       SIGKILL this process, at once: no ``finally``, no ``atexit``, no flush
 ``raise``      raise :class:`FailpointError` (a ``StorageError``) from the point
+``eio``        raise ``OSError(EIO)``: the failed system call the point stands for
+``enospc``     raise ``OSError(ENOSPC)``: a full disk there
 ``sleep(ms)``  pause this thread for *ms* milliseconds
 ``print``      write ``failpoint NAME`` to stderr (a test reading the child's stderr sees it)
+
+In-process, :func:`enable` also takes a function, called at the next hit: a test makes another
+write happen exactly between two steps.
 
 An unknown point or a malformed term is a :class:`~rstmdb_storage.errors.ConfigError`, at
 import for the environment variable: a misspelt point would otherwise never fire and a crash
@@ -32,12 +37,14 @@ The points (:data:`POINTS` is the list, with what each tests) are named ``room.s
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import ConfigError, StorageError
@@ -58,6 +65,7 @@ POINTS: dict[str, str] = {
     "wal.after_segment_delete": "compaction: one WAL segment deleted, the next not yet",
     # LMDB
     "lmdb.before_grow": "a write found the map full and aborted; the map is not grown yet",
+    "lmdb.sync": "a checkpoint flushes data.mdb (eio here: its fsync failed)",
     "checkpoint.after_wal_sync": "checkpoint: the WAL is synced, the checkpoint not recorded",
     "checkpoint.before_lmdb_sync": "checkpoint: recorded in meta, LMDB not flushed to disk",
     "replay.after_chunk": "replay: one chunk of records committed, more to replay",
@@ -72,6 +80,9 @@ POINTS: dict[str, str] = {
     # recovery
     "repair.after_copy_aside": "repair: the torn segment is copied aside, not yet cut",
     "restore.mid_copy": "restore/backup: the first WAL segment is copied, the rest not",
+    # races
+    "transition.after_key_check": "transition: its idempotency key is not known yet, the "
+    "instance not read",
     "rebuild.after_move_aside": "rebuild: the damaged indexes/ is moved aside, none in place",
 }
 
@@ -87,6 +98,7 @@ class _Term:
     action: str
     count: int | None  # None: every hit
     sleep_ms: int = 0
+    call: Callable[[], None] | None = None
 
 
 class _Plan:
@@ -111,7 +123,8 @@ class _Plan:
 
 
 _armed: dict[str, _Plan] = {}
-_TERM = re.compile(r"^(?:(\d+)\*)?(off|kill|raise|print|sleep\((\d+)\))$")
+_OS_ERRORS = {"eio": errno.EIO, "enospc": errno.ENOSPC}
+_TERM = re.compile(r"^(?:(\d+)\*)?(off|kill|raise|eio|enospc|print|sleep\((\d+)\))$")
 
 
 def failpoint(name: str) -> None:
@@ -129,16 +142,22 @@ def _hit(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif term.action == "raise":
         raise FailpointError(f"failpoint {name}: injected error")
+    elif term.action in _OS_ERRORS:
+        code = _OS_ERRORS[term.action]
+        raise OSError(code, f"{os.strerror(code)} (failpoint {name})")
     elif term.action == "print":
         sys.stderr.write(f"failpoint {name}\n")
         sys.stderr.flush()
+    elif term.call is not None:
+        term.call()
     else:
         time.sleep(term.sleep_ms / 1000)
 
 
-def enable(name: str, terms: str) -> None:
+def enable(name: str, terms: str | Callable[[], None]) -> None:
     """Arm the point *name* with *terms* (``"kill"``, ``"3*off->raise"``, …), replacing what
-    it had.
+    it had; or, in-process, with a function called at the next hit only (to make another
+    write happen exactly between two steps: the race a test wants, without threads).
 
     Example::
 
@@ -148,7 +167,10 @@ def enable(name: str, terms: str) -> None:
     """
     if name not in POINTS:
         raise ConfigError(f"{ENVIRONMENT_VARIABLE}: no failpoint named {name!r}")
-    _armed[name] = _Plan(_parse_terms(name, terms))
+    if callable(terms):
+        _armed[name] = _Plan([_Term("call", 1, call=terms)])
+    else:
+        _armed[name] = _Plan(_parse_terms(name, terms))
 
 
 def disable(name: str | None = None) -> None:
@@ -181,7 +203,7 @@ def _parse_terms(name: str, text: str) -> list[_Term]:
         if match is None:
             raise ConfigError(
                 f"{ENVIRONMENT_VARIABLE}: {name}: bad term {part.strip()!r} (expected "
-                f"[count*]off|kill|raise|print|sleep(ms))"
+                f"[count*]off|kill|raise|eio|enospc|print|sleep(ms))"
             )
         count, action, sleep_ms = match.groups()
         if count is not None and int(count) == 0:

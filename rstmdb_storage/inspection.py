@@ -49,3 +49,20 @@ def stats(engine: Engine) -> dict[str, Any]:
         "bytes": sum(p.stat().st_size for p in snapshot_files),
     }
     return report
+
+
+def health(engine: Engine) -> dict[str, Any]:
+    """See :meth:`rstmdb_storage.Storage.health`."""
+    checkpoint = engine.read(engine.meta.checkpoint)
+    snapshots = published_seqs(engine.config.path / SNAPSHOTS_DIR)
+    flusher = engine.flusher
+    return {
+        "failed": engine.wal.failure,
+        "background_error": engine.background_error,
+        "applied_seq": engine.applied_tail().applied_seq,
+        "checkpoint": None
+        if checkpoint is None
+        else {"applied_seq": checkpoint.applied_seq, "boot_id": checkpoint.boot_id},
+        "newest_snapshot_seq": snapshots[-1] if snapshots else None,
+        "background_thread": flusher is not None and flusher.running(),
+    }

@@ -26,7 +26,7 @@ from .apply import purge_expired
 from .compaction import CompactionResult, plan_compaction
 from .config import DB_IDEMPOTENCY, DB_SNAPSHOTS, SNAPSHOTS_DIR
 from .engine import Engine
-from .errors import InvalidInputError, InvalidTypeError, StorageError, shown
+from .errors import InvalidInputError, InvalidTypeError, shown
 from .failpoints import failpoint
 from .model import check_name
 from .recovery import restore_to
@@ -60,7 +60,7 @@ def checkpoint(engine: Engine) -> int:
     with env.write_mutex:
         applied = _checkpoint_locked(engine, env)
     failpoint("checkpoint.before_lmdb_sync")
-    env.sync()  # outside the mutex: writers go on while the data file is flushed
+    engine.flush_lmdb()  # outside the mutex: writers go on while the data file is flushed
     return applied
 
 
@@ -99,7 +99,7 @@ def _background_flush(engine: Engine) -> None:
             return
         _checkpoint_locked(engine, env)
     failpoint("checkpoint.before_lmdb_sync")
-    env.sync()
+    engine.flush_lmdb()
 
 
 # --- snapshots and compaction -----------------------------------------------------------------
@@ -231,7 +231,8 @@ def _maintain(engine: Engine) -> None:
             if engine.config.compaction_enabled:
                 _delete_covered(engine, snapshots_created=1)
             engine.segments_left = len(engine.wal.segment_ids())
-    except StorageError:
+    except Exception as exc:  # reported, and tried again when next due
+        engine.background_error = f"{type(exc).__name__}: {exc}"
         log.exception("automatic snapshot of %s failed", engine.config.path)
 
 
@@ -288,6 +289,7 @@ class Flusher:
         self._interval = interval_ms / 1000
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._ended = False
         self._engine = weakref.ref(engine)
         self._thread = threading.Thread(target=self._run, name="rstmdb-flusher", daemon=True)
         self._thread.start()
@@ -300,18 +302,28 @@ class Flusher:
             engine = self._engine()
             if engine is None or self._stop.is_set():
                 return
+            failed = False
             try:
                 _background_flush(engine)
                 _start_if_due(engine)
-            except StorageError:
-                # A failed sync has already made the store fail-stop; writers will say so.
+            except Exception as exc:  # a thread must not die silently
+                # Seen in Storage.health(). A failed sync has made the store fail-stop (writers
+                # will say so) and there is nothing left to do; anything else is tried again.
+                engine.background_error = f"{type(exc).__name__}: {exc}"
                 log.exception("background flush of %s failed", engine.config.path)
-                return
+                failed = not engine.wal.usable
             finally:
                 del engine
             with self.passed:
+                self._ended = failed  # said before the pass is: a waiter then sees both
                 self.passes += 1
                 self.passed.notify_all()
+            if failed:
+                return
+
+    def running(self) -> bool:
+        """Whether the thread runs (in this process) and has not given up on a failed store."""
+        return self.pid == os.getpid() and self._thread.is_alive() and not self._ended
 
     def wake(self) -> None:
         """Run a pass now rather than at the end of the interval."""

@@ -19,7 +19,7 @@ import logging
 import os
 from pathlib import Path
 
-from .config import INDEXES_DIR, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .config import INDEXES_DIR, SNAPSHOTS_DIR, UNTRUSTED_MARKER, WAL_DIR, StorageConfig
 from .engine import Engine, make_wal, probe_wal, refuse_unfinished_restore, require_store
 from .errors import CorruptionError, IndexesCorruptionError, RecoveryNeededError, WalGapError
 from .fsutil import make_dir, network_filesystem, os_error
@@ -58,12 +58,19 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
             make_dir(root / name, config.file_mode)
     except OSError as exc:
         raise os_error(exc, f"creating the data directory {root}") from exc
+    indexes = root / INDEXES_DIR
     with lmdb_env.open_lock(config):
-        if not (root / INDEXES_DIR / DATA_FILE).exists() and published_seqs(root / SNAPSHOTS_DIR):
-            missing = f"{root / INDEXES_DIR} is missing"
+        if not (indexes / DATA_FILE).exists() and published_seqs(root / SNAPSHOTS_DIR):
+            missing = f"{indexes} is missing"
             restored = rebuild_from_snapshot(config, probe_wal(config), missing, progress)
             return _open_environment(config, restored, progress)
         try:
+            if (indexes / UNTRUSTED_MARKER).exists():
+                raise IndexesCorruptionError(
+                    f"{indexes} is untrusted: a flush of {DATA_FILE} failed, and pages it "
+                    f"holds may never have reached the disk",
+                    path=str(indexes),
+                )
             return _open_environment(config, None, progress)
         except IndexesCorruptionError as exc:
             if lmdb_env.in_use(config):
@@ -86,6 +93,12 @@ def release(engine: Engine, checkpoint_first: bool) -> None:
             engine.flusher.stop()
             if checkpoint_first and not engine.env.stale and engine.wal.usable:
                 checkpoint(engine)
+        if engine.wal.failure is not None:
+            log.error(
+                "closing %s, which failed: %s; opening it again replays the WAL",
+                engine.config.path,
+                engine.wal.failure,
+            )
     finally:
         engine.release_files()
 
@@ -142,16 +155,24 @@ def _open_wal(config: StorageConfig, env: lmdb_env.LmdbEnvironment) -> tuple[Wal
     """The WAL of the store, and whether the store is new: then this creates it (meta, and
     the first segment unless a WAL is adopted); the caller records its first checkpoint."""
     meta = Meta(env.meta)
+    indexes = config.path / INDEXES_DIR
     with env.write_mutex, env.begin_write() as txn:
         try:
             if meta.exists(txn):
                 meta.check_all(txn)
                 return make_wal(config, meta.store_id(txn)), False
         except CorruptionError as exc:
-            indexes = config.path / INDEXES_DIR
             raise IndexesCorruptionError(
                 f"{indexes} fails its check ({exc})", path=str(indexes)
             ) from exc
+        if published_seqs(config.path / SNAPSHOTS_DIR):
+            # An empty environment beside snapshots is one whose file was lost (a power loss
+            # leaves a new, unsynced data.mdb empty): recovery, not a new store.
+            raise IndexesCorruptionError(
+                f"{indexes / DATA_FILE} holds no store, but {config.path / SNAPSHOTS_DIR} has "
+                f"snapshots of one",
+                path=str(indexes),
+            )
         store_id, tail = _adopt_or_create(config, config.path / WAL_DIR)
         wal = make_wal(config, store_id)
         if tail is None:

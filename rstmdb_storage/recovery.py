@@ -35,7 +35,14 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .config import INDEXES_DIR, RESTORE_MARKER, SNAPSHOTS_DIR, WAL_DIR, StorageConfig
+from .config import (
+    INDEXES_DIR,
+    RESTORE_MARKER,
+    SNAPSHOTS_DIR,
+    UNTRUSTED_MARKER,
+    WAL_DIR,
+    StorageConfig,
+)
 from .engine import probe_wal, require_store
 from .errors import (
     CorruptionError,
@@ -150,6 +157,7 @@ def _move_aside(indexes: Path) -> None:
         log.warning("moved the damaged %s aside to %s", data, aside)
     # The reader table of the old file means nothing for the new one; nobody has it open.
     (indexes / LOCK_FILE).unlink(missing_ok=True)
+    (indexes / UNTRUSTED_MARKER).unlink(missing_ok=True)  # it spoke of the file moved aside
     fsync_dir(indexes)
     failpoint("rebuild.after_move_aside")
 
@@ -332,13 +340,17 @@ def repair_wal(config: StorageConfig) -> TornTailRepair | None:
     with lmdb_env.open_lock(config):
         if lmdb_env.in_use(config):
             raise StorageError(f"{config.path} is open (here or in another process); close it")
+        # What LMDB applied was synced: a bad record at or below it is damage, not a torn
+        # write. Without a readable LMDB, the newest snapshot is the floor of what was applied.
+        applied = max(published_seqs(config.path / SNAPSHOTS_DIR), default=0)
         if (config.path / INDEXES_DIR / DATA_FILE).exists():
-            env = lmdb_env.acquire(config, lock_held=True)
-            try:
-                with env.read() as txn:
-                    applied = Meta(env.meta).tail(txn).applied_seq
-            finally:
-                lmdb_env.release(env)
-        else:
-            applied = max(published_seqs(config.path / SNAPSHOTS_DIR), default=0)
+            with contextlib.suppress(IndexesCorruptionError):  # unreadable: the floor stands
+                env = lmdb_env.acquire(config, lock_held=True)
+                try:
+                    with env.read() as txn:
+                        meta = Meta(env.meta)
+                        if meta.exists(txn):
+                            applied = max(applied, meta.tail(txn).applied_seq)
+                finally:
+                    lmdb_env.release(env)
         return cut_damaged_tail(probe_wal(config), applied)

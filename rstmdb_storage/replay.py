@@ -166,4 +166,4 @@ def adopt_snapshot(engine: Engine, manifest: SnapshotManifest) -> None:
         engine.list_snapshot(txn, manifest)
 
     engine.write(record)
-    engine.env.sync()
+    engine.flush_lmdb()

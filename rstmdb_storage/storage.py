@@ -81,6 +81,11 @@ class Storage:
     def __enter__(self) -> Storage:
         return self
 
+    def __reduce__(self) -> tuple[Any, tuple[StorageConfig]]:
+        # Pickled as its configuration: a process it is sent to (a ``spawn`` pool's task, say)
+        # opens the store itself, as python-diskcache does; LMDB handles cannot be sent.
+        return (Storage.open, (self.config,))
+
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
@@ -432,6 +437,21 @@ class Storage:
             print(stats["map_used"] / stats["map_size"], stats["readers"]["stale"])
         """
         return inspection.stats(self._engine)
+
+    def health(self) -> dict[str, Any]:
+        """Whether the store is sound in this process: ``failed`` (why it fail-stopped, or
+        None), ``background_error`` (the last error of the background thread or an automatic
+        snapshot, or None), ``applied_seq``, ``checkpoint`` (the last flush of LMDB: its
+        ``applied_seq`` and ``boot_id``), ``newest_snapshot_seq``, and ``background_thread``
+        (whether it runs). Reads only.
+
+        Example::
+
+            health = storage.health()
+            if health["failed"]:
+                print("reopen:", health["failed"])
+        """
+        return inspection.health(self._engine)
 
     def wal_segments(self) -> list[int]:
         """First sequence numbers of the WAL segment files present, oldest first."""

@@ -292,7 +292,8 @@ def _sync_through(engine: Engine, seq: int) -> tuple[int, bool]:
     try:
         synced, covered = shared.sync_through(seq, lambda: _appended_tail(engine))
     except OSError as exc:
-        raise engine.wal.failed(exc, str(engine.config.path / WAL_DIR)) from exc
+        where = f"fdatasync of the WAL in {engine.config.path / WAL_DIR}"
+        raise engine.wal.failed(where, exc.strerror or str(exc)) from exc
     if covered:
         engine.note_contention()
     return synced, covered
@@ -330,10 +331,15 @@ def transition(
     check_name("from_state", from_state)
     if idempotency_key is not None and remembered(engine, idempotency_key) is not None:
         return get_instance(engine, instance_id)  # type: ignore[return-value]
+    failpoint("transition.after_key_check")
     current = get_instance(engine, instance_id)
-    if current is None:
-        raise InstanceNotFoundError(f"no instance {instance_id!r} to transition")
-    if current.state != from_state:
+    if current is None or current.state != from_state:
+        # A retry whose first attempt committed since the key was looked up finds the state
+        # moved on: the key, asked again, says it was this write, and the retry returns.
+        if idempotency_key is not None and remembered(engine, idempotency_key) is not None:
+            return get_instance(engine, instance_id)  # type: ignore[return-value]
+        if current is None:
+            raise InstanceNotFoundError(f"no instance {instance_id!r} to transition")
         raise ConflictError(
             f"instance {instance_id!r} is in state {current.state!r}, not {from_state!r}"
         )

@@ -7,7 +7,7 @@ from pathlib import Path
 from helpers import order
 from internals import append_raw_records, stage_transition_race
 
-from rstmdb_storage import Storage, StorageConfig
+from rstmdb_storage import Instance, Storage, StorageConfig, failpoints
 from rstmdb_storage.changes import IdempotencyKey, PutInstance
 
 
@@ -100,3 +100,22 @@ def test_a_transition_whose_key_is_found_only_inside_the_write_returns_what_is_s
     again = storage.transition("o", "pending", "paid", event_id="b", idempotency_key="step-1")
     assert again.state == "shipped" and again.last_event_id != "b"
     assert storage.applied_seq == first.last_wal_offset + 1  # nothing more was written
+
+
+def test_a_transition_retried_while_its_first_attempt_commits_returns_that_result(
+    storage: Storage,
+) -> None:
+    storage.put_instance(order("o", "pending"))
+    first: list[Instance] = []
+
+    def first_attempt_commits() -> None:  # between the retry's key lookup and its state check
+        first.append(storage.transition("o", "pending", "paid", idempotency_key="pay-o"))
+
+    failpoints.enable("transition.after_key_check", first_attempt_commits)
+    try:
+        retried = storage.transition("o", "pending", "paid", idempotency_key="pay-o")
+    finally:
+        failpoints.disable()
+    assert first and first[0].state == "paid"
+    assert retried == first[0] == storage.get_instance("o")
+    assert [record.seq for record in storage.read_wal()] == [1, 2]  # written once

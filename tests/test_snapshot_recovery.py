@@ -19,6 +19,7 @@ from rstmdb_storage import (
     StorageConfig,
     WalGapError,
 )
+from rstmdb_storage import engine as engine_module
 from rstmdb_storage.wal.format import segment_name
 
 PAD = "p" * 1500  # about 40 records fill a 64 KiB segment
@@ -278,3 +279,27 @@ def test_restore_from_a_source_it_cannot_lock(
     monkeypatch.undo()
     with Storage.open(tmp_path / "copy") as restored:
         assert state_of(restored) == expected
+
+
+@pytest.mark.parametrize("loss", ["emptied", "deleted"])
+def test_a_data_file_lost_to_a_power_cut_is_recovered_not_taken_for_a_new_store(
+    config: StorageConfig, loss: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 200)
+        storage.compact()  # a snapshot, and the WAL before it deleted
+        write(storage, 200, 50)
+        assert storage.wal_segments()[0] > 1
+        expected, applied = state_of(storage), storage.applied_seq
+    data = config.path / "indexes" / "data.mdb"
+    if loss == "emptied":
+        data.write_bytes(b"")  # what an unsynced new file is after a power cut
+    else:
+        data.unlink()
+    (config.path / "indexes" / "lock.mdb").unlink()
+    monkeypatch.setattr(engine_module, "boot_id", lambda: "after-the-power-cut")
+    assert Storage.repair_wal(config) is None  # nothing to cut; and no error about meta
+    with Storage.open(config) as storage:
+        assert storage.applied_seq == applied
+        assert state_of(storage) == expected
+        assert storage.verify() == []

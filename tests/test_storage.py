@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import errno
+import multiprocessing
 import os
+import pickle
 import stat
 import sys
 import threading
@@ -435,3 +437,17 @@ def test_opening_on_a_network_filesystem_warns(
     with Storage.open(data_dir):
         pass
     assert "network filesystem (nfs)" in caplog.text
+
+
+def _count_in_child(storage: Storage) -> int:
+    with storage:  # the child's own Storage, opened from the pickled configuration
+        return storage.count_instances()
+
+
+def test_a_storage_sent_to_a_spawn_pool_is_opened_there(data_dir: Path) -> None:
+    with Storage.open(data_dir) as storage:
+        storage.put_instance(order("o-1"))
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            assert pool.apply(_count_in_child, (storage,)) == 1
+        with pickle.loads(pickle.dumps(storage)) as again:  # here too: a second Storage
+            assert again.config == storage.config and again.count_instances() == 1

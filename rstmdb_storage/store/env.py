@@ -39,7 +39,7 @@ import lmdb
 from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, INDEXES_DIR, StorageConfig
 from ..errors import IndexesCorruptionError, StorageError, StorageFullError
 from ..failpoints import failpoint
-from ..fsutil import make_dir
+from ..fsutil import fsync_dir, make_dir
 
 OPEN_LOCK_NAME = "open.lock"
 USERS_LOCK_NAME = "users.lock"
@@ -225,8 +225,10 @@ class LmdbEnvironment:
         }
 
     def sync(self) -> None:
+        """Flush the environment to disk (``fdatasync`` of ``data.mdb``)."""
         self.gate.enter()
         try:
+            failpoint("lmdb.sync")
             self.env.sync(True)
         finally:
             self.gate.leave()
@@ -445,7 +447,8 @@ def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[byt
 
 def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[bytes, object]]:
     read_only = config.read_only
-    if read_only and not (path / "data.mdb").exists():
+    created = not (path / "data.mdb").exists()
+    if read_only and created:
         raise StorageError(f"{path} holds no LMDB environment to open read-only")
     env = lmdb.open(
         str(path),
@@ -473,6 +476,9 @@ def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dic
         env.reader_check()
         with env.begin(write=True) as txn:
             dbs = {name: env.open_db(name, txn=txn, create=True) for name in ALL_DATABASES}
+        if created:
+            env.sync(True)
+            fsync_dir(path)  # the new data.mdb and lock.mdb are durable names from now on
     except BaseException:
         env.close()
         raise

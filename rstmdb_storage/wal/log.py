@@ -78,7 +78,7 @@ class Wal:
         self._unsynced: set[int] = set()
         self._writes_since_sync = 0
         self._last_sync = time.monotonic()
-        self._failed: OSError | None = None
+        self._failed: str | None = None
 
     # --- segments -------------------------------------------------------------------------------
 
@@ -198,16 +198,16 @@ class Wal:
         try:
             segment.sync()
         except OSError as exc:
-            raise self.failed(exc, str(segment.path)) from exc
+            raise self.failed(f"fdatasync of {segment.path}", exc.strerror or str(exc)) from exc
 
-    def failed(self, exc: OSError, path: str) -> StorageFailedError:
-        """Record that a sync of *path* failed (every later write is refused) and return the
-        error to raise. Never retry: the kernel may already have dropped the pages it failed
-        to write."""
-        self._failed = exc
+    def failed(self, what: str, cause: str) -> StorageFailedError:
+        """Record that *what* (a sync of the WAL, or of LMDB) failed with *cause*: the store is
+        failed in this process, every later write is refused; return the error to raise.
+        Never retry: the kernel may already have dropped the pages it failed to write."""
+        self._failed = f"{what} failed ({cause})"
         return StorageFailedError(
-            f"fdatasync of {path} failed ({exc.strerror}); writes are refused until the store "
-            f"is reopened"
+            f"{self._failed}; writes are refused until the store is reopened (the write that "
+            f"raised this may or may not have taken effect: reopening replays the WAL)"
         )
 
     def mark_unsynced(self, first_seq: int) -> None:
@@ -223,11 +223,14 @@ class Wal:
     def usable(self) -> bool:
         return self._failed is None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the store failed in this process (None while it has not)."""
+        return self._failed
+
     def check_usable(self) -> None:
         if self._failed is not None:
-            raise StorageFailedError(
-                f"an earlier WAL sync failed ({self._failed.strerror}); reopen the store"
-            )
+            raise StorageFailedError(f"the store has failed: {self._failed}; reopen it")
 
     # --- reading --------------------------------------------------------------------------------
 
