@@ -41,7 +41,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .codec import cbor_dumps, cbor_loads, decode_instance_body, encode_instance_body
+from .codec import (
+    cbor_dumps,
+    cbor_loads,
+    cbor_loads_exact,
+    decode_instance_body,
+    encode_instance_body,
+)
 from .config import MAX_RECORD_BYTES
 from .errors import DecodeError, InvalidInputError, InvalidTypeError, RecordTooLargeError, shown
 from .model import Instance, check_id, check_instance, check_name, check_plain_value
@@ -67,8 +73,12 @@ class Condition:
         """The condition of a write's arguments, checked; None when there is none."""
         if expected_state is not None:
             check_name("expected_state", expected_state)
-        if expected_seq is not None and (type(expected_seq) is not int or expected_seq < 0):
-            raise InvalidInputError(f"expected_seq: expected an int >= 0, got {expected_seq!r}")
+        if expected_seq is not None and (
+            type(expected_seq) is not int or not 0 <= expected_seq < 2**63
+        ):
+            raise InvalidInputError(
+                f"expected_seq: expected an int from 0 to 2**63 - 1, got {shown(expected_seq)}"
+            )
         if expected_state is None and expected_seq is None:
             return None
         return cls(expected_state, expected_seq)
@@ -208,36 +218,81 @@ def encode_changes(changes: list[Change], max_size: int) -> bytes:
 
 
 def decode_changes(payload: bytes, where: str) -> list[Change]:
-    """The changes of a ``CHANGES`` payload, checked for shape.
+    """The changes of a ``CHANGES`` payload, checked as strictly as the API checks a write:
+    a record that passes its CRC but holds what ``put_instance`` would refuse (an empty id, a
+    time beyond 64 bits, a body field of the wrong type, bytes after the payload) is damage.
 
-    :raises DecodeError: it is not an array of well-formed changes
+    :raises DecodeError: it is not an array of well-formed, acceptable changes
     """
-    raw = cbor_loads(payload, where, max_size=MAX_RECORD_BYTES)
+    raw = cbor_loads_exact(payload, where, MAX_RECORD_BYTES)
     if type(raw) is not list:
         raise DecodeError(f"{where}: CHANGES payload is not an array")
     return [_decode_change(change, where) for change in raw]
 
 
 def _decode_change(change: Any, where: str) -> Change:
-    if type(change) is list and len(change) >= 2 and type(change[1]) is str:
-        kind, size = change[0], len(change)
-        if kind == CHANGE_PUT and size in (5, 6) and type(change[4]) is bytes:
-            condition = _condition(change[5]) if size == 6 else None
-            timestamps_ok = all(v is None or type(v) is int for v in change[2:4])
-            if timestamps_ok and (size == 5 or condition is not None):
-                return PutInstance(change[1], change[2], change[3], change[4], condition)
-        elif kind == CHANGE_DELETE and size in (2, 3):
-            condition = _condition(change[2]) if size == 3 else None
-            if size == 2 or condition is not None:
-                return DeleteInstance(change[1], condition)
-        elif kind == CHANGE_IDEMPOTENCY and size == 3:
-            if type(change[2]) is int and change[2] > 0:
-                return IdempotencyKey(change[1], change[2])
-        elif kind == CHANGE_MACHINE and size == 4 and type(change[2]) is int:
-            definition = change[3]
-            if type(definition) is bytes:
-                return PutMachine(change[1], change[2], definition)
+    try:
+        decoded = _shaped_change(change, where)
+        if decoded is not None:
+            return _accepted(decoded, where)
+    except (InvalidInputError, InvalidTypeError) as exc:
+        raise DecodeError(f"{where}: a change put_instance would refuse ({exc})") from None
     raise DecodeError(f"{where}: malformed change {change!r:.80}")
+
+
+def _shaped_change(change: Any, where: str) -> Change | None:
+    """The change *change* encodes, when it has the shape of one; else None."""
+    if type(change) is not list or len(change) < 2 or type(change[1]) is not str:
+        return None
+    kind, size = change[0], len(change)
+    if kind == CHANGE_PUT and size in (5, 6) and type(change[4]) is bytes:
+        condition = _condition(change[5]) if size == 6 else None
+        timestamps_ok = all(v is None or type(v) is int for v in change[2:4])
+        if timestamps_ok and (size == 5 or condition is not None):
+            return PutInstance(change[1], change[2], change[3], change[4], condition)
+    elif kind == CHANGE_DELETE and size in (2, 3):
+        condition = _condition(change[2]) if size == 3 else None
+        if size == 2 or condition is not None:
+            return DeleteInstance(change[1], condition)
+    elif kind == CHANGE_IDEMPOTENCY and size == 3:
+        if type(change[2]) is int and 0 < change[2] < 2**63:
+            return IdempotencyKey(change[1], change[2])
+    elif kind == CHANGE_MACHINE and size == 4 and type(change[2]) is int:
+        definition = change[3]
+        if type(definition) is bytes:
+            return PutMachine(change[1], change[2], definition)
+    return None
+
+
+def _accepted(change: Change, where: str) -> Change:
+    """*change*, if the API would have accepted it: the checks of a write, applied to what
+    the record holds (raising InvalidInputError or InvalidTypeError). A put comes back with
+    its indexed fields, decoded once here for the apply."""
+    if type(change) is PutInstance:
+        fields = decode_instance_body(change.body, f"{where}, instance {change.id!r}")
+        instance = check_instance(
+            Instance(change.id, *fields, created_at=change.created_at, updated_at=change.updated_at)
+        )
+        if change.condition is not None:
+            Condition.of(change.condition.expected_state, change.condition.expected_seq)
+        return PutInstance(
+            change.id,
+            change.created_at,
+            change.updated_at,
+            change.body,
+            change.condition,
+            (instance.machine, instance.state, instance.metadata),
+        )
+    if type(change) is DeleteInstance:
+        check_id(change.id)
+        if change.condition is not None:
+            Condition.of(change.condition.expected_state, change.condition.expected_seq)
+    elif type(change) is PutMachine:
+        definition = cbor_loads(change.definition, f"{where}, machine {change.name!r}")
+        PutMachine.of(change.name, change.version, definition, MAX_RECORD_BYTES)
+    else:
+        check_name("idempotency_key", change.key)
+    return change
 
 
 def _condition(value: Any) -> Condition | None:

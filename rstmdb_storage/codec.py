@@ -127,6 +127,23 @@ def cbor_loads(data: bytes | memoryview, where: str, max_size: int = MAX_VALUE_B
         raise DecodeError(f"{where}: bad CBOR ({cause})") from None
 
 
+def cbor_loads_exact(data: bytes, where: str, max_size: int) -> Any:
+    """Like :func:`cbor_loads`, and the value must fill *data*: bytes after it are damage."""
+    if len(data) > max_size:
+        raise DecodeError(f"{where}: {len(data)} bytes of CBOR, more than the {max_size} allowed")
+    stream = io.BytesIO(data)
+    try:
+        value = cbor2.CBORDecoder(stream, **_DECODE_OPTIONS).decode()
+    except DecodeError:
+        raise
+    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:
+        cause = exc.__cause__ if isinstance(exc.__cause__, DecodeError) else exc
+        raise DecodeError(f"{where}: bad CBOR ({cause})") from None
+    if stream.tell() != len(data):
+        raise DecodeError(f"{where}: {len(data) - stream.tell()} bytes follow the CBOR value")
+    return value
+
+
 def check_single_value(data: bytes, where: str) -> None:
     """Raise :class:`DecodeError` unless *data* is exactly one CBOR value.
 

@@ -44,7 +44,7 @@ from .config import (
     StorageConfig,
 )
 from .errors import NotAStoreError, ReadOnlyError, StorageClosedError
-from .fsutil import write_file_atomic
+from .fsutil import os_error, write_file_atomic
 from .snapshots import SnapshotManifest
 from .store import env as lmdb_env
 from .store.meta import Meta
@@ -145,7 +145,9 @@ class Engine:
         Every write transaction goes through here: a ``MapFullError`` aborts the transaction,
         so *attempt* must start its own and be safe to run again (the write path's is: a
         record it appended before the abort waits at the WAL tail, and the next attempt's
-        catch-up applies it). Call holding the write mutex."""
+        catch-up applies it). Call holding the write mutex. Any other LMDB or OS error becomes
+        the typed one (:func:`~rstmdb_storage.store.env.lmdb_error`): a full disk is a
+        :class:`StorageFullError`."""
         growths = 0
         while True:
             try:
@@ -153,6 +155,10 @@ class Engine:
             except lmdb.MapFullError:
                 growths += 1
                 env.grow(growths)
+            except lmdb.Error as exc:  # a commit that could not write: a full disk, EIO
+                raise lmdb_env.lmdb_error(env.path, exc, "writing") from exc
+            except OSError as exc:
+                raise os_error(exc, f"writing to {self.config.path}") from exc
 
     # --- group commit ---------------------------------------------------------------------------
 

@@ -17,13 +17,14 @@ from .apply import apply_changes
 from .changes import Change, decode_changes
 from .config import INDEXES_DIR, WAL_DIR
 from .engine import Engine
-from .errors import IndexesCorruptionError, WalGapError
+from .errors import DecodeError, IndexesCorruptionError, WalGapError
 from .failpoints import failpoint
 from .snapshots import Progress, SnapshotManifest
 from .store.env import LmdbEnvironment
 from .store.meta import Checkpoint
 from .verify import check_stored, run_checks
-from .wal import WalTail
+from .wal import FramedRecord, WalTail
+from .wal.format import segment_name
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -63,15 +64,30 @@ def walk(
         if record is None:
             continue  # a seal: on to the next segment
         if txn is not None:
-            changes = decode_changes(
-                record.payload, f"WAL record {record.seq} in segment {tail.segment}"
-            )
+            changes = _decoded(engine, record, tail)
             apply_changes(txn, engine.env.dbs, record.seq, record.timestamp_ms, changes)
             changed.extend(changes)
         if mark_unsynced:
             wal.mark_unsynced(tail.segment)
         count += 1
     return tail, changed, False
+
+
+def _decoded(engine: Engine, record: FramedRecord, tail: WalTail) -> list[Change]:
+    """The changes of *record*; a record that passes its CRC but does not hold acceptable
+    changes stops the replay here, naming it, with what an operator can do."""
+    try:
+        return decode_changes(record.payload, f"WAL record {record.seq}")
+    except DecodeError as exc:
+        path = engine.wal.directory / segment_name(tail.segment)
+        raise DecodeError(
+            f"{path} at offset {record.offset}: {exc}; its CRC matches, so it was written this "
+            f"way and nothing after it is applied: restore from a backup, or to sequence "
+            f"{record.seq - 1} (rstmdb-storage restore {engine.config.path} DIR --seq "
+            f"{record.seq - 1})",
+            path=str(path),
+            offset=record.offset,
+        ) from exc
 
 
 def apply_pending(

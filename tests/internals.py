@@ -84,6 +84,26 @@ def append_raw_records(
     return placed
 
 
+def append_raw_payloads(storage: Storage, payloads: list[bytes]) -> list[tuple[int, int]]:
+    """Like :func:`append_raw_records`, with payloads given as bytes (a hostile record that
+    passes its CRC: what no public write can produce)."""
+    engine = storage._engine
+    env = engine.writable()
+    when = time.time_ns() // 1_000_000
+    placed = []
+    with env.write_mutex:
+        txn = env.begin_write()
+        try:
+            tail = engine.meta.tail(txn)
+            for payload in payloads:
+                placed.append((tail.next_seq, tail.offset))
+                tail = engine.wal.append(tail, when, payload)
+            engine.wal.sync()
+        finally:
+            txn.abort()
+    return placed
+
+
 def shift_wal_sync_clock(storage: Storage, seconds: float) -> None:
     """Move the time of the WAL's last sync by *seconds* (later: a sync is not due; earlier:
     it is): ``FsyncPolicy.every_ms`` reads a clock no public call sets."""

@@ -292,12 +292,13 @@ def test_change_layout_in_prose() -> None:
     assert put and int(put.group(1)) == changes.CHANGE_PUT == 1
     assert delete and int(delete.group(1)) == changes.CHANGE_DELETE == 2
     assert condition
+    body = codec.encode_instance_body(Instance(id="a", machine="m", version=1, state="s"), 1 << 20)
     good = [
-        [changes.CHANGE_PUT, "a", None, 5, b"body"],
-        [changes.CHANGE_PUT, "a", None, 5, b"body", ["paid", None]],
+        [changes.CHANGE_PUT, "a", None, 5, body],
+        [changes.CHANGE_PUT, "a", None, 5, body, ["paid", None]],
         [changes.CHANGE_DELETE, "a"],
         [changes.CHANGE_DELETE, "a", [None, 7]],
-        [changes.CHANGE_MACHINE, "order", 1, b"definition"],
+        [changes.CHANGE_MACHINE, "order", 1, cbor2.dumps({"states": ["a"]})],
         [changes.CHANGE_IDEMPOTENCY, "request-1", 86_400_000],
     ]
     idempotency = re.search(r"\[(\d+), key, retention_ms\]\s+idempotency key", doc)

@@ -82,14 +82,14 @@ class LmdbEnvironment:
     @contextlib.contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
         """A short read transaction; adopts a map grown by another process. LMDB's own
-        errors inside it become typed ones (:func:`lmdb_read_error`)."""
+        errors inside it become typed ones (:func:`lmdb_error`)."""
         self.gate.enter()
         try:
             txn = self._begin(write=False)
             try:
                 yield txn
             except lmdb.Error as exc:
-                raise lmdb_read_error(self.path, exc) from exc
+                raise lmdb_error(self.path, exc, "reading") from exc
             finally:
                 txn.abort()
         finally:
@@ -108,7 +108,7 @@ class LmdbEnvironment:
         except lmdb.MapResizedError:
             pass  # the slow path adopts the new size
         except lmdb.Error as exc:
-            raise lmdb_read_error(self.path, exc) from exc
+            raise lmdb_error(self.path, exc, "reading") from exc
         finally:
             gate.leave()
         with self.read() as txn:
@@ -485,18 +485,35 @@ def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dic
     return env, dbs
 
 
-def lmdb_read_error(path: Path, exc: lmdb.Error) -> StorageError:
-    """The typed error for an LMDB error met while reading: damage LMDB noticed itself (it has
-    no page checksums, so it notices only broken structure) is an
-    :class:`IndexesCorruptionError`; anything else a :class:`StorageError`."""
+def lmdb_error(path: Path, exc: lmdb.Error, doing: str) -> StorageError:
+    """The typed error for an LMDB error met while *doing* ("reading", "writing"): damage LMDB
+    noticed itself (it has no page checksums, so it notices only broken structure) is an
+    :class:`IndexesCorruptionError`; a full disk, however LMDB spells it, a
+    :class:`StorageFullError`; anything else a :class:`StorageError`."""
     if isinstance(exc, lmdb.CorruptedError | lmdb.PageNotFoundError | lmdb.InvalidError):
         return IndexesCorruptionError(
             f"{path} is damaged: LMDB reports {exc}",
             path=str(path),
         )
-    if isinstance(exc, lmdb.DiskError):  # py-lmdb's ENOSPC, e.g. copying a snapshot
-        return StorageFullError(f"{path}: no space left on the device ({exc})")
-    return StorageError(f"{path}: reading the LMDB environment failed ({exc})")
+    full = isinstance(exc, lmdb.DiskError) or any(words in str(exc) for words in _FULL_DISK)
+    # LMDB turns a short write of its pages (ENOSPC halfway) into EIO: ask the filesystem.
+    if full or ("Input/output error" in str(exc) and _nearly_full(path)):
+        return StorageFullError(f"{path}: no space left on the device while {doing} ({exc})")
+    return StorageError(f"{path}: {doing} the LMDB environment failed ({exc})")
+
+
+#: how py-lmdb spells ENOSPC and EDQUOT when it raises a plain lmdb.Error
+_FULL_DISK = ("No space left on device", "Disk quota exceeded")
+#: free space below which an I/O error of LMDB's is taken for a full disk
+_NEARLY_FULL = 1 << 20
+
+
+def _nearly_full(path: Path) -> bool:
+    try:
+        found = os.statvfs(path)
+    except OSError:
+        return False
+    return found.f_bavail * found.f_frsize < _NEARLY_FULL
 
 
 def _alive(pid: int) -> bool:
