@@ -67,6 +67,7 @@ def make_dir(path: Path, mode: int) -> None:
     if path.is_dir():
         return
     path.mkdir(mode=_dir_mode(mode), parents=True, exist_ok=True)
+    os.chmod(path, _dir_mode(mode))  # whatever the umask
     fsync_dir(path.parent)
 
 

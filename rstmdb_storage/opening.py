@@ -26,7 +26,13 @@ from .fsutil import make_dir, network_filesystem, os_error
 from .maintenance import Flusher, checkpoint
 from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, recover
-from .snapshots import Progress, SnapshotManifest, published_seqs
+from .snapshots import (
+    Progress,
+    SnapshotManifest,
+    published_seqs,
+    remove_leftovers,
+    snapshot_lock,
+)
 from .store import env as lmdb_env
 from .store.meta import Checkpoint, Meta
 from .wal import Wal, WalTail
@@ -56,6 +62,12 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
         make_dir(root, config.file_mode)
         for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
             make_dir(root / name, config.file_mode)
+        # The lock file is there from the first open on, so that a restore copying this store
+        # can hold its compaction off without writing here; what a snapshot that died left
+        # goes now, unless a snapshot is being taken.
+        with snapshot_lock(root / SNAPSHOTS_DIR, config.file_mode, blocking=False) as ours:
+            if ours:
+                remove_leftovers(root / SNAPSHOTS_DIR)
     except OSError as exc:
         raise os_error(exc, f"creating the data directory {root}") from exc
     indexes = root / INDEXES_DIR

@@ -57,6 +57,7 @@ from .failpoints import failpoint
 from .fsutil import copy_file_atomic, fsync_dir, make_dir, write_file_atomic
 from .snapshots import (
     DATA_SUFFIX,
+    LOCK_NAME,
     MANIFEST_SUFFIX,
     Progress,
     SnapshotManifest,
@@ -178,8 +179,17 @@ def restore_to(
 
     :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the source
     """
-    if seq is not None and (type(seq) is not int or seq < 0):
-        raise InvalidInputError(f"seq: expected an int >= 0 or None, got {seq!r}")
+    if seq is not None and (type(seq) is not int or not 0 <= seq < 2**63):
+        raise InvalidInputError(
+            f"seq: expected an int from 0 to 2**63 - 1 or None, got {shown(seq)}"
+        )
+    if target.is_symlink():
+        raise InvalidInputError(
+            f"{target_role} {target} is a symbolic link (to {os.readlink(target)}): give the "
+            f"directory it should be"
+        )
+    if target.exists() and not target.is_dir():
+        raise InvalidInputError(f"{target_role} {target} is not a directory")
     if target.exists() and any(target.iterdir()):
         raise InvalidInputError(f"{target_role} {target} is not empty")
     with _compaction_held_off(source / SNAPSHOTS_DIR, file_mode):
@@ -248,14 +258,17 @@ def seq_at_time(wal: Wal, until_ms: int) -> int:
 
 @contextlib.contextmanager
 def _compaction_held_off(snapshots_dir: Path, file_mode: int) -> Iterator[None]:
-    """The snapshot lock of a source being copied, so that compaction waits meanwhile; none
-    for a source this process cannot write (a read-only backup), which nobody compacts."""
+    """The snapshot lock of a source being copied, so that compaction waits meanwhile. It is
+    taken only when the lock file is there (every open for writing makes it): a restore
+    writes nothing in its source, not even that file. None for a source this process cannot
+    write (a read-only backup), which nobody compacts."""
     with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(snapshot_lock(snapshots_dir, file_mode))
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
+        if (snapshots_dir / LOCK_NAME).exists():
+            try:
+                stack.enter_context(snapshot_lock(snapshots_dir, file_mode, create=False))
+            except OSError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
+                    raise
         yield
 
 

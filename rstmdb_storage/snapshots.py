@@ -186,16 +186,20 @@ _thread_locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def snapshot_lock(directory: Path, file_mode: int, blocking: bool = True) -> Iterator[bool]:
+def snapshot_lock(
+    directory: Path, file_mode: int, blocking: bool = True, create: bool = True
+) -> Iterator[bool]:
     """Hold the snapshot lock of *directory* (across processes and threads); yields False
-    instead of waiting when *blocking* is False and someone else holds it."""
+    instead of waiting when *blocking* is False and someone else holds it. Without *create*,
+    the lock file must exist (``FileNotFoundError`` otherwise)."""
     with _thread_locks_guard:
         thread_lock = _thread_locks.setdefault(os.path.realpath(directory), threading.Lock())
     if not thread_lock.acquire(blocking):
         yield False
         return
     try:
-        fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, file_mode)
+        flags = os.O_RDWR | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+        fd = os.open(directory / LOCK_NAME, flags, file_mode)
         try:
             try:
                 fcntl.lockf(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -3,7 +3,9 @@ each restore to a working store holding what was written."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import tarfile
 import threading
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from helpers import order
 
-from rstmdb_storage import NotAStoreError, Storage, StorageConfig, failpoints
+from rstmdb_storage import InvalidInputError, NotAStoreError, Storage, StorageConfig, failpoints
 from rstmdb_storage.failpoints import FailpointError
 
 PAD = "p" * 1500  # about 40 records fill a 64 KiB segment
@@ -133,3 +135,42 @@ def test_a_restore_that_did_not_finish_is_refused_by_every_open(
     assert not (tmp_path / "whole" / "RESTORE-IN-PROGRESS").exists()
     with Storage.open(tmp_path / "whole") as copy:
         assert copy.applied_seq == applied and copy.verify() == []
+
+
+def test_a_restore_writes_nothing_in_its_source(config: StorageConfig, tmp_path: Path) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 80)
+        storage.create_snapshot()
+    before = {p: p.read_bytes() for p in config.path.rglob("*") if p.is_file()}
+    Storage.restore(config.data_dir, tmp_path / "restored")
+    after = {p: p.read_bytes() for p in config.path.rglob("*") if p.is_file()}
+    assert after == before
+
+
+def test_a_restore_target_that_is_a_symlink_is_refused(
+    config: StorageConfig, tmp_path: Path
+) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 10)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "link").symlink_to(elsewhere)
+    with pytest.raises(InvalidInputError, match="symbolic link"):
+        Storage.restore(config.data_dir, tmp_path / "link")
+    with Storage.open(config) as storage, pytest.raises(InvalidInputError, match="symbolic"):
+        storage.backup(tmp_path / "link")
+    assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o000])
+def test_a_restore_target_is_private_whatever_the_umask(
+    config: StorageConfig, tmp_path: Path, umask: int
+) -> None:
+    with Storage.open(config) as storage:
+        write(storage, 0, 10)
+    old = os.umask(umask)
+    try:
+        Storage.restore(config.data_dir, tmp_path / "restored")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "restored").stat().st_mode) == 0o700

@@ -270,7 +270,7 @@ def test_restore_from_a_source_it_cannot_lock(
     real_open = os.open
 
     def read_only_lock_file(path, flags, *args):
-        if str(path).endswith("snapshot.lock"):
+        if str(path) == str(config.path / "snapshots" / "snapshot.lock"):  # the source's only
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return real_open(path, flags, *args)
 
