@@ -60,6 +60,7 @@ POINTS: dict[str, str] = {
     "group.after_sync": "grouped: the record is durable, not applied to LMDB",
     "group.after_apply": "grouped: the record is applied, not yet acknowledged",
     # the WAL
+    "wal.sync": "a WAL segment is fdatasynced (eio here: its fsync failed)",
     "wal.after_seal": "rotation: the full segment is sealed and synced, the next not created",
     "wal.after_new_segment": "rotation: the next segment exists, empty; the record not written",
     "wal.after_segment_delete": "compaction: one WAL segment deleted, the next not yet",

@@ -21,8 +21,14 @@ from pathlib import Path
 
 from .config import INDEXES_DIR, SNAPSHOTS_DIR, UNTRUSTED_MARKER, WAL_DIR, StorageConfig
 from .engine import Engine, make_wal, probe_wal, refuse_unfinished_restore, require_store
-from .errors import CorruptionError, IndexesCorruptionError, RecoveryNeededError, WalGapError
-from .fsutil import make_dir, network_filesystem, os_error
+from .errors import (
+    CorruptionError,
+    IndexesCorruptionError,
+    RecoveryNeededError,
+    StorageFailedError,
+    WalGapError,
+)
+from .fsutil import fsync_dir, make_dir, network_filesystem, os_error
 from .maintenance import Flusher, checkpoint
 from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, recover
@@ -37,6 +43,7 @@ from .store import env as lmdb_env
 from .store.meta import Checkpoint, Meta
 from .wal import Wal, WalTail
 from .wal.format import SEGMENT_HEADER_SIZE
+from .wal.log import FAILED_NAME, read_failure
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -72,6 +79,7 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
         raise os_error(exc, f"creating the data directory {root}") from exc
     indexes = root / INDEXES_DIR
     with lmdb_env.open_lock(config):
+        _clear_failure(config)
         if not (indexes / DATA_FILE).exists() and published_seqs(root / SNAPSHOTS_DIR):
             missing = f"{indexes} is missing"
             restored = rebuild_from_snapshot(config, probe_wal(config), missing, progress)
@@ -208,3 +216,22 @@ def _adopt_or_create(config: StorageConfig, wal_dir: Path) -> tuple[bytes, WalTa
             path=str(wal_dir),
         )
     return probe.segment_store_id(ids[0]), WalTail(1, SEGMENT_HEADER_SIZE, 1)
+
+
+def _clear_failure(config: StorageConfig) -> None:
+    """A store that failed in some process (``wal/FAILED``) opens again only once no process
+    has it open: each of them may hold writes it was told failed, and none may go on as if
+    the sync had succeeded. Opening then replays the WAL (and rebuilds an untrusted
+    ``indexes/``)."""
+    wal_dir = config.path / WAL_DIR
+    reason = read_failure(wal_dir)
+    if reason is None:
+        return
+    if lmdb_env.in_use(config):
+        raise StorageFailedError(
+            f"{config.path} has failed ({reason}) and other processes still have it open: "
+            f"stop every process using it, then open it again"
+        )
+    log.warning("%s had failed (%s); opening it replays the WAL", config.path, reason)
+    (wal_dir / FAILED_NAME).unlink()
+    fsync_dir(wal_dir)

@@ -76,3 +76,28 @@ def test_a_failed_background_flush_fail_stops_visibly(data_dir: Path) -> None:
         assert health["background_thread"] is False  # stopped, and says so
         assert_failed_for_writes(storage)
     assert_rebuilt_whole(config, expected)
+
+
+def test_a_failed_wal_sync_fails_the_store_for_every_writer(config: StorageConfig) -> None:
+    """Two writers (each its own Storage and WAL handle, as two processes have): when one's
+    fdatasync fails, the other's next sync must not count it as durable and go on."""
+    first, second = Storage.open(config), Storage.open(config)
+    try:
+        first.put_instance(order("a"))
+        second.put_instance(order("b"))
+        failpoints.enable("wal.sync", "1*eio")
+        with pytest.raises(StorageFailedError, match="fdatasync"):
+            first.put_instance(order("c"))  # outcome unknown: its record may be in the WAL
+        with pytest.raises(StorageFailedError, match="another process"):
+            second.put_instance(order("d"))
+        assert second.health()["failed"] is not None
+        with pytest.raises(StorageFailedError, match="stop every process"):
+            Storage.open(config)
+    finally:
+        first.close()
+        second.close()
+    with Storage.open(config) as again:  # nobody has it open: it opens, replaying the WAL
+        ids = {i.id for i in again.iter_instances()}
+        assert {"a", "b"} <= ids and "d" not in ids
+        assert again.verify() == [] and again.health()["failed"] is None
+        again.put_instance(order("e"))

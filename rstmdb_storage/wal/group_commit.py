@@ -41,6 +41,7 @@ The order the locks are taken in is :mod:`rstmdb_storage.writes`'s, which takes 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import struct
@@ -50,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from .format import segment_name
-from .log import WalTail
+from .log import WalTail, read_failure, write_failure
 
 APPEND_LOCK_NAME = "append.lock"
 SYNC_LOCK_NAME = "sync.lock"
@@ -128,6 +129,7 @@ class SharedSync(_PositionFile):
     ) -> None:
         super().__init__(indexes_directory / SYNC_LOCK_NAME, _SYNC_POSITION, boot_id, file_mode)
         self._wal_directory = wal_directory
+        self._file_mode = file_mode
         self._segment: tuple[int, int] | None = None  # (first_seq, fd) last synced
 
     def sync_through(self, seq: int, append_tail: Callable[[], WalTail]) -> tuple[int, bool]:
@@ -141,7 +143,15 @@ class SharedSync(_PositionFile):
             if synced >= seq:
                 return synced, True
             tail = append_tail()
-            os.fdatasync(self._segment_fd(tail.segment))
+            try:
+                os.fdatasync(self._segment_fd(tail.segment))
+            except OSError as exc:  # told to every process before the lock is let go
+                reason = f"fdatasync of the WAL failed ({exc.strerror})"
+                write_failure(self._wal_directory, reason, self._file_mode)
+                raise
+            elsewhere = read_failure(self._wal_directory)
+            if elsewhere is not None:  # our sync may cover a record whose sync failed there
+                raise OSError(errno.EIO, f"a sync in another process failed: {elsewhere}")
             self.write(tail.applied_seq)
             return tail.applied_seq, False
 

@@ -10,6 +10,7 @@ serialises appends across processes and keeps sequence numbers gap-free.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +21,7 @@ from crc32c import crc32c
 from ..config import FsyncPolicy
 from ..errors import CorruptionError, StorageFailedError, WalGapError
 from ..failpoints import failpoint
-from ..fsutil import fsync_dir, start_writeback
+from ..fsutil import fsync_dir, start_writeback, write_file_atomic
 from .decoder import (
     BadRecord,
     FramedRecord,
@@ -54,6 +55,29 @@ class WalTail(NamedTuple):
     @property
     def applied_seq(self) -> int:
         return self.next_seq - 1
+
+
+#: in ``wal/`` once a sync failed in any process: the store is failed for every process
+FAILED_NAME = "FAILED"
+
+
+def read_failure(directory: Path) -> str | None:
+    """Why a sync failed in some process of the store in *directory* (``wal/``), or None."""
+    try:
+        return (directory / FAILED_NAME).read_text(errors="replace") or "unknown"
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"{FAILED_NAME} is there but unreadable ({exc.strerror})"
+
+
+def write_failure(directory: Path, reason: str, mode: int) -> None:
+    """Tell every process of the store that a sync failed (best effort: the disk is failing).
+    After a writeback error the kernel may have marked the pages it could not write clean,
+    so another process's later successful sync proves nothing about them."""
+    if read_failure(directory) is None:
+        with contextlib.suppress(OSError):
+            write_file_atomic(directory / FAILED_NAME, reason.encode(), mode)
 
 
 class Wal:
@@ -189,6 +213,9 @@ class Wal:
         self.check_usable()
         for first_seq in sorted(self._unsynced):
             self._sync_segment(self.segment(first_seq))
+        elsewhere = read_failure(self.directory)
+        if elsewhere is not None:  # a sync this one covers may be one that failed there
+            raise self.failed("a sync in another process", elsewhere)
         self._unsynced.clear()
         self._writes_since_sync = 0
         self._last_sync = time.monotonic()
@@ -196,6 +223,7 @@ class Wal:
     def _sync_segment(self, segment: WalSegment) -> None:
         self.check_usable()
         try:
+            failpoint("wal.sync")
             segment.sync()
         except OSError as exc:
             raise self.failed(f"fdatasync of {segment.path}", exc.strerror or str(exc)) from exc
@@ -205,6 +233,7 @@ class Wal:
         failed in this process, every later write is refused; return the error to raise.
         Never retry: the kernel may already have dropped the pages it failed to write."""
         self._failed = f"{what} failed ({cause})"
+        write_failure(self.directory, self._failed, self.file_mode)
         return StorageFailedError(
             f"{self._failed}; writes are refused until the store is reopened (the write that "
             f"raised this may or may not have taken effect: reopening replays the WAL)"
