@@ -49,8 +49,15 @@ from .codec import (
     encode_instance_body,
 )
 from .config import MAX_RECORD_BYTES
-from .errors import DecodeError, InvalidInputError, InvalidTypeError, RecordTooLargeError, shown
-from .model import Instance, check_id, check_instance, check_name, check_plain_value
+from .errors import DecodeError, InvalidInputError, InvalidTypeError, RecordTooLargeError
+from .model import (
+    Instance,
+    check_id,
+    check_instance,
+    check_int63,
+    check_name,
+    check_plain_value,
+)
 
 CHANGE_PUT = 1
 CHANGE_DELETE = 2
@@ -73,12 +80,8 @@ class Condition:
         """The condition of a write's arguments, checked; None when there is none."""
         if expected_state is not None:
             check_name("expected_state", expected_state)
-        if expected_seq is not None and (
-            type(expected_seq) is not int or not 0 <= expected_seq < 2**63
-        ):
-            raise InvalidInputError(
-                f"expected_seq: expected an int from 0 to 2**63 - 1, got {shown(expected_seq)}"
-            )
+        if expected_seq is not None:
+            check_int63("expected_seq", expected_seq)
         if expected_state is None and expected_seq is None:
             return None
         return cls(expected_state, expected_seq)
@@ -168,12 +171,7 @@ class PutMachine:
     @classmethod
     def of(cls, name: str, version: int, definition: dict[str, Any], max_size: int) -> PutMachine:
         check_name("machine", name)
-        if type(version) is not int:
-            raise InvalidTypeError(f"machine version: expected int, got {type(version).__name__}")
-        if not 0 <= version < 2**63:
-            raise InvalidInputError(
-                f"machine version: must be between 0 and 2**63 - 1, got {shown(version)}"
-            )
+        check_int63("machine version", version)
         where = f"definition of machine {name!r}"
         if type(definition) is not dict:
             raise InvalidTypeError(f"{where}: expected a dict, got {type(definition).__name__}")

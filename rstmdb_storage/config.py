@@ -104,9 +104,14 @@ class FsyncPolicy:
         if self.mode not in ("every_write", "every_n", "every_ms", "never"):
             raise ConfigError(f"fsync_policy: unknown mode {self.mode!r}")
         if self.mode in ("every_n", "every_ms") and (
-            not isinstance(self.value, int) or isinstance(self.value, bool) or self.value < 1
+            not isinstance(self.value, int)
+            or isinstance(self.value, bool)
+            or not 1 <= self.value < 2**31
         ):
-            raise ConfigError(f"fsync_policy: {self.mode} needs a positive int, got {self.value!r}")
+            raise ConfigError(
+                f"fsync_policy: {self.mode} needs an int from 1 to 2**31 - 1, "
+                f"got {shown(self.value)}"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,20 +177,20 @@ class StorageConfig:
             raise ConfigError(f"data_dir: need a non-empty path, got {self.data_dir!r}")
         if "\x00" in os.fsdecode(os.fspath(self.data_dir)):
             raise ConfigError(f"data_dir: a path cannot hold a NUL byte, got {self.data_dir!r}")
-        _check_int("snapshot_interval", self.snapshot_interval, minimum=0)
-        _check_int("max_wal_segments", self.max_wal_segments, minimum=1)
-        _check_int("snapshots_kept", self.snapshots_kept, minimum=1)
+        _check_int("snapshot_interval", self.snapshot_interval, minimum=0, maximum=2**62)
+        _check_int("max_wal_segments", self.max_wal_segments, minimum=1, maximum=2**31)
+        _check_int("snapshots_kept", self.snapshots_kept, minimum=1, maximum=2**31)
         for name in ("compaction_enabled", "read_only", "create"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: need a bool, got {getattr(self, name)!r}")
-        _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB)
+        _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB, maximum=2**40)
         if not isinstance(self.fsync_policy, FsyncPolicy):
             raise ConfigError(
                 f"fsync_policy: need an FsyncPolicy (e.g. FsyncPolicy.every_write()), "
                 f"got {self.fsync_policy!r}"
             )
         self.fsync_policy.validate()
-        _check_int("map_size", self.map_size, minimum=1 * MiB)
+        _check_int("map_size", self.map_size, minimum=1 * MiB, maximum=2**48)
         _check_int(
             "max_instance_size", self.max_instance_size, minimum=1 * KiB, maximum=MAX_VALUE_BYTES
         )
@@ -195,9 +200,13 @@ class StorageConfig:
             minimum=self.max_instance_size,
             maximum=MAX_RECORD_BYTES,
         )
-        _check_int("max_readers", self.max_readers, minimum=1)
-        _check_int("checkpoint_interval_ms", self.checkpoint_interval_ms, minimum=1)
-        _check_int("idempotency_retention_ms", self.idempotency_retention_ms, minimum=1)
+        _check_int("max_readers", self.max_readers, minimum=1, maximum=2**20)
+        _check_int(
+            "checkpoint_interval_ms", self.checkpoint_interval_ms, minimum=1, maximum=2**31 - 1
+        )
+        _check_int(
+            "idempotency_retention_ms", self.idempotency_retention_ms, minimum=1, maximum=2**62
+        )
         _check_int("file_mode", self.file_mode, minimum=0o400, maximum=0o777)
 
 

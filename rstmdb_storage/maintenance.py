@@ -19,21 +19,20 @@ import os
 import threading
 import time
 import weakref
-from pathlib import Path
 from typing import Any
 
 from .apply import purge_expired
 from .compaction import CompactionResult, plan_compaction
 from .config import DB_IDEMPOTENCY, DB_SNAPSHOTS, SNAPSHOTS_DIR
 from .engine import Engine
-from .errors import InvalidInputError, InvalidTypeError, shown
 from .failpoints import failpoint
-from .model import check_name
-from .recovery import restore_to
+from .model import check_int63, check_name
+from .recovery import check_target, restore_to
 from .snapshots import (
     MANIFEST_SUFFIX,
     Progress,
     SnapshotManifest,
+    check_progress,
     publish,
     published_seqs,
     read_manifest,
@@ -107,6 +106,7 @@ def _background_flush(engine: Engine) -> None:
 
 def create_snapshot(engine: Engine, progress: Progress | None) -> SnapshotManifest:
     """See :meth:`rstmdb_storage.Storage.create_snapshot`."""
+    check_progress(progress)
     engine.writable()
     with snapshot_lock(engine.config.path / SNAPSHOTS_DIR, engine.config.file_mode):
         return _snapshot_locked(engine, progress)
@@ -147,6 +147,7 @@ def _snapshot_locked(engine: Engine, progress: Progress | None) -> SnapshotManif
 
 def compact(engine: Engine, progress: Progress | None) -> CompactionResult:
     """See :meth:`rstmdb_storage.Storage.compact`."""
+    check_progress(progress)
     engine.writable()
     directory = engine.config.path / SNAPSHOTS_DIR
     with snapshot_lock(directory, engine.config.file_mode):
@@ -242,8 +243,7 @@ def _maintain(engine: Engine) -> None:
 def hold_wal(engine: Engine, name: str, from_seq: int) -> None:
     """See :meth:`rstmdb_storage.Storage.hold_wal`."""
     check_name("hold name", name)
-    if type(from_seq) is not int or not 0 <= from_seq < 2**63:
-        raise InvalidInputError(f"from_seq: expected an int >= 0, got {from_seq!r}")
+    check_int63("from_seq", from_seq)
     engine.write(lambda txn: engine.meta.write_hold(txn, name, from_seq))
 
 
@@ -361,12 +361,11 @@ def _stop_flushers() -> None:
 
 def backup(engine: Engine, target: str | os.PathLike[str], progress: Progress | None) -> int:
     """See :meth:`rstmdb_storage.Storage.backup`."""
-    if not isinstance(target, str | os.PathLike):
-        raise InvalidTypeError(f"backup target: expected a path, got {shown(target)}")
+    target_path = check_target(target, "backup target")  # before the snapshot: nothing written
     create_snapshot(engine, progress)
     return restore_to(
         engine.config.path,
-        Path(os.fspath(target)),
+        target_path,
         engine.wal,
         None,
         engine.config.file_mode,

@@ -80,7 +80,7 @@ def check_instance(inst: object) -> Instance:
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
     check_id(inst.id)
     check_name("machine", inst.machine)
-    _check_int("version", inst.version)
+    check_int63("version", inst.version)
     check_name("state", inst.state)
     if type(inst.ctx) is not dict:
         raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(inst.ctx)}")
@@ -95,21 +95,17 @@ def check_instance(inst: object) -> Instance:
             f"last_event_id of {inst.id!r}: expected str or None, got {_tn(inst.last_event_id)}"
         )
     if inst.created_at is not None:
-        _check_int("created_at", inst.created_at)
+        check_int63("created_at", inst.created_at)
     if inst.updated_at is not None:
-        _check_int("updated_at", inst.updated_at)
+        check_int63("updated_at", inst.updated_at)
     return inst
 
 
 def check_id(instance_id: object) -> str:
     """Return *instance_id* if it is a usable instance id, else raise."""
-    if not isinstance(instance_id, str):
+    if type(instance_id) is not str:  # a subclass could encode to other bytes than it holds
         raise InvalidTypeError(f"instance id: expected str, got {_tn(instance_id)}")
-    _check_text("instance id", instance_id)
-    try:
-        instance_id.encode()  # the id becomes the LMDB key
-    except UnicodeEncodeError as exc:
-        raise InvalidInputError(f"instance id: not valid Unicode text ({exc.reason})") from None
+    _check_text("instance id", instance_id)  # encodable: the id becomes the LMDB key
     return instance_id
 
 
@@ -169,7 +165,7 @@ def _check_metadata(inst: Instance) -> None:
 
 def check_name(what: str, value: object) -> None:
     """Raise unless *value* is usable as a machine, state or label name."""
-    if not isinstance(value, str):
+    if type(value) is not str:  # a subclass could encode to other bytes than it holds
         raise InvalidTypeError(f"{what}: expected str, got {_tn(value)}")
     _check_text(what, value)
 
@@ -183,7 +179,8 @@ def _check_text(what: str, value: str) -> None:
 
 
 def _check_length(what: str, value: str) -> None:
-    if len(value) > _SHORT_TEXT:
+    # Short ASCII text is short enough and encodable; anything else is encoded to be sure.
+    if len(value) > _SHORT_TEXT or not value.isascii():
         try:
             size = len(value.encode("utf-8"))
         except UnicodeEncodeError as exc:
@@ -194,7 +191,9 @@ def _check_length(what: str, value: str) -> None:
             )
 
 
-def _check_int(what: str, value: object) -> None:
+def check_int63(what: str, value: object) -> None:
+    """Raise unless *value* is an int that fits the stored width: 0 to 2**63 - 1 (versions,
+    times, sequence numbers)."""
     if type(value) is not int:
         raise InvalidTypeError(f"{what}: expected int, got {_tn(value)}")
     if not 0 <= value < 2**63:

@@ -35,6 +35,7 @@ from .replay import adopt_snapshot, recover
 from .snapshots import (
     Progress,
     SnapshotManifest,
+    check_progress,
     published_seqs,
     remove_leftovers,
     snapshot_lock,
@@ -51,6 +52,7 @@ log = logging.getLogger("rstmdb_storage")
 def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
     """Open the store of *config* (see :meth:`rstmdb_storage.Storage.open`)."""
     config.validate()
+    check_progress(progress)
     remote = network_filesystem(config.path)
     if remote is not None:
         log.warning(

@@ -18,7 +18,14 @@ from .codec import cbor_loads, decode_instance, unseal
 from .config import DB_IDEMPOTENCY, DB_MACHINES, INDEX_DATABASES, MAX_ID_BYTES
 from .engine import Engine
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError, shown
-from .model import Instance, MachineDefinition, check_id, check_label_value, check_name
+from .model import (
+    Instance,
+    MachineDefinition,
+    check_id,
+    check_int63,
+    check_label_value,
+    check_name,
+)
 from .store.env import LmdbEnvironment
 from .store.indexes import (
     TAG_OF,
@@ -302,6 +309,8 @@ def count_by_state(engine: Engine, machine: str) -> dict[str, int]:
 def get_machine(engine: Engine, name: str, version: int | None) -> MachineDefinition | None:
     """Version *version* of machine *name* (the newest when None), or None."""
     check_name("machine", name)
+    if version is not None:
+        check_int63("machine version", version)
     prefix = name.encode() + b"\x00"
     db = engine.env.dbs[DB_MACHINES]
     found = engine.read(lambda txn: machine_entry(txn, db, prefix, version))

@@ -55,6 +55,7 @@ from .errors import (
 )
 from .failpoints import failpoint
 from .fsutil import copy_file_atomic, fsync_dir, make_dir, write_file_atomic
+from .model import check_int63
 from .snapshots import (
     DATA_SUFFIX,
     LOCK_NAME,
@@ -62,6 +63,7 @@ from .snapshots import (
     Progress,
     SnapshotManifest,
     check_data,
+    check_progress,
     first_needed_segment,
     published_seqs,
     readable_manifests,
@@ -179,19 +181,9 @@ def restore_to(
 
     :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the source
     """
-    if seq is not None and (type(seq) is not int or not 0 <= seq < 2**63):
-        raise InvalidInputError(
-            f"seq: expected an int from 0 to 2**63 - 1 or None, got {shown(seq)}"
-        )
-    if target.is_symlink():
-        raise InvalidInputError(
-            f"{target_role} {target} is a symbolic link (to {os.readlink(target)}): give the "
-            f"directory it should be"
-        )
-    if target.exists() and not target.is_dir():
-        raise InvalidInputError(f"{target_role} {target} is not a directory")
-    if target.exists() and any(target.iterdir()):
-        raise InvalidInputError(f"{target_role} {target} is not empty")
+    if seq is not None:
+        check_int63("seq", seq)
+    check_target(target, target_role)
     with _compaction_held_off(source / SNAPSHOTS_DIR, file_mode):
         manifest = choose_snapshot(source / SNAPSHOTS_DIR, wal, seq, progress)
         ids = wal.segment_ids()
@@ -322,6 +314,29 @@ def _step(progress: Progress | None, step: str) -> Callable[[int, int], None] | 
     return lambda done, total: progress(step, done, total)
 
 
+def check_target(target: object, role: str) -> Path:
+    """*target* as a path, if a restore or backup may build a store there: a path (without
+    NUL) to a new or empty directory that is not a symbolic link.
+
+    :raises InvalidTypeError, InvalidInputError: it may not
+    """
+    if not isinstance(target, str | os.PathLike):
+        raise InvalidTypeError(f"{role}: expected a path, got {shown(target)}")
+    path = Path(os.fspath(target))
+    if "\x00" in os.fsdecode(path):
+        raise InvalidInputError(f"{role}: a path cannot hold a NUL byte, got {shown(target)}")
+    if path.is_symlink():
+        raise InvalidInputError(
+            f"{role} {path} is a symbolic link (to {os.readlink(path)}): give the directory "
+            f"it should be"
+        )
+    if path.exists() and not path.is_dir():
+        raise InvalidInputError(f"{role} {path} is not a directory")
+    if path.exists() and any(path.iterdir()):
+        raise InvalidInputError(f"{role} {path} is not empty")
+    return path
+
+
 def restore(
     source: str | os.PathLike[str],
     target: str | os.PathLike[str],
@@ -332,6 +347,8 @@ def restore(
     """Build in *target* the state of the data directory *source* at *seq*, or as of the
     time *until_ms* (see :meth:`rstmdb_storage.Storage.restore`); return the sequence number
     restored to. Opening *target* replays the WAL up to it."""
+    target_path = check_target(target, "restore target")
+    check_progress(progress)
     config = StorageConfig(data_dir=source)
     config.validate()
     require_store(config)
@@ -339,10 +356,9 @@ def restore(
     if until_ms is not None:
         if seq is not None:
             raise InvalidInputError("restore: give seq or until_ms, not both")
-        if type(until_ms) is not int:
-            raise InvalidTypeError(f"until_ms: expected an int, got {shown(until_ms)}")
+        check_int63("until_ms", until_ms)
         seq = seq_at_time(wal, until_ms)
-    return restore_to(config.path, Path(os.fspath(target)), wal, seq, config.file_mode, progress)
+    return restore_to(config.path, target_path, wal, seq, config.file_mode, progress)
 
 
 def repair_wal(config: StorageConfig) -> TornTailRepair | None:

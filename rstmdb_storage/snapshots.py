@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import inspect
 import logging
 import os
 import threading
@@ -38,8 +39,9 @@ from typing import Any
 from crc32c import crc32c
 
 from .codec import cbor_dumps, cbor_loads, seal, unseal
-from .errors import CorruptionError, DecodeError
+from .errors import CorruptionError, DecodeError, InvalidTypeError, shown
 from .fsutil import atomic_file, fsync_dir, os_error, write_file_atomic
+from .model import check_int63
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -52,6 +54,30 @@ _CHUNK = 1 << 20
 #: called with (step, done, in all) while a long step runs: "checksum" and "copy" count bytes,
 #: "replay" counts WAL records (in all is 0 when not known in advance)
 Progress = Callable[[str, int, int], None]
+
+
+def check_progress(progress: object) -> None:
+    """Raise :class:`InvalidTypeError` unless *progress* is None or can be called as
+    ``progress(step, done, total)``: checked at the call, before anything is written."""
+    if progress is None:
+        return
+    if not callable(progress):
+        raise InvalidTypeError(f"progress: expected a function or None, got {shown(progress)}")
+    try:
+        inspect.signature(progress).bind("step", 0, 0)
+    except ValueError:
+        return  # no signature to read (a builtin): it is trusted
+    except TypeError as exc:
+        raise InvalidTypeError(f"progress: must take (step, done, total): {exc}") from None
+
+
+def check_snapshot(directory: Path, manifest: object, progress: Progress | None) -> None:
+    """See :meth:`rstmdb_storage.Storage.check_snapshot` (its arguments checked first)."""
+    if not isinstance(manifest, SnapshotManifest):
+        raise InvalidTypeError(f"manifest: expected a SnapshotManifest, got {shown(manifest)}")
+    check_int63("manifest seq", manifest.seq)
+    check_progress(progress)
+    check_data(directory, manifest, progress)
 
 
 @dataclass(frozen=True, slots=True)

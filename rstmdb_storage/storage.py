@@ -22,7 +22,7 @@ from .engine import Engine
 from .errors import CorruptionError
 from .model import Instance, MachineDefinition, MetadataValue
 from .query import Page, metadata_query, state_query, time_query
-from .snapshots import Progress, SnapshotManifest, check_data, manifests
+from .snapshots import Progress, SnapshotManifest, check_snapshot, manifests
 from .verify import Finding, verify_store
 from .wal import TornTailRepair
 from .writes import Batch
@@ -276,7 +276,7 @@ class Storage:
 
     def check_snapshot(self, manifest: SnapshotManifest, progress: Progress | None = None) -> None:
         """Raise :class:`CorruptionError` unless the snapshot's file matches its manifest."""
-        check_data(self.config.path / SNAPSHOTS_DIR, manifest, progress)
+        check_snapshot(self.config.path / SNAPSHOTS_DIR, manifest, progress)
 
     # --- machine definitions --------------------------------------------------------------------
 
