@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -197,12 +198,15 @@ class Engine:
             if interval and total // interval != (total - changed) // interval and self.flusher:
                 self.flusher.wake()
 
-    def flush_lmdb(self) -> None:
-        """Flush LMDB to disk. When that fails the store fail-stops: the kernel may have
-        dropped the pages it could not write and marked them clean, so a later flush proves
-        nothing. Every later write is refused, and ``indexes/`` is marked untrusted, so that the
-        next open rebuilds it from the snapshots and the WAL instead of trusting the
-        checkpoint this flush was to make durable."""
+    def flush_lmdb(self, applied_seq: int) -> None:
+        """Flush LMDB to disk, holding everything up to *applied_seq*; then record that in
+        ``indexes/flushed``, outside LMDB, for opening to decide after a reboot without
+        opening ``data.mdb`` (see :func:`flushed_before_reboot`).
+
+        When the flush fails the store fail-stops: the kernel may have dropped the pages it
+        could not write and marked them clean, so a later flush proves nothing. Every later
+        write is refused, and ``indexes/`` is marked untrusted, so that the next open rebuilds
+        it from the snapshots and the WAL instead of trusting it."""
         env = self.env
         try:
             env.sync()
@@ -211,6 +215,11 @@ class Engine:
             with contextlib.suppress(OSError):  # best effort: the disk is failing
                 write_file_atomic(marker, str(exc).encode(), self.config.file_mode)
             raise self.wal.failed(f"the flush of {env.path / 'data.mdb'}", str(exc)) from exc
+        record = _FLUSHED.pack(applied_seq) + self.boot_id.encode()
+        try:
+            write_file_atomic(self.config.path / INDEXES_DIR / FLUSHED_NAME, record, 0o600)
+        except OSError as exc:
+            raise os_error(exc, f"recording the flush of {env.path}") from exc
 
     def list_snapshot(self, txn: Any, manifest: SnapshotManifest) -> None:
         """List *manifest* in the snapshots table (what ``verify`` and opening compare)."""
@@ -238,6 +247,27 @@ class Engine:
 def _in_write_transaction(env: lmdb_env.LmdbEnvironment, change: Callable[[Any], T]) -> T:
     with env.begin_write() as txn:
         return change(txn)
+
+
+#: ``indexes/flushed``: u64 LE applied_seq, then the boot id (ASCII), written after each
+#: successful flush of LMDB
+FLUSHED_NAME = "flushed"
+_FLUSHED = struct.Struct("<Q")
+
+
+def flushed_before_reboot(config: StorageConfig) -> int | None:
+    """The applied sequence number of the last flush of LMDB, when it was made in an earlier
+    boot of this machine (None when in this boot, or never recorded). LMDB runs with
+    ``sync=False``: after a power loss, whatever it committed after that flush may be torn
+    anywhere in ``data.mdb``, so that file is not to be opened when the WAL goes past it."""
+    try:
+        record = (config.path / INDEXES_DIR / FLUSHED_NAME).read_bytes()
+    except OSError:
+        return None
+    if len(record) <= _FLUSHED.size:
+        return 0  # torn or foreign: nothing is known flushed
+    boot = record[_FLUSHED.size :].decode("ascii", errors="replace")
+    return None if boot == boot_id() else _FLUSHED.unpack_from(record)[0]
 
 
 def require_store(config: StorageConfig) -> None:

@@ -59,7 +59,7 @@ def checkpoint(engine: Engine) -> int:
     with env.write_mutex:
         applied = _checkpoint_locked(engine, env)
     failpoint("checkpoint.before_lmdb_sync")
-    engine.flush_lmdb()  # outside the mutex: writers go on while the data file is flushed
+    engine.flush_lmdb(applied)  # outside the mutex: writers go on while the file is flushed
     return applied
 
 
@@ -96,9 +96,9 @@ def _background_flush(engine: Engine) -> None:
         elapsed_ms = (time.monotonic() - engine.last_checkpoint) * 1000
         if not (engine.dirty and elapsed_ms >= engine.config.checkpoint_interval_ms):
             return
-        _checkpoint_locked(engine, env)
+        applied = _checkpoint_locked(engine, env)
     failpoint("checkpoint.before_lmdb_sync")
-    engine.flush_lmdb()
+    engine.flush_lmdb(applied)
 
 
 # --- snapshots and compaction -----------------------------------------------------------------

@@ -20,7 +20,14 @@ import os
 from pathlib import Path
 
 from .config import INDEXES_DIR, SNAPSHOTS_DIR, UNTRUSTED_MARKER, WAL_DIR, StorageConfig
-from .engine import Engine, make_wal, probe_wal, refuse_unfinished_restore, require_store
+from .engine import (
+    Engine,
+    flushed_before_reboot,
+    make_wal,
+    probe_wal,
+    refuse_unfinished_restore,
+    require_store,
+)
 from .errors import (
     CorruptionError,
     IndexesCorruptionError,
@@ -93,6 +100,14 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
                     f"holds may never have reached the disk",
                     path=str(indexes),
                 )
+            flushed = flushed_before_reboot(config)
+            if flushed is not None and probe_wal(config).tail_after().applied_seq > flushed:
+                # Never opened: a torn data.mdb can crash the process that maps it.
+                raise IndexesCorruptionError(
+                    f"{indexes} is untrusted: the machine restarted after LMDB committed WAL "
+                    f"records past sequence {flushed} without flushing them",
+                    path=str(indexes),
+                )
             return _open_environment(config, None, progress)
         except IndexesCorruptionError as exc:
             if lmdb_env.in_use(config):
@@ -131,6 +146,13 @@ def _open_read_only(config: StorageConfig) -> Engine:
         raise RecoveryNeededError(
             f"{indexes / DATA_FILE} is missing: open {config.path} for writing to rebuild it "
             f"from its snapshots and WAL (rstmdb-storage recover {config.path})"
+        )
+    flushed = flushed_before_reboot(config)
+    if flushed is not None and probe_wal(config).tail_after().applied_seq > flushed:
+        raise RecoveryNeededError(
+            f"{indexes / DATA_FILE} may be torn: the machine restarted after LMDB committed "
+            f"WAL records past sequence {flushed} without flushing them; open {config.path} "
+            f"for writing to rebuild it (rstmdb-storage recover {config.path})"
         )
     # Asked before our own shared lock on users.lock would answer it.
     writers_may_be_running = lmdb_env.in_use(config)

@@ -43,7 +43,7 @@ from .config import (
     WAL_DIR,
     StorageConfig,
 )
-from .engine import probe_wal, require_store
+from .engine import FLUSHED_NAME, probe_wal, require_store
 from .errors import (
     CorruptionError,
     IndexesCorruptionError,
@@ -160,7 +160,9 @@ def _move_aside(indexes: Path) -> None:
         log.warning("moved the damaged %s aside to %s", data, aside)
     # The reader table of the old file means nothing for the new one; nobody has it open.
     (indexes / LOCK_FILE).unlink(missing_ok=True)
-    (indexes / UNTRUSTED_MARKER).unlink(missing_ok=True)  # it spoke of the file moved aside
+    # These spoke of the file moved aside.
+    (indexes / UNTRUSTED_MARKER).unlink(missing_ok=True)
+    (indexes / FLUSHED_NAME).unlink(missing_ok=True)
     fsync_dir(indexes)
     failpoint("rebuild.after_move_aside")
 

@@ -182,4 +182,4 @@ def adopt_snapshot(engine: Engine, manifest: SnapshotManifest) -> None:
         engine.list_snapshot(txn, manifest)
 
     engine.write(record)
-    engine.flush_lmdb()
+    engine.flush_lmdb(manifest.seq)
