@@ -11,6 +11,7 @@ import ctypes
 import errno
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -128,9 +129,10 @@ _COPY_CHUNK = 4 << 20
 
 
 def temporary_name(path: Path) -> Path:
-    """Where *path* is built before it is renamed into place; per process, so that two
-    processes publishing the same file never write into one temporary file."""
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """Where *path* is built before it is renamed into place; per process and thread, so that
+    two writers of the same file (two processes, or two threads checkpointing) never write
+    into one temporary file."""
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
 def write_all(fd: int, data: bytes, offset: int, path: str) -> None:

@@ -451,3 +451,23 @@ def test_a_storage_sent_to_a_spawn_pool_is_opened_there(data_dir: Path) -> None:
             assert pool.apply(_count_in_child, (storage,)) == 1
         with pickle.loads(pickle.dumps(storage)) as again:  # here too: a second Storage
             assert again.config == storage.config and again.count_instances() == 1
+
+
+def test_threads_checkpointing_at_once_all_succeed(storage: Storage) -> None:
+    errors: list[BaseException] = []
+
+    def writer(name: str) -> None:
+        try:
+            for i in range(100):
+                storage.put_instance(order(f"{name}-{i % 5}"))
+                storage.checkpoint()  # each records its flush outside LMDB
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(f"t{n}",)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert storage.checkpoint() == storage.applied_seq == 300
