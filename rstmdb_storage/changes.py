@@ -57,6 +57,7 @@ from .model import (
     check_int63,
     check_name,
     check_plain_value,
+    plain_str,
 )
 
 CHANGE_PUT = 1
@@ -111,14 +112,14 @@ class PutInstance:
     ) -> PutInstance:
         """The put that stores *instance*, checked and encoded (bad input raises here)."""
         check_instance(instance)
-        body = encode_instance_body(instance, max_instance_size)
+        body = encode_instance_body(instance, max_instance_size)  # CBOR takes the plain text
         return cls(
-            instance.id,
+            plain_str(instance.id),
             instance.created_at,
             instance.updated_at,
             body,
             Condition.of(expected_state, expected_seq),
-            (instance.machine, instance.state, instance.metadata),
+            (plain_str(instance.machine), plain_str(instance.state), instance.metadata),
         )
 
     def indexed_fields(self, seq: int | None = None) -> IndexedFields:
@@ -148,7 +149,7 @@ class DeleteInstance:
         cls, instance_id: str, expected_state: str | None, expected_seq: int | None
     ) -> DeleteInstance:
         check_id(instance_id)
-        return cls(instance_id, Condition.of(expected_state, expected_seq))
+        return cls(plain_str(instance_id), Condition.of(expected_state, expected_seq))
 
     def encoded(self) -> list[Any]:
         if self.condition is None:

@@ -103,10 +103,17 @@ def check_instance(inst: object) -> Instance:
 
 def check_id(instance_id: object) -> str:
     """Return *instance_id* if it is a usable instance id, else raise."""
-    if type(instance_id) is not str:  # a subclass could encode to other bytes than it holds
+    if not isinstance(instance_id, str):  # a StrEnum member is welcome (see plain_str)
         raise InvalidTypeError(f"instance id: expected str, got {_tn(instance_id)}")
     _check_text("instance id", instance_id)  # encodable: the id becomes the LMDB key
     return instance_id
+
+
+def plain_str(value: str) -> str:
+    """*value* as a plain ``str``: the text a ``str`` subclass (a ``StrEnum`` member, say)
+    holds, whatever its ``encode`` or ``__str__`` say, so that keys, index entries and the WAL
+    all carry the same bytes."""
+    return value if type(value) is str else str.__str__(value)
 
 
 def check_label_value(what: str, value: object) -> None:
@@ -165,7 +172,7 @@ def _check_metadata(inst: Instance) -> None:
 
 def check_name(what: str, value: object) -> None:
     """Raise unless *value* is usable as a machine, state or label name."""
-    if type(value) is not str:  # a subclass could encode to other bytes than it holds
+    if not isinstance(value, str):  # a StrEnum member is welcome (see plain_str)
         raise InvalidTypeError(f"{what}: expected str, got {_tn(value)}")
     _check_text(what, value)
 

@@ -25,6 +25,7 @@ from .model import (
     check_int63,
     check_label_value,
     check_name,
+    plain_str,
 )
 from .store.env import LmdbEnvironment
 from .store.indexes import (
@@ -220,7 +221,7 @@ def decode_machine(key: bytes, raw: bytes) -> MachineDefinition:
 def get_instance(engine: Engine, instance_id: str) -> Instance | None:
     """The instance stored under *instance_id*, or None (see ``Storage.get_instance``)."""
     if type(instance_id) is not str:
-        check_id(instance_id)  # raises InvalidTypeError
+        instance_id = plain_str(check_id(instance_id))  # a StrEnum member, or InvalidTypeError
     try:
         key = instance_id.encode()
     except UnicodeEncodeError:

@@ -161,8 +161,16 @@ def remove_leftovers(directory: Path) -> None:
 
 
 def read_manifest(directory: Path, seq: int) -> SnapshotManifest:
+    """The manifest of snapshot *seq*. ``FileNotFoundError`` when it is gone (compaction in
+    another process deletes snapshots at any time); any other failure to read it is typed."""
     path = directory / f"{seq:020d}{MANIFEST_SUFFIX}"
-    return SnapshotManifest.decode(path.read_bytes(), str(path))
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise os_error(exc, f"reading {path}") from exc
+    return SnapshotManifest.decode(raw, str(path))
 
 
 def first_needed_segment(segment_ids: list[int], seq: int) -> int | None:
@@ -179,8 +187,13 @@ def published_seqs(directory: Path) -> list[int]:
 
 
 def manifests(directory: Path) -> list[SnapshotManifest]:
-    """The manifests of every published snapshot, oldest first (a damaged one raises)."""
-    return [read_manifest(directory, seq) for seq in published_seqs(directory)]
+    """The manifests of every published snapshot, oldest first (a damaged one raises; one
+    that a compaction deletes while they are read is left out)."""
+    found = []
+    for seq in published_seqs(directory):
+        with contextlib.suppress(FileNotFoundError):
+            found.append(read_manifest(directory, seq))
+    return found
 
 
 def readable_manifests(directory: Path) -> list[SnapshotManifest]:
@@ -253,6 +266,8 @@ def check_data(
     try:
         size = os.fstat(fd).st_size
         computed = _crc_of(fd, size, progress)
+    except OSError as exc:
+        raise os_error(exc, f"reading {path}") from exc
     finally:
         os.close(fd)
     if size != manifest.size or computed != manifest.crc32c:

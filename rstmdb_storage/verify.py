@@ -144,8 +144,11 @@ def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
         try:
             manifest = read_manifest(directory, seq)
             check_data(directory, manifest)
+        except FileNotFoundError:
+            continue  # deleted by a compaction meanwhile
         except CorruptionError as exc:
-            yield Finding.of(where, exc)
+            if published_seqs(directory).count(seq):  # still published: really damaged
+                yield Finding.of(where, exc)
             continue
         if manifest.store_id != wal.store_id:
             yield Finding(where, f"belongs to store {manifest.store_id.hex()}, not this one")
