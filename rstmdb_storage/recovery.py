@@ -200,6 +200,9 @@ def restore_to(
             end = wal.tail_after(seq)
         except WalGapError as exc:
             raise InvalidInputError(f"sequence {seq} is not covered by {source}: {exc}") from exc
+        # Listed again: writers go on during a backup, and may have rotated into a segment
+        # that was not there when the snapshot was chosen; the end found is in it.
+        ids = wal.segment_ids()
         if end.applied_seq < base:
             raise WalGapError(
                 f"the WAL in {wal.directory} ends at sequence {end.applied_seq}, before "
