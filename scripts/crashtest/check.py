@@ -194,7 +194,7 @@ class Ledger:
                     out.lost.append(f"record {s} acknowledged, applied_seq is {applied}")
             records = sorted([*acked, *landed], key=lambda r: r[0])  # type: ignore[list-item]
             self.history.append((self.applied, self.state, records))
-            out.wal += check_wal(storage, applied, dict(records))
+            out.wal += check_wal(storage, applied, dict(acked), landed)
             out.verify += [str(f) for f in storage.verify()]
         except Exception as exc:  # reading what the open served failed: a finding, not a crash
             out.verify.append(f"checking the reopened store raised {type(exc).__name__}: {exc}")
@@ -261,9 +261,17 @@ def target_problems(
     return problems
 
 
-def check_wal(storage: Storage, applied: int, records: dict[int, list[list[Any]]]) -> list[str]:
+def check_wal(
+    storage: Storage,
+    applied: int,
+    records: dict[int, list[list[Any]]],
+    landed: list[Any] = (),  # type: ignore[assignment]
+) -> list[str]:
     """The WAL holds every record from its first segment to *applied*, gap-free, and each one
-    the ledger knows changes the ids it says, the way it says (put or delete)."""
+    the ledger acknowledged changes the ids it says, the way it says (put or delete). The
+    writes in flight that landed were placed at the unacknowledged sequence numbers by their
+    effect on the state, which cannot tell apart writes of the same effect (three writers each
+    deleting its own id): those records must together hold those writes, in whatever order."""
     segments = storage.wal_segments()
     if not segments:
         return [] if applied == 0 else [f"no WAL segment, applied_seq {applied}"]
@@ -281,6 +289,27 @@ def check_wal(storage: Storage, applied: int, records: dict[int, list[list[Any]]
             wanted = [[i, v is None] for i, v in records[record.seq]]
             if ids != wanted:
                 problems.append(f"record {record.seq} holds {ids}, the ledger says {wanted}")
+    inferred = {seq: changes for seq, changes in landed}
+    held = sorted(
+        repr(
+            [
+                [c.id, type(c).__name__ == "DeleteInstance"]
+                for c in record.changes()
+                if type(c).__name__ in ("PutInstance", "DeleteInstance")
+            ]
+        )
+        for record in storage.read_wal(first)
+        if record.seq in inferred
+    )
+    wanted_landed = sorted(
+        repr([[i, v is None] for i, v in changes])
+        for seq, changes in inferred.items()
+        if seq >= first
+    )
+    if held != wanted_landed:
+        problems.append(
+            f"records {sorted(inferred)} hold {held}, the writes in flight {wanted_landed}"
+        )
     if seqs != list(range(first, applied + 1)):
         missing = sorted(set(range(first, applied + 1)) - set(seqs))
         problems.append(f"the WAL from {first} to {applied} lacks {missing[:20]}")
