@@ -128,7 +128,11 @@ def cbor_loads(data: bytes | memoryview, where: str, max_size: int = MAX_VALUE_B
 
 
 def cbor_loads_exact(data: bytes, where: str, max_size: int) -> Any:
-    """Like :func:`cbor_loads`, and the value must fill *data*: bytes after it are damage."""
+    """Like :func:`cbor_loads`, and the value must fill *data*: bytes after it are damage.
+
+    ``cbor2.loads`` ignores bytes after the first value; the store never writes any, so WAL
+    records and :meth:`~rstmdb_storage.Storage.verify` look for them (reads do not: the CRC
+    already shows the bytes are the ones written)."""
     if len(data) > max_size:
         raise DecodeError(f"{where}: {len(data)} bytes of CBOR, more than the {max_size} allowed")
     stream = io.BytesIO(data)
@@ -140,26 +144,8 @@ def cbor_loads_exact(data: bytes, where: str, max_size: int) -> Any:
         cause = exc.__cause__ if isinstance(exc.__cause__, DecodeError) else exc
         raise DecodeError(f"{where}: bad CBOR ({cause})") from None
     if stream.tell() != len(data):
-        raise DecodeError(f"{where}: {len(data) - stream.tell()} bytes follow the CBOR value")
+        raise DecodeError(f"{where}: bytes follow the CBOR value")
     return value
-
-
-def check_single_value(data: bytes, where: str) -> None:
-    """Raise :class:`DecodeError` unless *data* is exactly one CBOR value.
-
-    ``cbor2.loads`` ignores bytes after the first value; the store never writes any, so
-    :meth:`~rstmdb_storage.Storage.verify` looks for them (reads do not: it would double the
-    cost of decoding, and the CRC already shows the bytes are the ones written).
-    """
-    decoder = cbor2.CBORDecoder(io.BytesIO(data), **_DECODE_OPTIONS)
-    try:
-        decoder.decode()
-        decoder.decode()
-    except cbor2.CBORDecodeEOF:
-        return  # nothing after the first value
-    except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError):
-        pass
-    raise DecodeError(f"{where}: bytes follow the CBOR value")
 
 
 # --- the envelope -------------------------------------------------------------------------------

@@ -217,7 +217,8 @@ class Engine:
             raise self.wal.failed(f"the flush of {env.path / 'data.mdb'}", str(exc)) from exc
         record = _FLUSHED.pack(applied_seq) + self.boot_id.encode()
         try:
-            write_file_atomic(self.config.path / INDEXES_DIR / FLUSHED_NAME, record, 0o600)
+            path = self.config.path / INDEXES_DIR / FLUSHED_NAME
+            write_file_atomic(path, record, self.config.file_mode)
         except OSError as exc:
             raise os_error(exc, f"recording the flush of {env.path}") from exc
 

@@ -13,12 +13,11 @@ from typing import Any
 
 from .codec import (
     INSTANCE_BODY_OFFSET,
-    cbor_loads,
-    check_single_value,
+    cbor_loads_exact,
     decode_instance,
     unseal,
 )
-from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES, SNAPSHOTS_DIR
+from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES, MAX_VALUE_BYTES, SNAPSHOTS_DIR
 from .engine import Engine
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
 from .model import check_instance
@@ -55,7 +54,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
         where = f"instances[{key!r}]"
         try:
             inst = decode_instance(key, raw)
-            check_single_value(raw[INSTANCE_BODY_OFFSET:], where)
+            cbor_loads_exact(raw[INSTANCE_BODY_OFFSET:], where, MAX_VALUE_BYTES)
         except CorruptionError as exc:
             yield Finding.of(where, exc)
             continue
@@ -79,8 +78,7 @@ def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterat
     for key, raw in txn.cursor(db=dbs[DB_MACHINES]).iternext():
         try:
             body = unseal(key, raw, "machines")
-            cbor_loads(body, f"machines[{key!r}]")
-            check_single_value(body, f"machines[{key!r}]")
+            cbor_loads_exact(body, f"machines[{key!r}]", MAX_VALUE_BYTES)
         except CorruptionError as exc:
             yield Finding.of(f"machines[{key!r}]", exc)
 

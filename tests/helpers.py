@@ -29,10 +29,14 @@ def wal_bytes(data_dir: Path) -> bytes:
     return b"".join(p.read_bytes() for p in sorted((data_dir / "wal").glob("*.wal")))
 
 
-def start_worker(*args: object, stderr: Any = None, stdin: Any = None) -> subprocess.Popen[str]:
-    """``python tests/workers.py ARGS...`` with this checkout importable, its stdout a pipe
-    of text lines."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+def start_worker(
+    *args: object, stderr: Any = None, stdin: Any = None, **environment: str
+) -> subprocess.Popen[str]:
+    """``python tests/workers.py ARGS...`` with this checkout importable (and *environment*
+    added to its environment), its stdout a pipe of text lines."""
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), **environment
+    )
     return subprocess.Popen(
         [sys.executable, str(WORKERS), *map(str, args)],
         cwd=ROOT,
@@ -49,20 +53,7 @@ def start_armed_worker(
 ) -> subprocess.Popen[str]:
     """:func:`start_worker` with the failpoints *failpoints* armed in the child
     (``RSTMDB_FAILPOINTS``, e.g. ``"write.after_sync=3*off->kill"``)."""
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-        RSTMDB_FAILPOINTS=failpoints,
-    )
-    return subprocess.Popen(
-        [sys.executable, str(WORKERS), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-    )
+    return start_worker(*args, stderr=stderr, stdin=stdin, RSTMDB_FAILPOINTS=failpoints)
 
 
 # --- transcripts of the writers in tests/workers.py, and the state they lead to ---------------
