@@ -100,8 +100,8 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
                     f"holds may never have reached the disk",
                     path=str(indexes),
                 )
-            flushed = flushed_before_reboot(config)
-            if flushed is not None and probe_wal(config).tail_after().applied_seq > flushed:
+            flushed = _unflushed_before_reboot(config)
+            if flushed is not None:
                 # Never opened: a torn data.mdb can crash the process that maps it.
                 raise IndexesCorruptionError(
                     f"{indexes} is untrusted: the machine restarted after LMDB committed WAL "
@@ -147,8 +147,8 @@ def _open_read_only(config: StorageConfig) -> Engine:
             f"{indexes / DATA_FILE} is missing: open {config.path} for writing to rebuild it "
             f"from its snapshots and WAL (rstmdb-storage recover {config.path})"
         )
-    flushed = flushed_before_reboot(config)
-    if flushed is not None and probe_wal(config).tail_after().applied_seq > flushed:
+    flushed = _unflushed_before_reboot(config)
+    if flushed is not None:
         raise RecoveryNeededError(
             f"{indexes / DATA_FILE} may be torn: the machine restarted after LMDB committed "
             f"WAL records past sequence {flushed} without flushing them; open {config.path} "
@@ -259,3 +259,12 @@ def _clear_failure(config: StorageConfig) -> None:
     log.warning("%s had failed (%s); opening it replays the WAL", config.path, reason)
     (wal_dir / FAILED_NAME).unlink()
     fsync_dir(wal_dir)
+
+
+def _unflushed_before_reboot(config: StorageConfig) -> int | None:
+    """The last flush of LMDB, when it was made in an earlier boot and the WAL goes past it:
+    then ``data.mdb`` may be torn anywhere, and is not to be opened. None otherwise."""
+    flushed = flushed_before_reboot(config)
+    if flushed is None or probe_wal(config).tail_after().applied_seq <= flushed:
+        return None
+    return flushed
