@@ -151,6 +151,9 @@ class StorageConfig:
     max_readers: int = 1024
     #: how often LMDB is flushed to disk (a checkpoint); the WAL covers writes in between
     checkpoint_interval_ms: int = 1000
+    #: how often the background scrub checks its next slice of the store (0: never; see
+    #: :mod:`rstmdb_storage.scrub`)
+    scrub_interval_ms: int = 10_000
     #: how long an idempotency key remembers the write made with it
     idempotency_retention_ms: int = 24 * 3600 * 1000
     #: permission bits of the files and directories the store creates (private by default)
@@ -204,6 +207,7 @@ class StorageConfig:
         _check_int(
             "checkpoint_interval_ms", self.checkpoint_interval_ms, minimum=1, maximum=2**31 - 1
         )
+        _check_int("scrub_interval_ms", self.scrub_interval_ms, minimum=0, maximum=2**31 - 1)
         _check_int(
             "idempotency_retention_ms", self.idempotency_retention_ms, minimum=1, maximum=2**62
         )

@@ -103,6 +103,8 @@ class Engine:
         self.opened_in_use = True
         #: the last error a background thread met (see ``Storage.health``)
         self.background_error: str | None = None
+        #: where the scrub is and what it found (``scrub.ScrubState``, made on first use)
+        self.scrub: Any = None
 
     # --- the environment ------------------------------------------------------------------------
 
@@ -213,7 +215,9 @@ class Engine:
         except (lmdb.Error, OSError) as exc:
             marker = self.config.path / INDEXES_DIR / UNTRUSTED_MARKER
             with contextlib.suppress(OSError):  # best effort: the disk is failing
-                write_file_atomic(marker, str(exc).encode(), self.config.file_mode)
+                reason = f"a flush of data.mdb failed ({exc}): pages it holds may never "
+                reason += "have reached the disk\n"
+                write_file_atomic(marker, reason.encode(), self.config.file_mode)
             raise self.wal.failed(f"the flush of {env.path / 'data.mdb'}", str(exc)) from exc
         record = _FLUSHED.pack(applied_seq) + self.boot_id.encode()
         try:

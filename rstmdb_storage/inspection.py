@@ -7,6 +7,7 @@ from typing import Any
 
 from .config import SNAPSHOTS_DIR
 from .engine import Engine
+from .scrub import state_of
 from .snapshots import published_seqs
 from .wal.format import segment_name
 
@@ -65,4 +66,5 @@ def health(engine: Engine) -> dict[str, Any]:
         else {"applied_seq": checkpoint.applied_seq, "boot_id": checkpoint.boot_id},
         "newest_snapshot_seq": snapshots[-1] if snapshots else None,
         "background_thread": flusher is not None and flusher.running(),
+        "scrub": state_of(engine).report(),
     }

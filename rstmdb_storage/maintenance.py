@@ -8,7 +8,8 @@ deletes the snapshots beyond ``snapshots_kept`` and the WAL segments nothing nee
 (:mod:`rstmdb_storage.compaction` decides which). Each store open for writing has a
 :class:`Flusher` thread: it clears the reader slots of dead processes, grows the map early,
 syncs under ``FsyncPolicy.every_ms``, checkpoints every ``checkpoint_interval_ms`` while there
-are writes, and starts automatic snapshots and compaction in a thread of their own.
+are writes, starts automatic snapshots and compaction in a thread of their own, and runs the
+scrub (:mod:`rstmdb_storage.scrub`) a slice at a time.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from .engine import Engine
 from .failpoints import failpoint
 from .model import check_int63, check_name
 from .recovery import check_target, restore_to
+from .scrub import scrub_if_due
 from .snapshots import (
     MANIFEST_SUFFIX,
     Progress,
@@ -306,6 +308,7 @@ class Flusher:
             try:
                 _background_flush(engine)
                 _start_if_due(engine)
+                scrub_if_due(engine)
             except Exception as exc:  # a thread must not die silently
                 # Seen in Storage.health(). A failed sync has made the store fail-stop (writers
                 # will say so) and there is nothing left to do; anything else is tried again.

@@ -96,8 +96,7 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
         try:
             if (indexes / UNTRUSTED_MARKER).exists():
                 raise IndexesCorruptionError(
-                    f"{indexes} is untrusted: a flush of {DATA_FILE} failed, and pages it "
-                    f"holds may never have reached the disk",
+                    f"{indexes} is untrusted ({_reason(indexes / UNTRUSTED_MARKER)})",
                     path=str(indexes),
                 )
             flushed = _unflushed_before_reboot(config)
@@ -146,6 +145,11 @@ def _open_read_only(config: StorageConfig) -> Engine:
         raise RecoveryNeededError(
             f"{indexes / DATA_FILE} is missing: open {config.path} for writing to rebuild it "
             f"from its snapshots and WAL (rstmdb-storage recover {config.path})"
+        )
+    if (indexes / UNTRUSTED_MARKER).exists():
+        raise RecoveryNeededError(
+            f"{indexes / DATA_FILE} is untrusted ({_reason(indexes / UNTRUSTED_MARKER)}): open "
+            f"{config.path} for writing to rebuild it (rstmdb-storage recover {config.path})"
         )
     flushed = _unflushed_before_reboot(config)
     if flushed is not None:
@@ -259,6 +263,14 @@ def _clear_failure(config: StorageConfig) -> None:
     log.warning("%s had failed (%s); opening it replays the WAL", config.path, reason)
     (wal_dir / FAILED_NAME).unlink()
     fsync_dir(wal_dir)
+
+
+def _reason(marker: Path) -> str:
+    """The first line of an ``UNTRUSTED`` marker: why ``data.mdb`` is not to be trusted."""
+    try:
+        return marker.read_text(errors="replace").partition("\n")[0] or "no reason recorded"
+    except OSError as exc:
+        return f"its reason cannot be read: {exc}"
 
 
 def _unflushed_before_reboot(config: StorageConfig) -> int | None:

@@ -22,7 +22,7 @@ from .failpoints import failpoint
 from .snapshots import Progress, SnapshotManifest
 from .store.env import LmdbEnvironment
 from .store.meta import Checkpoint
-from .verify import check_stored, run_checks
+from .verify import check_lmdb
 from .wal import FramedRecord, WalTail
 from .wal.format import segment_name
 
@@ -161,7 +161,7 @@ def recover(engine: Engine, progress: Progress | None = None) -> None:
     )
     rebooted = checkpoint is None or checkpoint.boot_id != engine.boot_id
     if rebooted and applied > (checkpoint.applied_seq if checkpoint else 0):
-        findings = run_checks([lambda: check_stored(engine, applied)])
+        findings = check_lmdb(engine)
         if findings:
             indexes = engine.config.path / INDEXES_DIR
             raise IndexesCorruptionError(

@@ -22,6 +22,7 @@ from .engine import Engine
 from .errors import CorruptionError
 from .model import Instance, MachineDefinition, MetadataValue
 from .query import Page, metadata_query, state_query, time_query
+from .scrub import scrub_cycle
 from .snapshots import Progress, SnapshotManifest, check_snapshot, manifests
 from .verify import Finding, verify_store
 from .wal import TornTailRepair
@@ -126,6 +127,24 @@ class Storage:
                 print(finding)   # e.g. "instances[b'order-7']: CRC32C mismatch ..."
         """
         return verify_store(self._engine)
+
+    def scrub(self) -> list[Finding]:
+        """Run a whole cycle of the scrub now (the background thread runs it a slice every
+        ``scrub_interval_ms``); return what it found, empty when all is well.
+
+        The scrub makes :meth:`verify`'s checks of LMDB and the WAL and snapshots, a bounded
+        slice at a time, each slice in a short read transaction (writers go on). Unlike
+        :meth:`verify`, it acts on damage in LMDB: the store fail-stops for every process
+        (:class:`StorageFailedError` on later writes; reads go on) and the next open, once no
+        process has it open, rebuilds ``indexes/`` from the newest intact snapshot and the
+        WAL, keeping the damaged file aside.
+
+        Example::
+
+            if storage.scrub():
+                print(storage.health()["failed"])   # reopen to rebuild
+        """
+        return scrub_cycle(self._engine)
 
     def read_wal(self, from_seq: int = 1, limit: int | None = None) -> Iterator[WalRecord]:
         """WAL records from sequence *from_seq* on, at most *limit* of them, up to the newest
@@ -442,8 +461,10 @@ class Storage:
         """Whether the store is sound in this process: ``failed`` (why it fail-stopped, or
         None), ``background_error`` (the last error of the background thread or an automatic
         snapshot, or None), ``applied_seq``, ``checkpoint`` (the last flush of LMDB: its
-        ``applied_seq`` and ``boot_id``), ``newest_snapshot_seq``, and ``background_thread``
-        (whether it runs). Reads only.
+        ``applied_seq`` and ``boot_id``), ``newest_snapshot_seq``, ``background_thread``
+        (whether it runs), and ``scrub``: its ``cycles`` and ``slices`` so far, the ``part`` it
+        is in, ``last_slice_ms`` and ``last_cycle_ms`` (Unix ms, or None), and its last
+        ``findings`` (see :meth:`scrub`). Reads only.
 
         Example::
 

@@ -1,16 +1,31 @@
 """Checks that return findings: every stored value against its checksum, the indexes against
-the instances, the WAL from its first segment to the applied sequence, every snapshot against
-its manifest, and the meta table. Nothing is repaired here.
+the instances, the instances against what the WAL says they must be, the WAL from its first
+segment to the applied sequence, every snapshot against its manifest, and the meta table.
+Nothing is repaired here.
+
+The checks of one entry (an instance, an index entry, a machine definition) and the WAL's
+cross-check (:class:`WalEffects`) are shared with :mod:`rstmdb_storage.scrub`, which runs them
+a bounded slice at a time in the background. Walking a sub-database, each entry is also looked
+up again by its own key: LMDB keeps no checksum of its pages, and a flipped bit in a leaf key
+moves the key out of sort order, where a lookup misses it without an error.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .changes import (
+    Change,
+    DeleteInstance,
+    IdempotencyKey,
+    PutInstance,
+    decode_changes,
+    is_conditional,
+)
 from .codec import (
     INSTANCE_BODY_OFFSET,
     cbor_loads_exact,
@@ -44,92 +59,217 @@ class Finding:
         return cls(where, problem)
 
 
-def check_instances(txn: Any, dbs: dict[bytes, Any], applied_seq: int) -> Iterator[Finding]:
-    """Inside one read transaction (a consistent view, streamed so memory stays flat): every
-    instance decodes, passes its CRC, has fields a write would accept and was written by an
-    applied record; every index entry it should have is there and points back to it; and no
-    index holds an entry that no instance explains; and every machine definition decodes."""
-    expected: Counter[bytes] = Counter()
-    for key, raw in txn.cursor(db=dbs[DB_INSTANCES]).iternext():
-        where = f"instances[{key!r}]"
-        try:
-            inst = decode_instance(key, raw)
-            cbor_loads_exact(raw[INSTANCE_BODY_OFFSET:], where, MAX_VALUE_BYTES)
-        except CorruptionError as exc:
-            yield Finding.of(where, exc)
-            continue
-        try:
-            check_instance(inst)  # the CRC passed; are the fields what a write allows?
-        except (InvalidInputError, InvalidTypeError) as exc:
-            yield Finding(where, f"stored fields are not valid: {exc}")
-            continue
-        if inst.last_wal_offset is None or inst.last_wal_offset > applied_seq:
-            yield Finding(
-                where,
-                f"last_wal_offset {inst.last_wal_offset} is beyond the applied sequence "
-                f"{applied_seq}",
+# --- one entry at a time ----------------------------------------------------------------------
+
+
+def entries(
+    txn: Any, db: Any, name: str, after: bytes | None = None
+) -> Iterator[tuple[bytes, bytes, Finding | None]]:
+    """The entries of sub-database *db* in key order (from the first key past *after*), each
+    with a finding when it is out of order or not found again by its key."""
+    cursor = txn.cursor(db=db)
+    found = cursor.set_range(after + b"\x00") if after is not None else cursor.first()
+    previous = after
+    while found:
+        key, raw = cursor.item()
+        finding = None
+        if (previous is not None and key <= previous) or txn.get(key, db=db) != raw:
+            finding = Finding(
+                f"{name}[{key!r}]",
+                "out of order: a lookup by its key does not find it (a damaged page)",
             )
-        for db, index_key in entries_of(inst):
-            expected[db] += 1
-            yield from _check_entry(txn, dbs, db, index_key, key)
-    for db in INDEX_DATABASES:
-        if txn.stat(dbs[db])["entries"] != expected[db]:
-            yield from _stray_entries(txn, dbs, db)
-    for key, raw in txn.cursor(db=dbs[DB_MACHINES]).iternext():
-        try:
-            body = unseal(key, raw, "machines")
-            cbor_loads_exact(body, f"machines[{key!r}]", MAX_VALUE_BYTES)
-        except CorruptionError as exc:
-            yield Finding.of(f"machines[{key!r}]", exc)
+        yield key, raw, finding
+        previous = key
+        found = cursor.next()
 
 
-def _check_entry(
-    txn: Any, dbs: dict[bytes, Any], db: bytes, index_key: bytes, instance_key: bytes
+def check_instance_entry(
+    txn: Any,
+    dbs: dict[bytes, Any],
+    key: bytes,
+    raw: bytes,
+    applied_seq: int,
+    indexed: Counter[bytes] | None = None,
 ) -> Iterator[Finding]:
-    where = f"{db.decode()}[{index_key!r}]"
-    raw = txn.get(index_key, db=dbs[db])
-    if raw is None:
-        yield Finding(where, f"missing: instance {instance_key!r} is not indexed")
-        return
+    """One instance: it decodes, passes its CRC, has fields a write would accept and was
+    written by an applied record; every index entry it should have is there and points back
+    (counted in *indexed*, per index, when given)."""
+    where = f"instances[{key!r}]"
     try:
-        points_to = unseal(index_key, raw, db.decode())
+        inst = decode_instance(key, raw)
+        cbor_loads_exact(raw[INSTANCE_BODY_OFFSET:], where, MAX_VALUE_BYTES)
     except CorruptionError as exc:
         yield Finding.of(where, exc)
         return
-    if points_to != instance_key:
-        yield Finding(where, f"points to {points_to!r} instead of {instance_key!r}")
-
-
-def _stray_entries(txn: Any, dbs: dict[bytes, Any], db: bytes) -> Iterator[Finding]:
-    """Entries of index *db* that no stored instance explains (run only when the counts say
-    there are some, since it decodes an instance per entry)."""
-    for index_key, raw in txn.cursor(db=dbs[db]).iternext():
-        where = f"{db.decode()}[{index_key!r}]"
-        try:
-            instance_key = unseal(index_key, raw, db.decode())
-            stored = txn.get(instance_key, db=dbs[DB_INSTANCES])
-            inst = None if stored is None else check_instance(decode_instance(instance_key, stored))
-        except (CorruptionError, InvalidInputError, InvalidTypeError):
-            continue  # reported with the entry or the instance it belongs to
-        if inst is None:
-            yield Finding(where, f"points to instance {instance_key!r}, which is not stored")
-        elif (db, index_key) not in entries_of(inst):
-            yield Finding(where, f"does not match instance {instance_key!r} as stored")
-
-
-def check_wal(wal: Wal, applied_seq: int) -> Iterator[Finding]:
-    """Every record from the first segment present up to *applied_seq* is readable, in order,
-    with its CRC; sealed segments match their seal."""
-    ids = wal.segment_ids()
-    if not ids:
-        yield Finding(str(wal.directory), "no WAL segments")
-        return
     try:
-        for _ in wal.records(ids[0], applied_seq):
-            pass
+        check_instance(inst)  # the CRC passed; are the fields what a write allows?
+    except (InvalidInputError, InvalidTypeError) as exc:
+        yield Finding(where, f"stored fields are not valid: {exc}")
+        return
+    if inst.last_wal_offset is None or inst.last_wal_offset > applied_seq:
+        yield Finding(
+            where,
+            f"last_wal_offset {inst.last_wal_offset} is beyond the applied sequence {applied_seq}",
+        )
+    for db, index_key in entries_of(inst):
+        if indexed is not None:
+            indexed[db] += 1
+        entry = f"{db.decode()}[{index_key!r}]"
+        stored = txn.get(index_key, db=dbs[db])
+        if stored is None:
+            yield Finding(entry, f"missing: instance {key!r} is not indexed")
+            continue
+        try:
+            points_to = unseal(index_key, stored, db.decode())
+        except CorruptionError as exc:
+            yield Finding.of(entry, exc)
+            continue
+        if points_to != key:
+            yield Finding(entry, f"points to {points_to!r} instead of {key!r}")
+
+
+def check_index_entry(
+    txn: Any, dbs: dict[bytes, Any], db: bytes, index_key: bytes, raw: bytes
+) -> Iterator[Finding]:
+    """One entry of index *db*: it points to a stored instance that it describes. (A broken
+    envelope or instance is reported with the instance's own check.)"""
+    where = f"{db.decode()}[{index_key!r}]"
+    try:
+        instance_key = unseal(index_key, raw, db.decode())
+        stored = txn.get(instance_key, db=dbs[DB_INSTANCES])
+        inst = None if stored is None else check_instance(decode_instance(instance_key, stored))
+    except (CorruptionError, InvalidInputError, InvalidTypeError):
+        return
+    if inst is None:
+        yield Finding(where, f"points to instance {instance_key!r}, which is not stored")
+    elif (db, index_key) not in entries_of(inst):
+        yield Finding(where, f"does not match instance {instance_key!r} as stored")
+
+
+def check_machine_entry(key: bytes, raw: bytes) -> Iterator[Finding]:
+    where = f"machines[{key!r}]"
+    try:
+        cbor_loads_exact(unseal(key, raw, "machines"), where, MAX_VALUE_BYTES)
+    except CorruptionError as exc:
+        yield Finding.of(where, exc)
+
+
+class WalEffects:
+    """What the WAL says the instances it touches must look like now, from the records of
+    one window of it (from its first segment, say) up to the applied sequence.
+
+    A record applies all its changes or none: one with a condition, an idempotency key or a
+    machine definition may have applied nothing, and says nothing for sure. An unconditional
+    one surely applied; so for each instance the last sure change is kept, and whether any
+    delete came after it. Then: an instance surely put and not deleted since must be stored,
+    and a stored one must have been written at or after its last sure change. (A record
+    before the window is unknown; the checks never report what could be right.)"""
+
+    def __init__(self) -> None:
+        #: instance id -> (sequence of its last sure change or 0, that change was a put,
+        #: a delete came after it)
+        self.by_id: dict[str, tuple[int, bool, bool]] = {}
+
+    def add(self, seq: int, changes: list[Change]) -> None:
+        sure = not any(is_conditional(c) or type(c) is IdempotencyKey for c in changes)
+        by_id = self.by_id
+        for change in changes:
+            kind = type(change)
+            if kind is not PutInstance and kind is not DeleteInstance:
+                continue
+            if sure:
+                by_id[change.id] = (seq, kind is PutInstance, False)
+            else:
+                sure_seq, was_put, deleted = by_id.get(change.id, (0, False, False))
+                by_id[change.id] = (sure_seq, was_put, deleted or kind is DeleteInstance)
+
+    def check(self, txn: Any, instances_db: Any) -> Iterator[Finding]:
+        for instance_id, (sure_seq, was_put, deleted) in self.by_id.items():
+            if not sure_seq:
+                continue
+            key = instance_id.encode()
+            where = f"instances[{key!r}]"
+            raw = txn.get(key, db=instances_db)
+            if raw is None:
+                if was_put and not deleted:
+                    yield Finding(
+                        where,
+                        f"missing: WAL record {sure_seq} put it and no record after it "
+                        f"deletes it (a damaged page, or a key lost)",
+                    )
+                continue
+            try:
+                written = decode_instance(key, raw).last_wal_offset or 0
+            except CorruptionError:
+                continue  # reported by the instance's own check
+            if written < sure_seq:
+                change = "put" if was_put else "deleted"
+                yield Finding(
+                    where,
+                    f"stored as written at sequence {written}, but WAL record {sure_seq} "
+                    f"{change} it after that",
+                )
+
+
+def walk_wal(wal: Wal, from_seq: int, until_seq: int, effects: WalEffects) -> Iterator[Finding]:
+    """Read the records *from_seq* to *until_seq* (CRCs, gaps, seals, the changes each holds)
+    into *effects*; a bad one is a finding, and the walk ends there."""
+    try:
+        for record in wal.records(from_seq, until_seq):
+            effects.add(record.seq, decode_changes(record.payload, f"WAL record {record.seq}"))
     except CorruptionError as exc:
         where = f"{exc.path} at offset {exc.offset}" if exc.path else str(wal.directory)
         yield Finding.of(where, exc)
+
+
+# --- the whole store --------------------------------------------------------------------------
+
+
+def check_lmdb(engine: Engine) -> list[Finding]:
+    """The meta table, every instance and index entry and machine definition, and the
+    instances against the WAL, in one read transaction (one consistent view, streamed so that
+    memory stays flat but for the WAL's effects). What was found before LMDB itself gave up
+    on a damaged page is kept, with that."""
+    found: list[Finding] = []
+    try:
+        engine.read(lambda txn: found.extend(_lmdb_findings(engine, txn)))
+    except CorruptionError as exc:
+        found.append(Finding("store", str(exc)))
+    return found
+
+
+def _lmdb_findings(engine: Engine, txn: Any) -> Iterator[Finding]:
+    try:
+        engine.meta.check_all(txn)
+    except CorruptionError as exc:
+        yield Finding("meta", str(exc))
+        return
+    applied = engine.meta.tail(txn).applied_seq
+    dbs = engine.live().dbs
+    expected: Counter[bytes] = Counter()
+    for key, raw, finding in entries(txn, dbs[DB_INSTANCES], "instances"):
+        if finding is not None:
+            yield finding
+        yield from check_instance_entry(txn, dbs, key, raw, applied, expected)
+    for db in INDEX_DATABASES:
+        # Looking each entry up again costs a second pass; only a count that disagrees
+        # (or an entry out of order, which the instances' own lookups then miss) needs it.
+        if txn.stat(dbs[db])["entries"] != expected[db]:
+            for index_key, raw, finding in entries(txn, dbs[db], db.decode()):
+                if finding is not None:
+                    yield finding
+                yield from check_index_entry(txn, dbs, db, index_key, raw)
+    for key, raw, finding in entries(txn, dbs[DB_MACHINES], "machines"):
+        if finding is not None:
+            yield finding
+        yield from check_machine_entry(key, raw)
+    ids = engine.wal.segment_ids()
+    if not ids:
+        yield Finding(str(engine.wal.directory), "no WAL segments")
+        return
+    effects = WalEffects()
+    yield from walk_wal(engine.wal, ids[0], applied, effects)
+    yield from effects.check(txn, dbs[DB_INSTANCES])
 
 
 def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
@@ -138,51 +278,31 @@ def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
     from any of them works)."""
     ids = wal.segment_ids()
     for seq in published_seqs(directory):
-        where = f"snapshot {seq:020d}"
-        try:
-            manifest = read_manifest(directory, seq)
-            check_data(directory, manifest)
-        except FileNotFoundError:
-            continue  # deleted by a compaction meanwhile
-        except CorruptionError as exc:
-            if published_seqs(directory).count(seq):  # still published: really damaged
-                yield Finding.of(where, exc)
-            continue
-        if manifest.store_id != wal.store_id:
-            yield Finding(where, f"belongs to store {manifest.store_id.hex()}, not this one")
-        elif first_needed_segment(ids, seq) is None:
-            yield Finding(where, f"the WAL after it is gone (its first segment starts at {ids[0]})")
+        yield from check_snapshot(directory, wal, seq, ids)
 
 
-def run_checks(checks: Iterable[Callable[[], Iterator[Finding]]]) -> list[Finding]:
-    findings: list[Finding] = []
-    for check in checks:
-        try:
-            findings.extend(check())
-        except CorruptionError as exc:
-            findings.append(Finding("store", str(exc)))
-    return findings
+def check_snapshot(directory: Path, wal: Wal, seq: int, ids: list[int]) -> Iterator[Finding]:
+    where = f"snapshot {seq:020d}"
+    try:
+        manifest = read_manifest(directory, seq)
+        check_data(directory, manifest)
+    except FileNotFoundError:
+        return  # deleted by a compaction meanwhile
+    except CorruptionError as exc:
+        if published_seqs(directory).count(seq):  # still published: really damaged
+            yield Finding.of(where, exc)
+        return
+    if manifest.store_id != wal.store_id:
+        yield Finding(where, f"belongs to store {manifest.store_id.hex()}, not this one")
+    elif first_needed_segment(ids, seq) is None:
+        yield Finding(where, f"the WAL after it is gone (its first segment starts at {ids[0]})")
 
 
 def verify_store(engine: Engine) -> list[Finding]:
     """See :meth:`rstmdb_storage.Storage.verify`."""
-    applied = engine.applied_tail().applied_seq
-
-    def meta() -> Iterator[Finding]:
-        engine.read(engine.meta.check_all)
-        return iter(())
-
-    return run_checks(
-        [
-            meta,
-            lambda: check_stored(engine, applied),
-            lambda: check_wal(engine.wal, applied),
-            lambda: check_snapshots(engine.config.path / SNAPSHOTS_DIR, engine.wal),
-        ]
-    )
-
-
-def check_stored(engine: Engine, applied: int) -> Iterator[Finding]:
-    """Every instance and index entry, in one read transaction (see ``check_instances``)."""
-    dbs = engine.live().dbs
-    return iter(engine.read(lambda txn: list(check_instances(txn, dbs, applied))))
+    found = check_lmdb(engine)
+    try:
+        found.extend(check_snapshots(engine.config.path / SNAPSHOTS_DIR, engine.wal))
+    except CorruptionError as exc:
+        found.append(Finding("snapshots", str(exc)))
+    return found
