@@ -46,9 +46,13 @@ from .config import (
     UNTRUSTED_MARKER,
 )
 from .engine import Engine
-from .errors import CorruptionError, StorageFailedError
+from .errors import CorruptionError, StorageError, StorageFailedError
 from .fsutil import write_file_atomic
+from .recovery import DATA_FILE, rebuild_from_snapshot
+from .replay import adopt_snapshot, replay
 from .snapshots import published_seqs
+from .store import env as lmdb_env
+from .store.meta import Checkpoint, Meta
 from .verify import (
     Finding,
     WalEffects,
@@ -59,6 +63,8 @@ from .verify import (
     entries,
     walk_wal,
 )
+from .wal import WalTail
+from .wal.format import SEGMENT_HEADER_SIZE
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -87,6 +93,8 @@ class ScrubState:
     after_snapshot: int = 0
     slices: int = 0
     cycles: int = 0
+    #: times the store was rebuilt in place after damage was found
+    heals: int = 0
     #: wall-clock Unix ms of the last slice and of the end of the last cycle
     last_slice_ms: int | None = None
     last_cycle_ms: int | None = None
@@ -99,6 +107,7 @@ class ScrubState:
         return {
             "cycles": self.cycles,
             "slices": self.slices,
+            "heals": self.heals,
             "part": _PARTS[self.part].decode(),
             "last_slice_ms": self.last_slice_ms,
             "last_cycle_ms": self.last_cycle_ms,
@@ -124,7 +133,7 @@ def scrub_if_due(engine: Engine) -> None:
         return
     state.due_at = now + interval_ms / 1000
     found, in_lmdb = scrub_slice(engine, state)
-    if in_lmdb:
+    if in_lmdb and not heal(engine, found):
         raise fail_on_damage(engine, found)
 
 
@@ -142,7 +151,7 @@ def scrub_cycle(engine: Engine) -> list[Finding]:
         found += slice_found
         if in_lmdb:
             damage += slice_found
-    if damage and not engine.config.read_only:
+    if damage and not engine.config.read_only and not heal(engine, damage):
         fail_on_damage(engine, damage)
     return found
 
@@ -243,3 +252,45 @@ def fail_on_damage(engine: Engine, found: list[Finding]) -> StorageFailedError:
         f"{len(found)} problem(s), first: {found[0]}; reopening, once no process has the "
         f"store open, rebuilds it from the newest intact snapshot and the WAL",
     )
+
+
+def heal(engine: Engine, found: list[Finding]) -> bool:
+    """Rebuild LMDB in place, as opening does, from the newest intact snapshot and the WAL,
+    keeping the damaged file aside, when this store object is the only user of the data
+    directory (in this process and every other); return whether it did. Reads wait at the
+    gate meanwhile, and writes at the write mutex; both then go on in the rebuilt file."""
+    config = engine.config
+    env = engine.live()
+    if config.read_only or env.refs != 1:
+        return False
+    reason = f"the scrub found damage in {env.path / DATA_FILE} ({found[0]})"
+    try:
+        with lmdb_env.open_lock(config), env.write_mutex:
+            if not env.alone():
+                return False
+            try:
+                with env.paused():
+                    restored = env.reopen(
+                        config, lambda: rebuild_from_snapshot(config, engine.wal, reason)
+                    )
+                    engine.meta = Meta(env.meta)
+                    if restored is None:
+                        engine.write(lambda txn: _start_from_the_whole_wal(engine, txn))
+                    else:
+                        adopt_snapshot(engine, restored)
+                    replay(engine, strict=False)
+            finally:
+                env.share()
+    except StorageError as exc:
+        log.error("%s could not be healed: %s", config.path, exc)
+        return False
+    state_of(engine).heals += 1
+    log.warning("%s healed: %s", config.path, reason)
+    return True
+
+
+def _start_from_the_whole_wal(engine: Engine, txn: Any) -> None:
+    """The meta table of a store rebuilt with no snapshot: the WAL, from sequence 1, is
+    replayed next."""
+    engine.meta.create(txn, engine.wal.store_id, WalTail(1, SEGMENT_HEADER_SIZE, 1))
+    engine.meta.write_checkpoint(txn, Checkpoint(0, engine.boot_id))

@@ -31,8 +31,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import lmdb
 
@@ -48,6 +49,8 @@ _OPEN_ATTEMPTS = 8
 _MAP_GROWTH_ATTEMPTS = 24
 _GROW_AT = 0.8  # of the map in use
 _EARLY_GROWTH_WAIT = 0.05  # seconds an early growth waits for the reads in flight
+
+T = TypeVar("T")
 
 _registry: dict[str, LmdbEnvironment] = {}
 _registry_lock = threading.Lock()
@@ -224,6 +227,43 @@ class LmdbEnvironment:
             },
         }
 
+    def alone(self) -> bool:
+        """Whether no other process has the environment open. When none has, the shared
+        lock on ``users.lock`` is exclusive until :meth:`share` (an opener waits)."""
+        try:
+            fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            # A failed conversion may have dropped the shared lock first (flock(2)).
+            fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+            return False
+
+    def share(self) -> None:
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold every other thread's reads at the gate for the body, while the calling thread
+        goes through it (a heal replays into the file it put in place). Call holding
+        :attr:`write_mutex` with no transaction open in this thread."""
+        self.gate.close()
+        self.gate.owner = threading.get_ident()
+        try:
+            yield
+        finally:
+            self.gate.open()
+
+    def reopen(self, config: StorageConfig, replace: Callable[[], T]) -> T:
+        """Close the LMDB handle, ``replace()`` the file, open the new one; return what
+        ``replace`` did. Call :meth:`paused`, alone (:meth:`alone`)."""
+        self.env.close()
+        try:
+            return replace()
+        finally:
+            self.env, self.dbs = _open(self.path, config)
+            self.instances = self.dbs[DB_INSTANCES]
+            self.meta = self.dbs[DB_META]
+
     def sync(self) -> None:
         """Flush the environment to disk (``fdatasync`` of ``data.mdb``)."""
         self.gate.enter()
@@ -258,19 +298,25 @@ class ForkGate:
     any transaction left open.
 
     Readers register in a deque, whose ``append`` and ``pop`` are atomic under the GIL and
-    cheaper than a lock; a reader that finds the gate closing backs out and waits.
+    cheaper than a lock; a reader that finds the gate closing backs out and waits. Closing
+    nests (a map growth inside a heal), and the thread that holds it closed for a heal
+    (:meth:`LmdbEnvironment.replacing_file`) goes through it.
     """
 
-    __slots__ = ("_changed", "active", "closing")
+    __slots__ = ("_changed", "active", "closing", "owner")
 
     def __init__(self) -> None:
         self.active: deque[None] = deque()
-        self.closing = False
+        #: how many closes are in force (0: open)
+        self.closing = 0
+        #: the thread that passes a closed gate, or None
+        self.owner: int | None = None
         self._changed = threading.Condition()
 
     def enter(self) -> None:
         self.active.append(None)
-        if self.closing:  # checked after registering, so fork() either sees us or we see it
+        # Checked after registering, so fork() either sees us or we see it.
+        if self.closing and self.owner != threading.get_ident():
             self.leave()
             with self._changed:
                 self._changed.wait_for(lambda: not self.closing)
@@ -285,8 +331,8 @@ class ForkGate:
     def close(self, timeout: float | None = None) -> bool:
         """Hold new entries back and wait for the threads inside to leave; return True. With
         a *timeout*, give up when they are still inside by then: open again, return False."""
-        self.closing = True
         with self._changed:
+            self.closing += 1
             if self._changed.wait_for(lambda: not self.active, timeout):
                 return True
         self.open()
@@ -294,7 +340,9 @@ class ForkGate:
 
     def open(self) -> None:
         with self._changed:
-            self.closing = False
+            self.closing -= 1
+            if not self.closing:
+                self.owner = None
             self._changed.notify_all()
 
 
