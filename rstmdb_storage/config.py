@@ -166,6 +166,11 @@ class StorageConfig:
     #: (read-only stores never create one)
     create: bool = True
 
+    @classmethod
+    def of(cls, config: StorageConfig | str | os.PathLike[str]) -> StorageConfig:
+        """*config* itself, or a path's config with every default."""
+        return config if isinstance(config, StorageConfig) else cls(data_dir=config)
+
     @property
     def path(self) -> Path:
         return Path(os.fspath(self.data_dir))

@@ -24,13 +24,14 @@ and the one retry every write uses when LMDB's map is full (:meth:`Engine.growin
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import struct
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar
 
 import lmdb
 
@@ -44,8 +45,8 @@ from .config import (
     WAL_DIR,
     StorageConfig,
 )
-from .errors import NotAStoreError, ReadOnlyError, StorageClosedError
-from .fsutil import os_error, write_file_atomic
+from .errors import NotAStoreError, ReadOnlyError, StorageClosedError, StorageError
+from .fsutil import SyncFailed, os_error, write_file_atomic
 from .snapshots import SnapshotManifest
 from .store import env as lmdb_env
 from .store.meta import Meta
@@ -53,6 +54,8 @@ from .wal import Wal, WalTail
 from .wal.group_commit import SharedAppendTail, SharedSync
 
 T = TypeVar("T")
+P = ParamSpec("P")
+R = TypeVar("R")
 
 #: how long group commit stays on after contention was last seen, in seconds
 GROUP_WINDOW = 0.5
@@ -84,7 +87,7 @@ class Engine:
         self.config = config
         self.env = env
         self.wal = wal
-        self.meta = Meta(env.meta)
+        self._meta = Meta(env.meta)
         self.boot_id = boot_id()
         self.closed = False
         #: whether a write happened since the last checkpoint
@@ -115,8 +118,16 @@ class Engine:
             if self.closed:
                 raise StorageClosedError(f"storage at {self.config.path} is closed")
             env = self.env = lmdb_env.acquire(self.config)
-            self.meta = Meta(env.meta)
         return env
+
+    @property
+    def meta(self) -> Meta:
+        """The meta table, in the environment's current handle (a heal, or recovering from
+        ``MDB_PANIC``, opens a new one)."""
+        meta = self._meta
+        if meta.db is not self.env.meta:
+            meta = self._meta = Meta(self.env.meta)
+        return meta
 
     def writable(self) -> lmdb_env.LmdbEnvironment:
         """The environment, for a change: refused when the store is open read-only, or has
@@ -158,10 +169,32 @@ class Engine:
             except lmdb.MapFullError:
                 growths += 1
                 env.grow(growths)
-            except lmdb.Error as exc:  # a commit that could not write: a full disk, EIO
-                raise lmdb_env.lmdb_error(env.path, exc, "writing") from exc
-            except OSError as exc:
-                raise os_error(exc, f"writing to {self.config.path}") from exc
+            except (lmdb.Error, OSError) as exc:  # a commit that could not write: a full disk
+                raise self.typed(exc, "writing") from exc
+
+    def typed(self, exc: lmdb.Error | OSError, doing: str) -> StorageError:
+        """The typed error for an LMDB or OS error met while *doing* something: the one
+        place that judges them (the front door's last line of defence uses it too).
+
+        * A failed fsync fail-stops the store (:class:`~rstmdb_storage.fsutil.SyncFailed`).
+        * LMDB refuses every transaction after a commit that failed writing its meta page
+          (``MDB_PANIC``) until the environment is opened again: it is, here, so that once
+          the disk has room again reads and writes go on (what the failed commit held is in
+          the WAL, and the next write's catch-up applies it).
+        * A full disk, however LMDB or the kernel spells it, is a :class:`StorageFullError`.
+        """
+        if isinstance(exc, SyncFailed):
+            where = f"an fsync of {exc.filename}"
+            if self.config.read_only or self.closed:
+                return os_error(exc, where)
+            return self.wal.failed(where, exc.strerror or str(exc))
+        if isinstance(exc, OSError):
+            return os_error(exc, f"{doing} {self.config.path}")
+        env = self.env
+        if not (self.closed or env.stale or self.config.read_only):
+            with env.write_mutex:
+                env.reopen_if_panicked(self.config)
+        return lmdb_env.lmdb_error(env.path, exc, doing)
 
     # --- group commit ---------------------------------------------------------------------------
 
@@ -247,6 +280,47 @@ class Engine:
             self.wal.close()
         finally:
             lmdb_env.release(self.env)
+
+
+def untyped_error(exc: lmdb.Error | OSError, doing: str) -> StorageError:
+    """The typed error for an LMDB or OS error met with no store open (opening, restoring):
+    nothing to fail-stop."""
+    if isinstance(exc, OSError):
+        return os_error(exc, doing)
+    return lmdb_env.lmdb_error(Path(doing), exc, doing)
+
+
+def typed_calls(method: Callable[Concatenate[Any, P], R]) -> Callable[Concatenate[Any, P], R]:
+    """For the front door's methods (on an object with ``_engine``), its last line of
+    defence: an LMDB or OS error that a room let through becomes the typed one, judged where
+    every such error is (:meth:`Engine.typed`: a failed fsync fail-stops the store, a full
+    disk is ``StorageFullError``). Not on the hottest
+    calls (reads by id and the single writes), whose rooms translate everything themselves:
+    the wrapper would cost them about 0.3 µs a call."""
+    doing = method.__name__.replace("_", " ")
+
+    @functools.wraps(method)
+    def call(self: Any, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(self, *args, **kwargs)
+        except (lmdb.Error, OSError) as exc:
+            raise self._engine.typed(exc, doing) from exc
+
+    return call
+
+
+def typed_calls_without_store(method: Callable[P, R]) -> Callable[P, R]:
+    """:func:`typed_calls` for the calls that have no open store (yet)."""
+    doing = method.__name__.replace("_", " ")
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return method(*args, **kwargs)
+        except (lmdb.Error, OSError) as exc:
+            raise untyped_error(exc, doing) from exc
+
+    return call
 
 
 def _in_write_transaction(env: lmdb_env.LmdbEnvironment, change: Callable[[Any], T]) -> T:

@@ -19,6 +19,21 @@ from .errors import StorageError, StorageFullError
 from .failpoints import failpoint
 
 
+class SyncFailed(OSError):
+    """An ``fsync`` that failed. Not to be retried, nor taken for a plain I/O error: the
+    kernel may have dropped the pages it could not write and marked them clean, so a later
+    sync that succeeds proves nothing about them. An open store fail-stops on it
+    (:meth:`rstmdb_storage.engine.Engine.typed`)."""
+
+
+def fsync(fd: int, path: str | os.PathLike[str]) -> None:
+    """``fsync(fd)``, of the file or directory *path*; a failure is :class:`SyncFailed`."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        raise SyncFailed(exc.errno, exc.strerror, os.fspath(path)) from exc
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """Make the entries of directory *path* durable."""
     _fsync(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -32,7 +47,7 @@ def fsync_file(path: str | os.PathLike[str]) -> None:
 def _fsync(path: str | os.PathLike[str], flags: int) -> None:
     fd = os.open(path, flags | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        fsync(fd, path)
     finally:
         os.close(fd)
 
@@ -87,7 +102,7 @@ def atomic_file(path: Path, mode: int, point: str | None = None) -> Iterator[int
     fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         yield fd
-        os.fsync(fd)
+        fsync(fd, tmp)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)

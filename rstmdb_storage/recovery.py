@@ -210,6 +210,9 @@ def restore_to(
             )
         first = first_needed_segment(ids, base)
         assert first is not None  # choose_snapshot made sure, or the WAL starts at 1
+        # The end may be the seal of a segment the snapshot covers whole, with the next one
+        # created since (found by the crash harness): that segment is the one to cut.
+        first = min(first, end.segment)
         # Until the last file is in place, the target says it is unfinished: opening what was
         # copied so far would serve an older state than the one asked for.
         make_dir(target, file_mode)

@@ -52,7 +52,7 @@ from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, replay
 from .snapshots import published_seqs
 from .store import env as lmdb_env
-from .store.meta import Checkpoint, Meta
+from .store.meta import Checkpoint
 from .verify import (
     Finding,
     WalEffects,
@@ -273,7 +273,6 @@ def heal(engine: Engine, found: list[Finding]) -> bool:
                     restored = env.reopen(
                         config, lambda: rebuild_from_snapshot(config, engine.wal, reason)
                     )
-                    engine.meta = Meta(env.meta)
                     if restored is None:
                         engine.write(lambda txn: _start_from_the_whole_wal(engine, txn))
                     else:

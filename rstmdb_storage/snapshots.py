@@ -144,18 +144,23 @@ def publish(
     return manifest
 
 
-def remove_leftovers(directory: Path) -> None:
-    """Delete what a snapshot or a compaction that died left: temporaries, and copies without
-    a manifest (the copy is renamed into place before its manifest is written, and deleted
-    after its manifest). Only the holder of the snapshot lock writes or deletes files here,
-    so these will never be completed; they would only fill the disk."""
-    leftovers = list(directory.glob("*.tmp-*"))
-    leftovers += [
+def leftovers(directory: Path) -> list[Path]:
+    """What a snapshot or a compaction that died left: temporaries, and copies without a
+    manifest (the copy is renamed into place before its manifest is written, and deleted
+    after its manifest). Only while nobody holds the snapshot lock is that what they are."""
+    found = list(directory.glob("*.tmp-*"))
+    found += [
         path
         for path in directory.glob(f"*{DATA_SUFFIX}")
         if not path.with_suffix(MANIFEST_SUFFIX).exists()
     ]
-    for path in leftovers:
+    return sorted(found)
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Delete the :func:`leftovers`; call holding the snapshot lock. Only its holder writes or
+    deletes files here, so these will never be completed; they would only fill the disk."""
+    for path in leftovers(directory):
         log.warning("removing %s, left by a snapshot that did not finish", path)
         path.unlink(missing_ok=True)
 

@@ -1,10 +1,12 @@
 """``Storage``: the front door.
 
-Every method checks nothing and holds nothing of its own: it hands over to the room that owns
-the work (see :mod:`rstmdb_storage.engine` for the map of rooms, and the README's "Where things
-are"). A write passes through them once, downward: ``changes`` checks and encodes it, ``writes``
-appends it to the WAL and applies it with ``apply`` in one LMDB transaction (or groups it with
-other processes' writes), ``maintenance`` later checkpoints, snapshots and compacts.
+Every method checks nothing and holds nothing of its own (but for
+:func:`~rstmdb_storage.engine.typed_calls`, the last line of defence against a foreign
+exception): it hands over to the room that owns the work (see :mod:`rstmdb_storage.engine` for
+the map of rooms, and the README's "Where things are"). A write passes through them once,
+downward: ``changes`` checks and encodes it, ``writes`` appends it to the WAL and applies it
+with ``apply`` in one LMDB transaction (or groups it with other processes' writes),
+``maintenance`` later checkpoints, snapshots and compacts.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from . import inspection, maintenance, opening, query, recovery, writes
 from .changes import DeleteInstance, PutInstance, PutMachine, WalRecord
 from .compaction import CompactionResult
 from .config import SNAPSHOTS_DIR, StorageConfig
-from .engine import Engine
+from .engine import Engine, typed_calls, typed_calls_without_store
 from .errors import CorruptionError
 from .model import Instance, MachineDefinition, MetadataValue
 from .query import Page, metadata_query, state_query, time_query
@@ -52,6 +54,7 @@ class Storage:
     # --- opening and closing --------------------------------------------------------------------
 
     @classmethod
+    @typed_calls_without_store
     def open(
         cls, config: StorageConfig | str | os.PathLike[str], progress: Progress | None = None
     ) -> Storage:
@@ -71,10 +74,9 @@ class Storage:
         :raises CorruptionError: the WAL or LMDB fails its checks and cannot be rebuilt (never
             silently skipped); :class:`WalGapError` names the missing sequence numbers
         """
-        if not isinstance(config, StorageConfig):
-            config = StorageConfig(data_dir=config)
-        return cls(opening.open_engine(config, progress))
+        return cls(opening.open_engine(StorageConfig.of(config), progress))
 
+    @typed_calls
     def close(self) -> None:
         """Sync what this process wrote, checkpoint LMDB, and release the files. Idempotent."""
         opening.release(self._engine, checkpoint_first=True)
@@ -101,10 +103,12 @@ class Storage:
         return query.get_instance(self._engine, instance_id)
 
     @property
+    @typed_calls
     def applied_seq(self) -> int:
         """The sequence number of the newest WAL record applied to LMDB."""
         return self._engine.applied_tail().applied_seq
 
+    @typed_calls
     def count_instances(self) -> int:
         """How many instances are stored."""
         return query.count_instances(self._engine)
@@ -113,6 +117,7 @@ class Storage:
         """Every stored instance, in id order (UTF-8 byte order), read in short transactions."""
         return query.instances(self._engine)
 
+    @typed_calls
     def verify(self) -> list[Finding]:
         """Check everything the store holds; return what is wrong (empty when all is well).
 
@@ -128,24 +133,23 @@ class Storage:
         """
         return verify_store(self._engine)
 
+    @typed_calls
     def scrub(self) -> list[Finding]:
-        """Run a whole cycle of the scrub now (the background thread runs it a slice every
-        ``scrub_interval_ms``); return what it found, empty when all is well.
+        """Run a whole cycle of the scrub now (the background thread runs a slice of it every
+        ``scrub_interval_ms``, see :mod:`rstmdb_storage.scrub`); return what it found.
 
-        The scrub makes :meth:`verify`'s checks of LMDB and the WAL and snapshots, a bounded
-        slice at a time, each slice in a short read transaction (writers go on). Unlike
-        :meth:`verify`, it acts on damage in LMDB: the store fail-stops for every process
-        (:class:`StorageFailedError` on later writes; reads go on) and the next open, once no
-        process has it open, rebuilds ``indexes/`` from the newest intact snapshot and the
-        WAL, keeping the damaged file aside.
+        It makes :meth:`verify`'s checks a slice at a time, and acts on damage in LMDB: it
+        heals the store in place when no other process has it open, else fail-stops it and
+        the next open heals it.
 
         Example::
 
             if storage.scrub():
-                print(storage.health()["failed"])   # reopen to rebuild
+                print(storage.health()["scrub"])
         """
         return scrub_cycle(self._engine)
 
+    @typed_calls
     def read_wal(self, from_seq: int = 1, limit: int | None = None) -> Iterator[WalRecord]:
         """WAL records from sequence *from_seq* on, at most *limit* of them, up to the newest
         applied one. Each :class:`~rstmdb_storage.changes.WalRecord` has ``seq``,
@@ -157,6 +161,7 @@ class Storage:
         """
         return query.wal_records(self._engine, from_seq, limit)
 
+    @typed_calls
     def purge_idempotency_keys(self) -> int:
         """Delete the idempotency keys whose retention has passed; return how many.
 
@@ -168,6 +173,7 @@ class Storage:
 
     # --- snapshots ------------------------------------------------------------------------------
 
+    @typed_calls
     def create_snapshot(self, progress: Progress | None = None) -> SnapshotManifest:
         """Publish a consistent copy of the store as of the newest applied WAL record; return
         its manifest (``.seq`` is the sequence number it contains).
@@ -185,6 +191,7 @@ class Storage:
         """
         return maintenance.create_snapshot(self._engine, progress)
 
+    @typed_calls
     def compact(self, progress: Progress | None = None) -> CompactionResult:
         """Snapshot (when anything changed since the newest snapshot), then delete the
         snapshots beyond ``snapshots_kept`` and the WAL segments that the oldest kept snapshot
@@ -200,6 +207,7 @@ class Storage:
         """
         return maintenance.compact(self._engine, progress)
 
+    @typed_calls
     def hold_wal(self, name: str, from_seq: int) -> None:
         """Keep every WAL record from *from_seq* on through compactions, until
         :meth:`release_wal` (for a shipper or a backup in progress; holds are kept in the
@@ -213,15 +221,18 @@ class Storage:
         """
         maintenance.hold_wal(self._engine, name, from_seq)
 
+    @typed_calls
     def release_wal(self, name: str) -> bool:
         """Drop the WAL hold *name*; return whether there was one."""
         return maintenance.release_wal(self._engine, name)
 
+    @typed_calls
     def wal_holds(self) -> dict[str, int]:
         """Every WAL hold: name -> the first sequence number it keeps."""
         return self._engine.read(self._engine.meta.holds)
 
     @classmethod
+    @typed_calls_without_store
     def restore(
         cls,
         source: str | os.PathLike[str],
@@ -253,6 +264,7 @@ class Storage:
                 )
         return restored
 
+    @typed_calls
     def backup(self, target: str | os.PathLike[str], *, progress: Progress | None = None) -> int:
         """Copy the store into the new (or empty) directory *target*: a snapshot taken now
         and the WAL after it, up to the newest record. Writers go on meanwhile; compaction
@@ -269,6 +281,7 @@ class Storage:
         return maintenance.backup(self._engine, target, progress)
 
     @classmethod
+    @typed_calls_without_store
     def repair_wal(cls, config: StorageConfig | str | os.PathLike[str]) -> TornTailRepair | None:
         """Cut the last WAL segment at a bad record that opening refuses because good records
         follow it (copying the segment aside first); return what was cut, or None when there
@@ -282,10 +295,9 @@ class Storage:
 
         :raises CorruptionError: the bad record was applied to LMDB already (real damage)
         """
-        if not isinstance(config, StorageConfig):
-            config = StorageConfig(data_dir=config)
-        return recovery.repair_wal(config)
+        return recovery.repair_wal(StorageConfig.of(config))
 
+    @typed_calls
     def list_snapshots(self) -> list[SnapshotManifest]:
         """Manifests of the published snapshots, oldest first, read from ``snapshots/``.
 
@@ -293,12 +305,14 @@ class Storage:
         """
         return manifests(self.config.path / SNAPSHOTS_DIR)
 
+    @typed_calls
     def check_snapshot(self, manifest: SnapshotManifest, progress: Progress | None = None) -> None:
         """Raise :class:`CorruptionError` unless the snapshot's file matches its manifest."""
         check_snapshot(self.config.path / SNAPSHOTS_DIR, manifest, progress)
 
     # --- machine definitions --------------------------------------------------------------------
 
+    @typed_calls
     def put_machine(self, name: str, version: int, definition: dict[str, Any]) -> int:
         """Store version *version* of machine *name* (a JSON-like dict: states, transitions,
         whatever rstmdb's core keeps); return the WAL sequence number. A stored version is
@@ -313,10 +327,12 @@ class Storage:
         change = PutMachine.of(name, version, definition, self.config.max_instance_size)
         return writes.commit(self._engine, [change])
 
+    @typed_calls
     def get_machine(self, name: str, version: int | None = None) -> MachineDefinition | None:
         """Version *version* of machine *name* (the newest when None), or None if absent."""
         return query.get_machine(self._engine, name, version)
 
+    @typed_calls
     def list_machines(self, name: str | None = None) -> list[MachineDefinition]:
         """Every stored machine definition (only those of machine *name*, when given), by
         name, then version."""
@@ -324,6 +340,7 @@ class Storage:
 
     # --- queries --------------------------------------------------------------------------------
 
+    @typed_calls
     def list_by_state(
         self, machine: str, state: str, *, limit: int | None = None, cursor: str | None = None
     ) -> Page:
@@ -346,11 +363,13 @@ class Storage:
         """Like :meth:`list_by_state`, lazily, a page of short read transaction at a time."""
         return query.iterate(self._engine, state_query(machine, state), reverse=False)
 
+    @typed_calls
     def count_by_state(self, machine: str) -> dict[str, int]:
         """How many instances of *machine* are in each state, from the state index alone
         (no instance is decoded). States with no instance are absent."""
         return query.count_by_state(self._engine, machine)
 
+    @typed_calls
     def list_by_metadata(
         self,
         key: str,
@@ -387,6 +406,7 @@ class Storage:
         key_range = metadata_query(key, value, start, end)
         return query.iterate(self._engine, key_range, reverse=False)
 
+    @typed_calls
     def list_by_time(
         self,
         start_ms: int,
@@ -413,6 +433,7 @@ class Storage:
         """Like :meth:`list_by_time`, lazily."""
         return query.iterate(self._engine, time_query(start_ms, end_ms), reverse=newest_first)
 
+    @typed_calls
     def rebuild_indexes(self) -> int:
         """Drop the state, metadata and time indexes and rebuild them from the instances;
         return how many instances were indexed.
@@ -426,12 +447,14 @@ class Storage:
 
     # --- what an operator asks ------------------------------------------------------------------
 
+    @typed_calls
     def pending_records(self) -> int:
         """How many WAL records follow the newest one applied to LMDB: 0 on a store opened
         for writing (opening replayed them); on a read-only store, records a writer appended
         and has not applied yet, or that a killed writer left for the next open to replay."""
         return inspection.pending_records(self._engine)
 
+    @typed_calls
     def recovery_needed(self) -> str | None:
         """Why this store's LMDB does not hold everything its WAL does and nobody is about to
         apply it (None when it does): a read-only view of a store whose last writer stopped
@@ -445,6 +468,7 @@ class Storage:
         """
         return inspection.recovery_needed(self._engine)
 
+    @typed_calls
     def stats(self) -> dict[str, Any]:
         """Sizes and counts for operators: the LMDB map and its use, entries and bytes per
         table, reader slots (in use, and stale: left by processes that are gone), WAL segments
@@ -457,6 +481,7 @@ class Storage:
         """
         return inspection.stats(self._engine)
 
+    @typed_calls
     def health(self) -> dict[str, Any]:
         """Whether the store is sound in this process: ``failed`` (why it fail-stopped, or
         None), ``background_error`` (the last error of the background thread or an automatic
@@ -474,6 +499,7 @@ class Storage:
         """
         return inspection.health(self._engine)
 
+    @typed_calls
     def wal_segments(self) -> list[int]:
         """First sequence numbers of the WAL segment files present, oldest first."""
         return self._engine.wal.segment_ids()
@@ -583,6 +609,7 @@ class Storage:
         if batch.changes:
             batch.seq = writes.commit(self._engine, batch.changes, idempotency_key)
 
+    @typed_calls
     def checkpoint(self) -> int:
         """Flush LMDB to disk now; return the applied sequence number the flush covers.
 

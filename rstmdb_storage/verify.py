@@ -36,7 +36,14 @@ from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES, MAX_VALUE_BYTES,
 from .engine import Engine
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError
 from .model import check_instance
-from .snapshots import check_data, first_needed_segment, published_seqs, read_manifest
+from .snapshots import (
+    check_data,
+    first_needed_segment,
+    leftovers,
+    published_seqs,
+    read_manifest,
+    snapshot_lock,
+)
 from .store.indexes import entries_of
 from .wal import Wal
 
@@ -279,6 +286,23 @@ def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
     ids = wal.segment_ids()
     for seq in published_seqs(directory):
         yield from check_snapshot(directory, wal, seq, ids)
+    yield from check_leftovers(directory, wal.file_mode)
+
+
+def check_leftovers(directory: Path, file_mode: int) -> Iterator[Finding]:
+    """Files a snapshot that died left in *directory*, when no snapshot is being taken (the
+    lock cannot be taken on a read-only copy: then nothing is said)."""
+    try:
+        with snapshot_lock(directory, file_mode, blocking=False, create=False) as ours:
+            found = leftovers(directory) if ours else []
+    except OSError:
+        return
+    for path in found:
+        yield Finding(
+            str(path),
+            "left by a snapshot that did not finish (opening the store for writing, or a "
+            "snapshot, removes it)",
+        )
 
 
 def check_snapshot(directory: Path, wal: Wal, seq: int, ids: list[int]) -> Iterator[Finding]:

@@ -208,3 +208,21 @@ def stage_transition_race(monkeypatch: pytest.MonkeyPatch, stale_state: str) -> 
 
     monkeypatch.setattr(writes, "remembered", lambda engine, key: None)
     monkeypatch.setattr(writes, "get_instance", get)
+
+
+def after_the_backup_finds_the_end(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch, then: Callable[[], None]
+) -> None:
+    """Run *then()* right after the next backup or restore of *storage* has found where the
+    WAL ends, before it lists the segments to copy: as a writer in another process rotating
+    the WAL at that moment would, which cannot be timed from outside."""
+    wal = storage._engine.wal
+    real_tail_after = wal.tail_after
+
+    def tail_after(seq: int | None = None) -> Any:
+        end = real_tail_after(seq)
+        monkeypatch.setattr(wal, "tail_after", real_tail_after)
+        then()
+        return end
+
+    monkeypatch.setattr(wal, "tail_after", tail_after)

@@ -9,7 +9,7 @@ import lmdb
 import pytest
 from helpers import order
 
-from rstmdb_storage import CorruptionError, SnapshotManifest, Storage
+from rstmdb_storage import CorruptionError, SnapshotManifest, Storage, StorageConfig
 from rstmdb_storage.codec import decode_instance
 from rstmdb_storage.wal.decoder import decode_segment_header
 from rstmdb_storage.wal.format import SEGMENT_HEADER_SIZE, segment_name
@@ -120,3 +120,26 @@ def test_a_snapshot_taken_while_another_thread_writes_is_one_state(
     for manifest in {m.seq: m for m in manifests}.values():  # without a write between, one
         states = set(snapshot_state(data_dir, manifest, tmp_path).values())
         assert states == {seq_of_state[manifest.seq]}, (manifest.seq, states)
+
+
+def test_verify_lists_what_a_snapshot_that_died_left_and_opening_removes_it(
+    config: StorageConfig,
+) -> None:
+    with Storage.open(config) as storage:
+        storage.put_instance(order("o1"))
+        manifest = storage.create_snapshot()
+        snapshots = config.path / "snapshots"
+        # what a snapshot killed half way leaves: a temporary, and a copy without a manifest
+        (snapshots / f"{manifest.seq + 5:020d}.mdb.tmp-99-1").write_bytes(b"half")
+        (snapshots / f"{manifest.seq + 9:020d}.mdb").write_bytes(b"copied")
+        findings = storage.verify()
+        assert sorted(Path(f.where).name for f in findings) == [
+            f"{manifest.seq + 5:020d}.mdb.tmp-99-1",
+            f"{manifest.seq + 9:020d}.mdb",
+        ]
+        assert all("did not finish" in f.problem for f in findings)
+    with Storage.open(config) as storage:
+        assert storage.verify() == []
+    assert sorted(p.name for p in snapshots.iterdir()) == sorted(
+        [f"{manifest.seq:020d}.mdb", f"{manifest.seq:020d}.manifest", "snapshot.lock"]
+    )

@@ -264,6 +264,21 @@ class LmdbEnvironment:
             self.instances = self.dbs[DB_INSTANCES]
             self.meta = self.dbs[DB_META]
 
+    def reopen_if_panicked(self, config: StorageConfig) -> bool:
+        """Open the environment again if LMDB has refused every transaction since a commit
+        failed writing its meta page (``MDB_PANIC``); return whether it did. Call holding
+        :attr:`write_mutex` with no transaction open in this thread."""
+        try:
+            self.env.begin().abort()
+            return False
+        except lmdb.PanicError:
+            pass
+        except lmdb.Error:
+            return False  # another trouble, which the caller reports
+        with self.paused():
+            self.reopen(config, lambda: None)
+        return True
+
     def sync(self) -> None:
         """Flush the environment to disk (``fdatasync`` of ``data.mdb``)."""
         self.gate.enter()
@@ -490,7 +505,7 @@ def _open(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[byt
             path=str(path),
         ) from exc
     except lmdb.Error as exc:
-        raise StorageError(f"{path}: cannot open the LMDB environment ({exc})") from exc
+        raise lmdb_error(path, exc, "opening") from exc
 
 
 def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dict[bytes, object]]:

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from ..errors import CorruptionError
-from ..fsutil import fsync_dir, os_error, write_all
+from ..fsutil import fsync, fsync_dir, os_error, write_all
 from .decoder import decode_segment_header
 from .encoder import encode_segment_header
 from .format import SEGMENT_HEADER_SIZE, segment_name
@@ -48,7 +48,7 @@ class WalSegment:
             except OSError as exc:
                 raise os_error(exc, f"preallocating WAL segment {tmp}") from exc
             write_all(fd, encode_segment_header(first_seq, store_id), 0, str(tmp))
-            os.fsync(fd)
+            fsync(fd, tmp)
             os.rename(tmp, path)
             fsync_dir(directory)
         except BaseException:
