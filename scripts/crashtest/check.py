@@ -192,6 +192,10 @@ class Ledger:
             for s in seqs:
                 if s > applied:
                     out.lost.append(f"record {s} acknowledged, applied_seq is {applied}")
+            # For the state at a sequence number (a restore target's), each write in flight
+            # goes where the WAL holds it: its effect on the state does not tell the order of
+            # writes to different ids (check_wal checks the WAL holds those writes).
+            landed = place_by_wal(storage, landed)
             records = sorted([*acked, *landed], key=lambda r: r[0])  # type: ignore[list-item]
             self.history.append((self.applied, self.state, records))
             out.wal += check_wal(storage, applied, dict(acked), landed)
@@ -261,6 +265,44 @@ def target_problems(
     return problems
 
 
+def _signature(changes: Iterable[Any]) -> list[list[Any]]:
+    """Which ids a record or a ledger entry puts or deletes, in order."""
+    return [
+        [c[0], c[1] is None]  # a ledger entry: [id, value or None]
+        if isinstance(c, list)
+        else [c.id, type(c).__name__ == "DeleteInstance"]
+        for c in changes
+        if isinstance(c, list) or type(c).__name__ in ("PutInstance", "DeleteInstance")
+    ]
+
+
+def place_by_wal(storage: Storage, landed: list[Any]) -> list[Any]:
+    """The writes in flight that landed, each at the sequence number whose WAL record holds
+    it (where the WAL cannot tell two apart, as :func:`reconcile` placed them)."""
+    if len(landed) < 2:
+        return landed
+    seqs = sorted(seq for seq, _ in landed)
+    try:
+        held = {
+            r.seq: _signature(r.changes())
+            for r in storage.read_wal(seqs[0], limit=seqs[-1] - seqs[0] + 1)
+            if r.seq in seqs
+        }
+    except Exception:
+        return landed  # the WAL is reported by check_wal
+    placed_first = dict(landed)
+    pool = [changes for _, changes in landed]
+    placed = []
+    for seq in seqs:
+        fits = [c for c in pool if _signature(c) == held.get(seq)]
+        if not fits:
+            return landed
+        chosen = placed_first[seq] if placed_first[seq] in fits else fits[0]
+        pool.remove(chosen)
+        placed.append((seq, chosen))
+    return placed
+
+
 def check_wal(
     storage: Storage,
     applied: int,
@@ -281,30 +323,17 @@ def check_wal(
     for record in storage.read_wal(first):
         seqs.append(record.seq)
         if record.seq in records:
-            ids = [
-                [c.id, type(c).__name__ == "DeleteInstance"]
-                for c in record.changes()
-                if type(c).__name__ in ("PutInstance", "DeleteInstance")
-            ]
-            wanted = [[i, v is None] for i, v in records[record.seq]]
+            ids, wanted = _signature(record.changes()), _signature(records[record.seq])
             if ids != wanted:
                 problems.append(f"record {record.seq} holds {ids}, the ledger says {wanted}")
     inferred = {seq: changes for seq, changes in landed}
     held = sorted(
-        repr(
-            [
-                [c.id, type(c).__name__ == "DeleteInstance"]
-                for c in record.changes()
-                if type(c).__name__ in ("PutInstance", "DeleteInstance")
-            ]
-        )
+        repr(_signature(record.changes()))
         for record in storage.read_wal(first)
         if record.seq in inferred
     )
     wanted_landed = sorted(
-        repr([[i, v is None] for i, v in changes])
-        for seq, changes in inferred.items()
-        if seq >= first
+        repr(_signature(changes)) for seq, changes in inferred.items() if seq >= first
     )
     if held != wanted_landed:
         problems.append(
