@@ -20,9 +20,7 @@ TRIALS = 100
 
 def test_short_form_loses_nothing(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "RSTMDB_FAILPOINTS"}
-    # One writer per trial, for now: the multi-writer form (--writers 4) is run by hand until
-    # many more runs of it have passed (see the README's reliability section).
-    command = [sys.executable, str(SCRIPT), "--trials", str(TRIALS), "--quick", "--writers", "1"]
+    command = [sys.executable, str(SCRIPT), "--trials", str(TRIALS), "--quick", "--writers", "4"]
     command += ["--data-dir", str(tmp_path / "data")]
     if "RSTMDB_CRASH_SEED" in os.environ:
         command += ["--seed", os.environ["RSTMDB_CRASH_SEED"]]

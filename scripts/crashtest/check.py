@@ -113,11 +113,15 @@ def reconcile(
     acked: list[Record],
     writers: list[Transcript],
     unexplained: list[int],
+    held: dict[int, list[list[Any]]],
 ) -> tuple[list[Record] | None, State, dict[str, int]]:
     """The writes in flight that landed (each at one unexplained seq, all of those used;
-    MUST ones landed, NEVER ones did not) such that the ledger leads to *found*; when none
-    does, the assignment closest to it; None (and the acknowledged writes alone) when no
-    assignment accounts for the unexplained seqs at all."""
+    MUST ones landed, NEVER ones did not) such that the ledger leads to *found* and each is
+    where the WAL holds a record of its ids (*held*: the ids each unexplained record puts or
+    deletes; a write's effect alone does not tell the order of writes to different ids, nor
+    a write that changed nothing from one that did not land); when none does, the assignment
+    closest to it; None (and the acknowledged writes alone) when no assignment accounts for
+    the unexplained seqs at all."""
     options = []
     for w in writers:
         if w.in_flight is None or w.lands == NEVER:
@@ -134,6 +138,7 @@ def reconcile(
         landed = [(s, w.in_flight) for s, w in zip(choice, writers, strict=True) if s is not None]
         expected, written = apply(base, [*acked, *landed])  # type: ignore[list-item]
         wrong = sum(expected.get(k) != found.get(k) for k in set(expected) | set(found))
+        wrong += sum(_signature(c) != held.get(s, _signature(c)) for s, c in landed)
         if best is None or wrong < best[0]:
             best = (wrong, landed, expected, written)  # type: ignore[assignment]
         if wrong == 0:
@@ -175,7 +180,10 @@ class Ledger:
             applied = storage.applied_seq
             found = stored_state(storage)
             unexplained = sorted(set(range(self.applied + 1, applied + 1)) - set(seqs))
-            landed, expected, written = reconcile(self.state, found, acked, writers, unexplained)
+            held = wal_signatures(storage, unexplained)
+            landed, expected, written = reconcile(
+                self.state, found, acked, writers, unexplained, held
+            )
             acked_seqs = set(seqs)
             for key in sorted(set(expected) | set(found)):
                 if expected.get(key) == found.get(key):
@@ -192,10 +200,6 @@ class Ledger:
             for s in seqs:
                 if s > applied:
                     out.lost.append(f"record {s} acknowledged, applied_seq is {applied}")
-            # For the state at a sequence number (a restore target's), each write in flight
-            # goes where the WAL holds it: its effect on the state does not tell the order of
-            # writes to different ids (check_wal checks the WAL holds those writes).
-            landed = place_by_wal(storage, landed)
             records = sorted([*acked, *landed], key=lambda r: r[0])  # type: ignore[list-item]
             self.history.append((self.applied, self.state, records))
             out.wal += check_wal(storage, applied, dict(acked), landed)
@@ -276,31 +280,16 @@ def _signature(changes: Iterable[Any]) -> list[list[Any]]:
     ]
 
 
-def place_by_wal(storage: Storage, landed: list[Any]) -> list[Any]:
-    """The writes in flight that landed, each at the sequence number whose WAL record holds
-    it (where the WAL cannot tell two apart, as :func:`reconcile` placed them)."""
-    if len(landed) < 2:
-        return landed
-    seqs = sorted(seq for seq, _ in landed)
+def wal_signatures(storage: Storage, seqs: list[int]) -> dict[int, list[list[Any]]]:
+    """The ids the WAL records *seqs* put or delete (empty when the WAL cannot be read there:
+    check_wal reports that)."""
+    if not seqs:
+        return {}
     try:
-        held = {
-            r.seq: _signature(r.changes())
-            for r in storage.read_wal(seqs[0], limit=seqs[-1] - seqs[0] + 1)
-            if r.seq in seqs
-        }
+        records = storage.read_wal(seqs[0], limit=seqs[-1] - seqs[0] + 1)
+        return {r.seq: _signature(r.changes()) for r in records if r.seq in seqs}
     except Exception:
-        return landed  # the WAL is reported by check_wal
-    placed_first = dict(landed)
-    pool = [changes for _, changes in landed]
-    placed = []
-    for seq in seqs:
-        fits = [c for c in pool if _signature(c) == held.get(seq)]
-        if not fits:
-            return landed
-        chosen = placed_first[seq] if placed_first[seq] in fits else fits[0]
-        pool.remove(chosen)
-        placed.append((seq, chosen))
-    return placed
+        return {}
 
 
 def check_wal(
