@@ -147,11 +147,21 @@ class Engine:
         return self.read(self.meta.tail)
 
     def write(self, change: Callable[[Any], T]) -> T:
-        """``change(txn)`` in a write transaction of its own, holding the write mutex (for the
-        small writes of housekeeping: holds, checkpoints, snapshot listings)."""
+        """``change(txn)`` in a write transaction of its own, holding the write mutex, then
+        a flush of LMDB (for the small writes of housekeeping: holds, checkpoints, snapshot
+        listings). No WAL record holds them, and after a power loss the decision whether
+        ``data.mdb`` can be trusted looks only at the WAL and the last flush
+        (:func:`flushed_before_reboot`): so ``indexes/flushed`` says "nothing" until the
+        commit is flushed, at once."""
         env = self.writable()
         with env.write_mutex:
-            return self.growing(env, _in_write_transaction, env, change)
+            # Until the flush below, nothing is known flushed: a power cut in between leaves
+            # a commit in data.mdb that no WAL record explains, and that must not be trusted.
+            record_flush(self.config, 0, self.boot_id)
+            done = self.growing(env, _in_write_transaction, env, change)
+            applied = self.applied_tail().applied_seq
+        self.flush_lmdb(applied)
+        return done
 
     def growing(self, env: lmdb_env.LmdbEnvironment, attempt: Callable[..., T], *args: Any) -> T:
         """``attempt(*args)``, again after doubling the map each time LMDB finds it full.
@@ -252,12 +262,7 @@ class Engine:
                 reason += "have reached the disk\n"
                 write_file_atomic(marker, reason.encode(), self.config.file_mode)
             raise self.wal.failed(f"the flush of {env.path / 'data.mdb'}", str(exc)) from exc
-        record = _FLUSHED.pack(applied_seq) + self.boot_id.encode()
-        try:
-            path = self.config.path / INDEXES_DIR / FLUSHED_NAME
-            write_file_atomic(path, record, self.config.file_mode)
-        except OSError as exc:
-            raise os_error(exc, f"recording the flush of {env.path}") from exc
+        record_flush(self.config, applied_seq, self.boot_id)
 
     def list_snapshot(self, txn: Any, manifest: SnapshotManifest) -> None:
         """List *manifest* in the snapshots table (what ``verify`` and opening compare)."""
@@ -332,6 +337,16 @@ def _in_write_transaction(env: lmdb_env.LmdbEnvironment, change: Callable[[Any],
 #: successful flush of LMDB
 FLUSHED_NAME = "flushed"
 _FLUSHED = struct.Struct("<Q")
+
+
+def record_flush(config: StorageConfig, applied_seq: int, boot: str) -> None:
+    """Write ``indexes/flushed``: LMDB on disk holds everything up to *applied_seq*, as of
+    boot *boot* (0 before ``data.mdb`` is created: nothing in it is known flushed)."""
+    try:
+        path = config.path / INDEXES_DIR / FLUSHED_NAME
+        write_file_atomic(path, _FLUSHED.pack(applied_seq) + boot.encode(), config.file_mode)
+    except OSError as exc:
+        raise os_error(exc, f"recording the flush of {path.parent / 'data.mdb'}") from exc
 
 
 def flushed_before_reboot(config: StorageConfig) -> int | None:

@@ -22,9 +22,11 @@ from pathlib import Path
 from .config import INDEXES_DIR, SNAPSHOTS_DIR, UNTRUSTED_MARKER, WAL_DIR, StorageConfig
 from .engine import (
     Engine,
+    boot_id,
     flushed_before_reboot,
     make_wal,
     probe_wal,
+    record_flush,
     refuse_unfinished_restore,
     require_store,
 )
@@ -92,7 +94,7 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
         if not (indexes / DATA_FILE).exists() and published_seqs(root / SNAPSHOTS_DIR):
             missing = f"{indexes} is missing"
             restored = rebuild_from_snapshot(config, probe_wal(config), missing, progress)
-            return _open_environment(config, restored, progress)
+            return _open_environment(config, restored, progress, rebuilt=True)
         try:
             if (indexes / UNTRUSTED_MARKER).exists():
                 raise IndexesCorruptionError(
@@ -116,7 +118,7 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
                     path=exc.path,
                 ) from exc
             restored = rebuild_from_snapshot(config, probe_wal(config), str(exc), progress)
-            return _open_environment(config, restored, progress)
+            return _open_environment(config, restored, progress, rebuilt=True)
 
 
 def release(engine: Engine, checkpoint_first: bool) -> None:
@@ -175,8 +177,15 @@ def _open_read_only(config: StorageConfig) -> Engine:
 
 
 def _open_environment(
-    config: StorageConfig, restored: SnapshotManifest | None, progress: Progress | None
+    config: StorageConfig,
+    restored: SnapshotManifest | None,
+    progress: Progress | None,
+    rebuilt: bool = False,
 ) -> Engine:
+    if not (config.path / INDEXES_DIR / DATA_FILE).exists():
+        # Before LMDB creates the file: a power cut before its first flush must not leave a
+        # data.mdb that the next boot trusts (flushed at 0 in an earlier boot is untrusted).
+        record_flush(config, 0, boot_id())
     env = lmdb_env.acquire(config, lock_held=True)
     try:
         wal, created = _open_wal(config, env)
@@ -192,7 +201,7 @@ def _open_environment(
     try:
         if restored is not None:
             adopt_snapshot(engine, restored)
-        recover(engine, progress)
+        recover(engine, progress, rebuilt=rebuilt)
     except BaseException:
         release(engine, checkpoint_first=False)
         raise
@@ -277,6 +286,6 @@ def _unflushed_before_reboot(config: StorageConfig) -> int | None:
     """The last flush of LMDB, when it was made in an earlier boot and the WAL goes past it:
     then ``data.mdb`` may be torn anywhere, and is not to be opened. None otherwise."""
     flushed = flushed_before_reboot(config)
-    if flushed is None or probe_wal(config).tail_after().applied_seq <= flushed:
+    if flushed is None or 0 < flushed >= probe_wal(config).tail_after().applied_seq:
         return None
-    return flushed
+    return flushed  # 0: not flushed once before the reboot

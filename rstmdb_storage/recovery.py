@@ -131,7 +131,11 @@ def rebuild_from_snapshot(
     indexes = config.path / INDEXES_DIR
     manifest = choose_snapshot(config.path / SNAPSHOTS_DIR, wal, progress=progress)
     ids = wal.segment_ids()
-    if manifest is None and not (ids and ids[0] == 1):
+    # No snapshot: the whole WAL, from sequence 1; or no WAL at all, for a store cut off
+    # while this package created it (it recorded that nothing was flushed yet, before LMDB
+    # made the file), which never acknowledged a write. Anyone else's file is left alone.
+    being_created = not ids and (indexes / FLUSHED_NAME).exists()
+    if manifest is None and not (ids and ids[0] == 1) and not being_created:
         raise IndexesCorruptionError(
             f"{problem}, and cannot be rebuilt: no intact snapshot is in "
             f"{config.path / SNAPSHOTS_DIR} and the WAL starts at sequence "

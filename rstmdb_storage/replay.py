@@ -148,7 +148,7 @@ def _replay_chunk(
     return before, tail, done
 
 
-def recover(engine: Engine, progress: Progress | None = None) -> None:
+def recover(engine: Engine, progress: Progress | None = None, rebuilt: bool = False) -> None:
     """Make LMDB whole on open: check it if a reboot may have torn it, then replay.
 
     LMDB runs with ``sync=False``, so commits after the last checkpoint may be missing or
@@ -171,7 +171,9 @@ def recover(engine: Engine, progress: Progress | None = None) -> None:
             )
     # A crash cannot leave a hole before written bytes; a power loss can, so the end of the
     # log is checked byte for byte only after a reboot.
-    replay(engine, strict=rebooted, progress=progress)
+    # A rebuild (which records its checkpoint in this boot) follows damage or a reboot: the
+    # end of the log is checked byte for byte then too.
+    replay(engine, strict=rebooted or rebuilt, progress=progress)
 
 
 def adopt_snapshot(engine: Engine, manifest: SnapshotManifest) -> None:
@@ -181,5 +183,4 @@ def adopt_snapshot(engine: Engine, manifest: SnapshotManifest) -> None:
         engine.meta.write_checkpoint(txn, Checkpoint(manifest.seq, engine.boot_id))
         engine.list_snapshot(txn, manifest)
 
-    engine.write(record)
-    engine.flush_lmdb(manifest.seq)
+    engine.write(record)  # and flushed

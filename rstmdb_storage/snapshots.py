@@ -221,7 +221,9 @@ def delete(directory: Path, manifest: SnapshotManifest) -> int:
         with contextlib.suppress(FileNotFoundError):
             freed += path.stat().st_size
             path.unlink()
-    fsync_dir(directory)
+        # Each unlink durable before the next: the file must not go while its manifest stays
+        # (a filesystem may persist directory entries in any order until the sync).
+        fsync_dir(directory)
     return freed
 
 

@@ -227,6 +227,8 @@ def walk_wal(wal: Wal, from_seq: int, until_seq: int, effects: WalEffects) -> It
     except CorruptionError as exc:
         where = f"{exc.path} at offset {exc.offset}" if exc.path else str(wal.directory)
         yield Finding.of(where, exc)
+    except FileNotFoundError as exc:  # deleted by a compaction meanwhile: callers look
+        yield Finding(str(wal.directory), f"segment {exc.filename} went while it was read")
 
 
 # --- the whole store --------------------------------------------------------------------------
@@ -274,9 +276,18 @@ def _lmdb_findings(engine: Engine, txn: Any) -> Iterator[Finding]:
     if not ids:
         yield Finding(str(engine.wal.directory), "no WAL segments")
         return
-    effects = WalEffects()
-    yield from walk_wal(engine.wal, ids[0], applied, effects)
+    for _ in range(_WALK_ATTEMPTS):
+        effects = WalEffects()
+        found = list(walk_wal(engine.wal, ids[0], applied, effects))
+        if not found or engine.wal.segment_ids()[:1] == ids[:1]:
+            break
+        ids = engine.wal.segment_ids()  # a compaction deleted segments being read: again
+    yield from found
     yield from effects.check(txn, dbs[DB_INSTANCES])
+
+
+#: walks of the WAL started again when a compaction deletes its first segments meanwhile
+_WALK_ATTEMPTS = 3
 
 
 def check_snapshots(directory: Path, wal: Wal) -> Iterator[Finding]:
