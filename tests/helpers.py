@@ -69,6 +69,24 @@ def parse_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines[:-1] if line]
 
 
+def write_changes(storage: Storage, changes: list[list[Any]], batch: bool = True) -> int:
+    """Write a change list of the workloads (``["put", spec]`` or ``["del", id]`` each) as
+    one batch, or its one change as a single write; return the acknowledged sequence number."""
+    if not batch:
+        ((kind, arg),) = changes
+        if kind == "put":
+            return storage.put_instance(Instance(**arg))
+        return storage.delete_instance(arg)
+    with storage.batch() as written:
+        for kind, arg in changes:
+            if kind == "put":
+                written.put_instance(Instance(**arg))
+            else:
+                written.delete_instance(arg)
+    assert written.seq is not None
+    return written.seq
+
+
 def apply_op(state: State, changes: Iterable[list[Any]], seq: int) -> State:
     """*state* after the changes of a transcript (``["put", spec]``, ``["del", id]``) written
     as record *seq*."""

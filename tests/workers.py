@@ -38,8 +38,10 @@ from typing import Any
 from rstmdb_storage import FsyncPolicy, Instance, Storage, StorageConfig
 
 try:
+    from helpers import write_changes
     from internals import force_group_commit  # tests/ is on sys.path, as for helpers
 except ModuleNotFoundError:  # tests/ became a package
+    from tests.helpers import write_changes
     from tests.internals import force_group_commit
 from rstmdb_storage.engine import boot_id
 from rstmdb_storage.wal.encoder import encode_record
@@ -137,19 +139,7 @@ def make_op(
 
 def run_op(storage: Storage, op: dict[str, Any]) -> int:
     """Write *op* and return the sequence number the store acknowledged it with."""
-    if not op["batch"]:
-        ((kind, arg),) = op["changes"]
-        if kind == "put":
-            return storage.put_instance(Instance(**arg))
-        return storage.delete_instance(arg)
-    with storage.batch() as batch:
-        for kind, arg in op["changes"]:
-            if kind == "put":
-                batch.put_instance(Instance(**arg))
-            else:
-                batch.delete_instance(arg)
-    assert batch.seq is not None
-    return batch.seq
+    return write_changes(storage, op["changes"], op["batch"])
 
 
 def apply_to_present(present: set[str], op: dict[str, Any]) -> None:

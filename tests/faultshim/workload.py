@@ -41,6 +41,9 @@ import sys
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/
+from helpers import write_changes
+
 from rstmdb_storage import Instance, Storage, StorageConfig
 from rstmdb_storage.errors import StorageError
 
@@ -214,14 +217,7 @@ class Workload:
 
     def run_batch(self, changes: list[list[Any]]) -> int:
         assert self.storage is not None
-        with self.storage.batch() as batch:
-            for kind, arg in changes:
-                if kind == "put":
-                    batch.put_instance(Instance(**arg))
-                else:
-                    batch.delete_instance(arg)
-        assert batch.seq is not None
-        return batch.seq
+        return write_changes(self.storage, changes)
 
     def run(self) -> None:
         def open_store() -> None:

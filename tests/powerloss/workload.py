@@ -32,6 +32,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for helpers
+from helpers import write_changes
+
 from rstmdb_storage import FsyncPolicy, Instance, Storage, StorageConfig
 
 MACHINE = "order"
@@ -149,19 +152,7 @@ def write(storage: Storage, kind: str, changes: list[list[Any]]) -> int:
         )
         assert spec_of(after) == spec, (spec_of(after), spec)
         return after.last_wal_offset
-    if kind in ("put", "delete"):
-        ((op, arg),) = changes
-        if op == "put":
-            return storage.put_instance(Instance(**arg))
-        return storage.delete_instance(arg)
-    with storage.batch() as batch:
-        for op, arg in changes:
-            if op == "put":
-                batch.put_instance(Instance(**arg))
-            else:
-                batch.delete_instance(arg)
-    assert batch.seq is not None
-    return batch.seq
+    return write_changes(storage, changes, batch=kind not in ("put", "delete"))
 
 
 def apply(present: dict[str, dict[str, Any]], changes: list[list[Any]]) -> None:
