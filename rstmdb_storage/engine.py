@@ -364,6 +364,46 @@ def flushed_before_reboot(config: StorageConfig) -> int | None:
     return None if boot == boot_id() else _FLUSHED.unpack_from(record)[0]
 
 
+#: ``indexes/relaxed``: there while a process whose fsync policy is not ``every_write`` has the
+#: store open, and after one was cut off: LMDB may then hold commits whose WAL records never
+#: reached the disk, so after a reboot the end of the WAL does not tell whether ``data.mdb``
+#: was written after its last flush. Removed by the last process to close, after its flush.
+RELAXED_NAME = "relaxed"
+
+
+def lmdb_suspect(config: StorageConfig) -> str | None:
+    """Why ``data.mdb`` is not to be opened: it may be torn anywhere, and mapping a torn file
+    can crash the process (SIGBUS, an LMDB assertion). None when it may be opened."""
+    flushed = flushed_before_reboot(config)
+    if flushed is None:
+        return None
+    if (config.path / INDEXES_DIR / RELAXED_NAME).exists():
+        return (
+            "the machine restarted while a process writing with a relaxed fsync policy had "
+            "the store open: LMDB may hold commits whose WAL records were lost"
+        )
+    if 0 < flushed >= probe_wal(config).tail_after().applied_seq:
+        return None
+    return (  # flushed 0: not flushed once before the reboot
+        f"the machine restarted after LMDB committed WAL records past sequence {flushed} "
+        f"without flushing them"
+    )
+
+
+def mark_relaxed(config: StorageConfig) -> None:
+    """Write ``indexes/relaxed`` (before this process commits anything to LMDB)."""
+    try:
+        write_file_atomic(
+            config.path / INDEXES_DIR / RELAXED_NAME,
+            f"{config.fsync_policy}\n".encode(),
+            config.file_mode,
+        )
+    except OSError as exc:
+        raise os_error(
+            exc, f"marking {config.path / INDEXES_DIR} as written to with a relaxed fsync policy"
+        ) from exc
+
+
 def require_store(config: StorageConfig) -> None:
     """Raise :class:`NotAStoreError` unless *config.data_dir* holds a (whole) store."""
     refuse_unfinished_restore(config)

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from .config import INDEXES_DIR, SNAPSHOTS_DIR, UNTRUSTED_MARKER, WAL_DIR, StorageConfig
 from .engine import (
+    RELAXED_NAME,
     Engine,
     boot_id,
-    flushed_before_reboot,
+    lmdb_suspect,
     make_wal,
+    mark_relaxed,
     probe_wal,
     record_flush,
     refuse_unfinished_restore,
@@ -101,13 +103,11 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
                     f"{indexes} is untrusted ({_reason(indexes / UNTRUSTED_MARKER)})",
                     path=str(indexes),
                 )
-            flushed = _unflushed_before_reboot(config)
-            if flushed is not None:
+            suspect = lmdb_suspect(config)
+            if suspect is not None:
                 # Never opened: a torn data.mdb can crash the process that maps it.
                 raise IndexesCorruptionError(
-                    f"{indexes} is untrusted: the machine restarted after LMDB committed WAL "
-                    f"records past sequence {flushed} without flushing them",
-                    path=str(indexes),
+                    f"{indexes} is untrusted: {suspect}", path=str(indexes)
                 )
             return _open_environment(config, None, progress)
         except IndexesCorruptionError as exc:
@@ -131,6 +131,7 @@ def release(engine: Engine, checkpoint_first: bool) -> None:
             engine.flusher.stop()
             if checkpoint_first and not engine.env.stale and engine.wal.usable:
                 checkpoint(engine)
+                _clear_relaxed(engine)
         if engine.wal.failure is not None:
             log.error(
                 "closing %s, which failed: %s; opening it again replays the WAL",
@@ -139,6 +140,21 @@ def release(engine: Engine, checkpoint_first: bool) -> None:
             )
     finally:
         engine.release_files()
+
+
+def _clear_relaxed(engine: Engine) -> None:
+    """Remove ``indexes/relaxed`` when the flush just made covers every commit: no other
+    handle in this process, and no other process (:meth:`alone` makes openers wait)."""
+    marker = engine.config.path / INDEXES_DIR / RELAXED_NAME
+    if not marker.exists() or engine.env.refs > 1 or not engine.env.alone():
+        return
+    try:
+        marker.unlink(missing_ok=True)
+        fsync_dir(marker.parent)
+    except OSError as exc:
+        raise os_error(exc, f"removing {marker}") from exc
+    finally:
+        engine.env.share()
 
 
 def _open_read_only(config: StorageConfig) -> Engine:
@@ -153,12 +169,11 @@ def _open_read_only(config: StorageConfig) -> Engine:
             f"{indexes / DATA_FILE} is untrusted ({_reason(indexes / UNTRUSTED_MARKER)}): open "
             f"{config.path} for writing to rebuild it (rstmdb-storage recover {config.path})"
         )
-    flushed = _unflushed_before_reboot(config)
-    if flushed is not None:
+    suspect = lmdb_suspect(config)
+    if suspect is not None:
         raise RecoveryNeededError(
-            f"{indexes / DATA_FILE} may be torn: the machine restarted after LMDB committed "
-            f"WAL records past sequence {flushed} without flushing them; open {config.path} "
-            f"for writing to rebuild it (rstmdb-storage recover {config.path})"
+            f"{indexes / DATA_FILE} may be torn: {suspect}; open {config.path} for writing to "
+            f"rebuild it (rstmdb-storage recover {config.path})"
         )
     # Asked before our own shared lock on users.lock would answer it.
     writers_may_be_running = lmdb_env.in_use(config)
@@ -186,6 +201,8 @@ def _open_environment(
         # Before LMDB creates the file: a power cut before its first flush must not leave a
         # data.mdb that the next boot trusts (flushed at 0 in an earlier boot is untrusted).
         record_flush(config, 0, boot_id())
+    if config.fsync_policy.mode != "every_write":
+        mark_relaxed(config)
     env = lmdb_env.acquire(config, lock_held=True)
     try:
         wal, created = _open_wal(config, env)
@@ -280,12 +297,3 @@ def _reason(marker: Path) -> str:
         return marker.read_text(errors="replace").partition("\n")[0] or "no reason recorded"
     except OSError as exc:
         return f"its reason cannot be read: {exc}"
-
-
-def _unflushed_before_reboot(config: StorageConfig) -> int | None:
-    """The last flush of LMDB, when it was made in an earlier boot and the WAL goes past it:
-    then ``data.mdb`` may be torn anywhere, and is not to be opened. None otherwise."""
-    flushed = flushed_before_reboot(config)
-    if flushed is None or 0 < flushed >= probe_wal(config).tail_after().applied_seq:
-        return None
-    return flushed  # 0: not flushed once before the reboot

@@ -43,7 +43,14 @@ from .config import (
     WAL_DIR,
     StorageConfig,
 )
-from .engine import FLUSHED_NAME, probe_wal, require_store
+from .engine import (
+    FLUSHED_NAME,
+    RELAXED_NAME,
+    flushed_before_reboot,
+    lmdb_suspect,
+    probe_wal,
+    require_store,
+)
 from .errors import (
     CorruptionError,
     IndexesCorruptionError,
@@ -72,7 +79,7 @@ from .snapshots import (
 from .store import env as lmdb_env
 from .store.meta import Meta
 from .wal import FramedRecord, TornTailRepair, Wal, WalTail
-from .wal.decoder import BadRecord, decode_record
+from .wal.decoder import BadRecord, decode_record, is_zero
 from .wal.format import RECORD_SEAL, SEGMENT_HEADER_SIZE, segment_name
 from .wal.repair import cut_torn_tail, zero_from
 from .wal.segment import WalSegment
@@ -167,6 +174,7 @@ def _move_aside(indexes: Path) -> None:
     # These spoke of the file moved aside.
     (indexes / UNTRUSTED_MARKER).unlink(missing_ok=True)
     (indexes / FLUSHED_NAME).unlink(missing_ok=True)
+    (indexes / RELAXED_NAME).unlink(missing_ok=True)
     fsync_dir(indexes)
     failpoint("rebuild.after_move_aside")
 
@@ -292,6 +300,10 @@ def cut_damaged_tail(wal: Wal, applied_seq: int) -> TornTailRepair | None:
         offset, seq = SEGMENT_HEADER_SIZE, segment.first_seq
         while True:
             found = decode_record(segment.read, offset)
+            if found is None and not is_zero(segment.read, offset, segment.size()):
+                # A lost first page in front of written ones (what opening after a reboot
+                # refuses): cut there, as for any other torn record.
+                found = BadRecord(offset, "zero header followed by data", offset)
             if found is None or (isinstance(found, FramedRecord) and found.type == RECORD_SEAL):
                 return None  # the log ends cleanly
             if isinstance(found, BadRecord):
@@ -384,7 +396,9 @@ def repair_wal(config: StorageConfig) -> TornTailRepair | None:
         # What LMDB applied was synced: a bad record at or below it is damage, not a torn
         # write. Without a readable LMDB, the newest snapshot is the floor of what was applied.
         applied = max(published_seqs(config.path / SNAPSHOTS_DIR), default=0)
-        if (config.path / INDEXES_DIR / DATA_FILE).exists():
+        if lmdb_suspect(config) is not None:  # not to be mapped; what it flushed stands
+            applied = max(applied, flushed_before_reboot(config) or 0)
+        elif (config.path / INDEXES_DIR / DATA_FILE).exists():
             with contextlib.suppress(IndexesCorruptionError):  # unreadable: the floor stands
                 env = lmdb_env.acquire(config, lock_held=True)
                 try:

@@ -33,7 +33,14 @@ import pytest
 from powerloss import crash_states, trials
 from powerloss.crash_states import HEADER, Recording, Request
 
-from rstmdb_storage import CorruptionError, FsyncPolicy, Storage, StorageConfig
+from rstmdb_storage import (
+    CorruptionError,
+    FsyncPolicy,
+    Instance,
+    RecoveryNeededError,
+    Storage,
+    StorageConfig,
+)
 from rstmdb_storage import engine as engine_module
 from rstmdb_storage.wal.decoder import FramedRecord, decode_record
 from rstmdb_storage.wal.format import SEGMENT_HEADER_SIZE
@@ -352,7 +359,6 @@ os._exit(0)  # records 36..38 are not synced: the power goes
 """
 
 
-@pytest.mark.xfail(strict=True, reason=trials.KNOWN["repair-misses-zero-header"])
 def test_repair_cuts_a_torn_record_whose_header_is_zeros(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -377,3 +383,75 @@ def test_repair_cuts_a_torn_record_whose_header_is_zeros(
     with Storage.open(config) as storage:
         assert storage.applied_seq == torn.seq - 1
         assert storage.verify() == []
+
+
+_COMMIT_PAST_THE_FLUSH_AND_DIE = """
+import os, sys
+from rstmdb_storage import FsyncPolicy, Instance, Storage, StorageConfig
+config = StorageConfig(data_dir=sys.argv[1], fsync_policy=FsyncPolicy.every_n(5),
+                       snapshot_interval=0, compaction_enabled=False)
+storage = Storage.open(config)
+for i in range(38):
+    storage.put_instance(Instance(id=f"o{i}", machine="m", version=1, state="s", ctx={"i": i}))
+    if i == 34:
+        storage.checkpoint()  # flushed at 35, the WAL synced through it
+os._exit(0)  # LMDB committed 36..38; their WAL records were never synced
+"""
+
+
+def _end_the_wal_at(segment: Path, seq: int) -> None:
+    """Zero *segment* after record *seq*: what the power cut left of records never synced."""
+    raw = bytearray(segment.read_bytes())
+    offset = SEGMENT_HEADER_SIZE
+    while isinstance(
+        found := decode_record(lambda o, n: bytes(raw[o : o + n]), offset), FramedRecord
+    ):
+        if found.seq > seq:
+            raw[found.offset :] = bytes(len(raw) - found.offset)
+            break
+        offset = found.end
+    segment.write_bytes(raw)
+
+
+def test_after_a_reboot_lmdb_commits_past_a_lost_wal_are_not_trusted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under every_n(5), LMDB committed 36..38 after its flush at 35 and the power cut lost
+    their WAL records (the WAL ends at the flush, which alone would say data.mdb is whole).
+    data.mdb is never mapped after the reboot (it may be torn anywhere): the store is rebuilt
+    from the WAL, and holds what the WAL holds, 1..35."""
+    data = tmp_path / "data"
+    subprocess.run([sys.executable, "-c", _COMMIT_PAST_THE_FLUSH_AND_DIE, str(data)], check=True)
+    assert (data / "indexes" / "relaxed").exists()
+    _end_the_wal_at(max((data / "wal").glob("*.wal")), 35)
+    monkeypatch.setattr(engine_module, "boot_id", lambda: "after-the-power-cut")
+    config = StorageConfig(data_dir=data, fsync_policy=FsyncPolicy.every_n(5), snapshot_interval=0)
+    with pytest.raises(RecoveryNeededError, match="relaxed fsync policy"):
+        Storage.open(StorageConfig(data_dir=data, read_only=True))
+    with Storage.open(config) as storage:
+        assert storage.applied_seq == 35
+        assert storage.get_instance("o34") is not None and storage.get_instance("o35") is None
+        assert storage.verify() == []
+        storage.put_instance(Instance(id="after", machine="m", version=1, state="s"))
+    assert list((data / "indexes").glob("data.mdb.broken-*")), "the suspect file is kept aside"
+    with Storage.open(config) as storage:
+        assert storage.applied_seq == 36 and storage.get_instance("after") is not None
+
+
+def test_the_last_handle_to_close_clears_the_relaxed_mark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The mark stays while any handle is open (its commits may follow the flush of the one
+    closing); the last close flushes, clears it, and a reboot after that trusts data.mdb."""
+    config = StorageConfig(data_dir=tmp_path / "d", fsync_policy=FsyncPolicy.every_ms(50))
+    marker = tmp_path / "d" / "indexes" / "relaxed"
+    first, second = Storage.open(config), Storage.open(config)
+    first.put_instance(Instance(id="a", machine="m", version=1, state="s"))
+    first.close()
+    assert marker.exists()
+    second.close()
+    assert not marker.exists()
+    monkeypatch.setattr(engine_module, "boot_id", lambda: "after-a-clean-reboot")
+    with Storage.open(config) as storage:
+        assert storage.get_instance("a") is not None
+    assert not list((tmp_path / "d" / "indexes").glob("data.mdb.broken-*")), "not rebuilt"

@@ -417,32 +417,13 @@ def _child_env() -> dict[str, str]:
 #: tests/test_power_loss.py fails only on the others, and pins each of these with a
 #: deterministic crash state under ``xfail(strict=True)``, which starts failing (XPASS) once
 #: the store is fixed: then delete the entry here and the mark there.
-KNOWN = {
-    "commits-after-flush": (
-        "under the non-default policies: LMDB commits after the last flush that the WAL "
-        "does not go past (writes whose WAL records were lost; housekeeping commits are "
-        "flushed at once): after the reboot the WAL ends at or before "
-        "indexes/flushed, so opening trusts data.mdb though LMDB wrote it after that flush, "
-        "and a torn one is mapped: MDB_CORRUPTED on the next write, SIGBUS, SIGABRT"
-    ),
-    "repair-misses-zero-header": (
-        "under the non-default policies: a torn record whose first page is zeros, followed "
-        "by intact records, in a WAL that does not go past the last flush: opening (which "
-        "checks the end byte for byte after a reboot) refuses it ('zero header followed by "
-        "data; a good record follows'), but repair reads the zeros as the end of the log, "
-        "says 'nothing to repair', and the store stays refused"
-    ),
-}
+KNOWN: dict[str, str] = {}  # none open: "commits-after-flush" and "repair-misses-zero-header"
+# (both under the non-default policies) were fixed; their crash states are pinned in the suite
 
 
 def known_cause(result: dict[str, Any]) -> str | None:
     """The entry of :data:`KNOWN` whose condition the crash state of *result* meets."""
-    if result["outcome"] == "refused" and "zero header followed by data" in str(
-        result["open_error"]
-    ):
-        return "repair-misses-zero-header"
-    if result["lmdb_trusted"] and "indexes/flushed" in result["files"]:
-        return "commits-after-flush"
+    del result  # each entry adds its condition here
     return None
 
 
