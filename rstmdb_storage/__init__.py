@@ -34,6 +34,7 @@ from .errors import (
     StorageFullError,
     WalGapError,
 )
+from .lookups import Reader
 from .model import Instance, MachineDefinition
 from .query import Page
 from .snapshots import SnapshotManifest
@@ -59,6 +60,7 @@ __all__ = [
     "NotFoundError",
     "Page",
     "ReadOnlyError",
+    "Reader",
     "RecordTooLargeError",
     "RecoveryNeededError",
     "SnapshotManifest",

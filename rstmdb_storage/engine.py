@@ -136,7 +136,14 @@ class Engine:
         if self.config.read_only:
             raise ReadOnlyError(f"storage at {self.config.path} is open read-only")
         self.wal.check_usable()
-        return self.live()
+        env = self.live()
+        if env.gate.pinned and threading.get_ident() in env.gate.pinned:
+            # A write that has to grow the map would wait for this thread's own reader.
+            raise StorageError(
+                "a write inside a with block of storage.reader(), in the same thread: "
+                "end the reader first (it sees the store as it was when it began)"
+            )
+        return env
 
     def read(self, read: Callable[[Any], T]) -> T:
         """``read(txn)`` in a short read transaction."""

@@ -24,7 +24,7 @@ LAYERS = [
     {"verify", "query"},
     {"replay", "recovery", "scrub"},
     {"maintenance", "inspection"},
-    {"writes", "opening"},
+    {"writes", "opening", "lookups"},
     {"storage"},
     {"__init__"},
     {"cli.common"},

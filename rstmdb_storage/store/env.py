@@ -318,10 +318,12 @@ class ForkGate:
     (:meth:`LmdbEnvironment.replacing_file`) goes through it.
     """
 
-    __slots__ = ("_changed", "active", "closing", "owner")
+    __slots__ = ("_changed", "active", "closing", "owner", "pinned")
 
     def __init__(self) -> None:
         self.active: deque[None] = deque()
+        #: threads holding a read open across calls (a ``Reader``), and how many each holds
+        self.pinned: dict[int, int] = {}
         #: how many closes are in force (0: open)
         self.closing = 0
         #: the thread that passes a closed gate, or None
@@ -346,9 +348,12 @@ class ForkGate:
     def close(self, timeout: float | None = None) -> bool:
         """Hold new entries back and wait for the threads inside to leave; return True. With
         a *timeout*, give up when they are still inside by then: open again, return False."""
+        # Never for the calling thread's own readers: they cannot leave while it waits (a
+        # fork inside a reader's with block; the child drops the inherited handle anyway).
+        own = self.pinned.get(threading.get_ident(), 0)
         with self._changed:
             self.closing += 1
-            if self._changed.wait_for(lambda: not self.active, timeout):
+            if self._changed.wait_for(lambda: len(self.active) <= own, timeout):
                 return True
         self.open()
         return False

@@ -35,6 +35,13 @@ COMPARISONS: list[Comparison] = [
     Comparison("get_instance", "raw lmdb+crc32c+cbor2 (ceiling)", 0.7, gets.compare_get_vs_ceiling),
     Comparison("get_instance", "SQLite WAL, SELECT by pk", 3.0, gets.compare_get_vs_sqlite),
     Comparison(
+        "reader().get_instance",
+        "raw lmdb+crc32c+cbor2, one txn (ceiling)",
+        0.7,
+        gets.compare_reader_get_vs_ceiling,
+    ),
+    Comparison("reader().get_instance", "get_instance", None, gets.compare_reader_get_vs_get),
+    Comparison(
         "durable put_instance", "SQLite FULL/WAL autocommit", 1.5, puts.compare_put_vs_sqlite
     ),
     Comparison(

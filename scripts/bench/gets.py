@@ -97,3 +97,44 @@ def compare_get_vs_sqlite(bench: Bench) -> tuple[float, float]:
     """``get_instance`` against SQLite SELECT by primary key + cbor2.loads."""
     storage, conn, ids = ours_loaded(bench), sqlite_loaded(bench), bench.lookup_ids
     return bench.paired(lambda: run_ours_gets(storage, ids), lambda: run_sqlite_gets(conn, ids))
+
+
+def run_reader_gets(storage: Storage, ids: list[str]) -> float:
+    with storage.reader() as reader:
+        get = reader.get_instance
+
+        def run() -> None:
+            for iid in ids:
+                get(iid)
+
+        return rate(len(ids), run)
+
+
+def run_ceiling_gets_one_txn(env: lmdb.Environment, db: Any, ids: list[str]) -> float:
+    keys = [iid.encode() for iid in ids]
+    crc, loads = crc32c.crc32c, cbor2.loads
+    with env.begin(db=db) as txn:
+        get = txn.get
+
+        def run() -> None:
+            for key in keys:
+                raw = get(key)
+                if int.from_bytes(raw[:4], "little") != crc(raw[4:]):
+                    raise RuntimeError(f"ceiling: CRC mismatch for {key!r}")
+                loads(raw[4:])
+
+        return rate(len(keys), run)
+
+
+def compare_reader_get_vs_ceiling(bench: Bench) -> tuple[float, float]:
+    """``reader.get_instance`` against raw lmdb gets in one read transaction."""
+    storage, (env, db), ids = ours_loaded(bench), ceiling_loaded(bench), bench.lookup_ids
+    return bench.paired(
+        lambda: run_reader_gets(storage, ids), lambda: run_ceiling_gets_one_txn(env, db, ids)
+    )
+
+
+def compare_reader_get_vs_get(bench: Bench) -> tuple[float, float]:
+    """``reader.get_instance`` against ``storage.get_instance`` (a transaction per call)."""
+    storage, ids = ours_loaded(bench), bench.lookup_ids
+    return bench.paired(lambda: run_reader_gets(storage, ids), lambda: run_ours_gets(storage, ids))
