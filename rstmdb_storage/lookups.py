@@ -199,8 +199,8 @@ class Reader(Lookups):
     """One consistent view of the store: every lookup through it sees the state as of the
     moment :meth:`Storage.reader` began, whatever writers commit meanwhile, and none begins
     a read transaction of its own. Use it in the thread that made it, and keep it short: an
-    open view keeps LMDB from reusing the pages it sees, and a fork of the process waits for
-    it to end.
+    open view keeps LMDB from reusing the pages it sees, and a fork or a growth of the map in
+    another thread waits for it to end. Writes from its own thread are refused meanwhile.
 
     Example::
 

@@ -65,7 +65,9 @@ FAILED_NAME = "FAILED"
 def read_failure(directory: Path) -> str | None:
     """Why a sync failed in some process of the store in *directory* (``wal/``), or None.
     Asked after every sync: the usual answer costs one ``access`` call and no exception."""
-    if not os.access(directory / FAILED_NAME, os.F_OK):
+    # A string, not ``directory / FAILED_NAME``: a new Path on every sync costs more than
+    # the access call (Path caches its own str).
+    if not os.access(f"{directory}/{FAILED_NAME}", os.F_OK):
         return None
     try:
         return (directory / FAILED_NAME).read_text(errors="replace") or "unknown"
