@@ -446,8 +446,15 @@ def probe_wal(config: StorageConfig) -> Wal:
     """The WAL of a data directory whose LMDB is not open, with the store id of its first
     segment (an empty id when there is none)."""
     probe = make_wal(config, b"")  # only lists segments and reads a header
-    ids = probe.segment_ids()
-    return make_wal(config, probe.segment_store_id(ids[0]) if ids else b"")
+    while ids := probe.segment_ids():
+        try:
+            return make_wal(config, probe.segment_store_id(ids[0]))
+        except FileNotFoundError:
+            # Compaction (another process's) deleted it since the listing; it never deletes
+            # the last segment, and every segment carries the same id. (Found by the crash
+            # harness: a restore of a live store failed so, once in 1,667 trials.)
+            continue
+    return make_wal(config, b"")
 
 
 def boot_id() -> str:

@@ -187,11 +187,12 @@ def restore_to(
     file_mode: int,
     progress: Progress | None = None,
     target_role: str = "restore target",
+    until_ms: int | None = None,
 ) -> int:
     """Build in *target* a data directory holding *source*'s state at WAL sequence *seq* (its
-    newest record when None), to be opened next; return that sequence number. *wal* reads
-    the source's WAL. Replay happens when the target is opened. *target_role* names the
-    target in errors ("backup target" for a backup).
+    newest record when None; as of the time *until_ms*, when given), to be opened next;
+    return that sequence number. *wal* reads the source's WAL. Replay happens when the
+    target is opened. *target_role* names the target in errors ("backup target" for a backup).
 
     :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the source
     """
@@ -199,6 +200,8 @@ def restore_to(
         check_int63("seq", seq)
     check_target(target, target_role)
     with _compaction_held_off(source / SNAPSHOTS_DIR, file_mode):
+        if until_ms is not None:  # read here, where compaction cannot delete what it reads
+            seq = seq_at_time(wal, until_ms)
         manifest = choose_snapshot(source / SNAPSHOTS_DIR, wal, seq, progress)
         ids = wal.segment_ids()
         if manifest is None and not (ids and ids[0] == 1):
@@ -381,8 +384,9 @@ def restore(
         if seq is not None:
             raise InvalidInputError("restore: give seq or until_ms, not both")
         check_int63("until_ms", until_ms)
-        seq = seq_at_time(wal, until_ms)
-    return restore_to(config.path, target_path, wal, seq, config.file_mode, progress)
+    return restore_to(
+        config.path, target_path, wal, seq, config.file_mode, progress, until_ms=until_ms
+    )
 
 
 def repair_wal(config: StorageConfig) -> TornTailRepair | None:

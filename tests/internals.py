@@ -226,3 +226,19 @@ def after_the_backup_finds_the_end(
         return end
 
     monkeypatch.setattr(wal, "tail_after", tail_after)
+
+
+def after_the_next_wal_listing(monkeypatch: pytest.MonkeyPatch, then: Callable[[], None]) -> None:
+    """Run *then()* right after the next listing of any WAL's segments, before the caller
+    reads them: as compaction in another process deleting segments at that moment would."""
+    from rstmdb_storage.wal.log import Wal
+
+    real = Wal.segment_ids
+
+    def segment_ids(self: Wal) -> list[int]:
+        ids = real(self)
+        monkeypatch.setattr(Wal, "segment_ids", real)
+        then()
+        return ids
+
+    monkeypatch.setattr(Wal, "segment_ids", segment_ids)
