@@ -281,7 +281,10 @@ def test_writer_killed_on_its_write_path(
         writes = read_transcript(events, WRITE_PATH[point], where)
         assert writes.in_flight is not None, f"{where}: killed outside a write"
         if point.startswith("write."):
-            assert len(writes.acked) == passes, f"{where}: killed at another write"
+            # At least: a write that waited long for LMDB's lock (on a loaded machine, the
+            # scheduler alone can make it wait) takes group commit for a while, whose steps
+            # are other points. The write killed is still one at this point.
+            assert len(writes.acked) >= passes, f"{where}: killed at an earlier write"
         state, applied = check_after_kill(config, state, applied, [writes], where)
     with Storage.open(config) as storage:
         segments = len(storage.wal_segments())
