@@ -50,6 +50,7 @@ from .fsutil import SyncFailed, os_error, write_file_atomic
 from .snapshots import SnapshotManifest
 from .store import env as lmdb_env
 from .store.meta import Meta
+from .thread_group import ThreadGroup
 from .wal import Wal, WalTail
 from .wal.group_commit import SharedAppendTail, SharedSync
 
@@ -96,6 +97,7 @@ class Engine:
         #: durable writes use group commit until then (see :meth:`note_contention`)
         self.group_until = 0.0
         self._group_files: tuple[SharedAppendTail, SharedSync] | None = None
+        self._thread_group = ThreadGroup()
         #: the background thread (None when read-only), started by ``maintenance``
         self.flusher: Flusher | None = None
         self.maintenance_thread: Any = None
@@ -225,6 +227,13 @@ class Engine:
         """Another writer was seen: group durable writes for the next :data:`GROUP_WINDOW`."""
         if self.config.fsync_policy.mode == "every_write":
             self.group_until = time.monotonic() + GROUP_WINDOW
+
+    def thread_group(self) -> ThreadGroup:
+        """The queue of this process's writing threads (a new one in a forked child)."""
+        group = self._thread_group
+        if group.pid != os.getpid():
+            group = self._thread_group = ThreadGroup()
+        return group
 
     def group_locks(self) -> tuple[SharedAppendTail, SharedSync]:
         """This process's append and sync locks (opened again in a forked child: a ``flock``

@@ -16,6 +16,11 @@ A change is therefore never visible before its WAL record is written (and, by de
 durable), and the transaction that applies it records its sequence number, so opening the store
 replays exactly the records LMDB has not seen.
 
+Threads of one process write through a queue (:mod:`rstmdb_storage.thread_group`): a thread
+that finds another's write in flight waits, and the next leader takes steps 2 to 5 once for
+every queued record, each judged against the records before it (a refused write refuses only
+itself; a failed sync fails them all), so that one ``fdatasync`` serves them all.
+
 Group commit: when writer *processes* contend (another process was found holding the write
 lock, or a sync of another writer covered ours), durable writes take three steps instead, so
 that one ``fdatasync`` serves many of them (the lock files are described in
@@ -48,12 +53,13 @@ from .changes import (
 )
 from .config import DB_IDEMPOTENCY, WAL_DIR
 from .engine import Engine
-from .errors import ConflictError, InstanceNotFoundError
+from .errors import ConflictError, InstanceNotFoundError, StorageError
 from .failpoints import failpoint
 from .model import Instance, check_name
 from .query import get_instance, remembered
 from .replay import apply_pending, apply_through, walk
 from .store.env import LmdbEnvironment
+from .thread_group import Request
 from .wal import WalTail
 from .wal.group_commit import SharedAppendTail
 
@@ -74,13 +80,8 @@ def commit(engine: Engine, changes: list[Change], idempotency_key: str | None = 
         changes = [*changes, IdempotencyKey(idempotency_key, config.idempotency_retention_ms)]
     payload = encode_changes(changes, config.max_record_size)
     env = engine.writable()
-    if engine.grouping():
-        seq = _commit_grouped(engine, env, changes, payload, idempotency_key)
-    else:
-        with env.write_mutex:
-            engine.wal.check_usable()
-            seq = _write(engine, env, changes, payload, idempotency_key)
-            engine.dirty = True
+    work = (changes, payload, idempotency_key)
+    seq = engine.thread_group().submit(work, lambda group: _write_group(engine, env, group))
     engine.after_write()
     return seq
 
@@ -113,74 +114,116 @@ def judge(
 # --- one transaction ----------------------------------------------------------------------------
 
 
-def _write(
-    engine: Engine,
-    env: LmdbEnvironment,
-    changes: list[Change],
-    payload: bytes,
-    idempotency_key: str | None,
-) -> int:
-    """The one-transaction path, holding the write mutex: attempts until one commits the
-    record (or finds the first write of its idempotency key)."""
-    appended: list[int] = []
-    while True:
-        seq = engine.growing(
-            env, _write_once, engine, env, changes, payload, idempotency_key, appended
-        )
-        if seq is not None:
-            return seq
+def _write_group(engine: Engine, env: LmdbEnvironment, group: list[Request]) -> None:
+    """Write the records of a group of this process's threads (a group of one when no other
+    thread is writing), sharing one sync: in one transaction, or in the three steps of group
+    commit while writer processes contend. Then each request gets its sequence number (for
+    a retry with a known idempotency key, the first write's) or its error."""
+    outcomes: list[int | Exception | None] = [None] * len(group)
+    if engine.grouping():
+        _commit_grouped(engine, env, group, outcomes)
+    else:
+        with env.write_mutex:
+            engine.wal.check_usable()
+            # *outcomes* is kept across the attempts: a record appended before a full map
+            # aborted the transaction waits at the WAL tail, the next attempt's catch-up
+            # applies it, and the attempt only reports its sequence number.
+            while not engine.growing(env, _write_once, engine, env, group, outcomes):
+                pass  # the catch-up committed a chunk of replay first
+            engine.dirty = True
+    for request, outcome in zip(group, outcomes, strict=True):
+        if isinstance(outcome, Exception):
+            request.error = outcome
+        else:
+            request.result = outcome
 
 
 def _write_once(
     engine: Engine,
     env: LmdbEnvironment,
-    changes: list[Change],
-    payload: bytes,
-    idempotency_key: str | None,
-    appended: list[int],
-) -> int | None:
-    """One attempt of the one-transaction path: the record's sequence number, or None when
-    the catch-up committed a chunk of replay first. *appended* keeps our sequence number
-    once appended: after a full map aborted the transaction, the next attempt's catch-up
-    applies the record, and the attempt just says so."""
+    group: list[Request],
+    outcomes: list[int | Exception | None],
+) -> bool:
+    """One attempt of the one-transaction path: True once it committed every request's
+    record, False when the catch-up committed a chunk of replay first."""
     meta, wal = engine.meta, engine.wal
     appends, _ = engine.group_locks()
     started = time.perf_counter()
     with env.begin_write() as txn:
         if time.perf_counter() - started > _CONTENDED_WAIT:
-            # Another process held the write lock. (Threads of this process wait for the
-            # write mutex instead: under the GIL, the extra steps of group commit cost them
-            # more than the syncs they share.)
+            # Another process held the write lock. (Threads of this process queue in the
+            # thread group instead, whose leader writes for them all.)
             engine.note_contention()
         # The append lock keeps grouped appenders out while the log's end is read and
         # written; it is not held across the sync.
         with appends.locked():
             tail, caught_up = apply_pending(engine, txn, meta.tail(txn))
             if not caught_up:
-                return None  # commit this chunk of replay, then go on
-            if appended:
-                return appended[0]  # the catch-up above applied our record
+                return False  # commit this chunk of replay, then go on
             timestamp_ms = time.time_ns() // 1_000_000
-            first = judge(txn, env.dbs, tail.next_seq, changes, idempotency_key, timestamp_ms)
-            if first is not None:
-                return first  # a retry: the first write's result
-            new_tail = _append_record(engine, appends, tail, timestamp_ms, payload)
+            new_tail, changed = _append_group(
+                engine, txn, appends, tail, timestamp_ms, group, outcomes
+            )
+        if new_tail is not tail:
+            meta.write_tail(txn, new_tail)
+            engine.count_changes(txn, changed)
+            if wal.sync_due():
+                wal.sync()
+            failpoint("write.after_sync")
+    if new_tail is not tail:
+        failpoint("write.after_commit")
+    return True
+
+
+def _append_group(
+    engine: Engine,
+    txn: Any,
+    appends: SharedAppendTail,
+    tail: WalTail,
+    timestamp_ms: int,
+    group: list[Request],
+    outcomes: list[int | Exception | None],
+) -> tuple[WalTail, list[Change]]:
+    """Judge, append and apply, in order, each request of *group* without an outcome yet,
+    inside *txn* (holding the append lock): each is judged against the state every record
+    before it leads to. Return the tail after the last record and the changes applied."""
+    wal, dbs = engine.wal, engine.env.dbs
+    start = tail
+    changed: list[Change] = []
+    for n, request in enumerate(group):
+        if outcomes[n] is not None:
+            continue  # appended (and applied again by the catch-up), judged, or refused
+        changes, payload, idempotency_key = request.work
         seq = tail.next_seq
-        appended.append(seq)
-        failpoint("write.after_append")
-        # The changes go into the transaction while the record is being written to the
-        # device; they become visible only with the commit, after the sync.
-        sync_due = wal.sync_due()
-        if sync_due:
-            wal.start_sync()
-        apply_changes(txn, env.dbs, seq, timestamp_ms, changes)
-        meta.write_tail(txn, new_tail)
-        engine.count_changes(txn, changes)
-        if sync_due:
-            wal.sync()
-        failpoint("write.after_sync")
-    failpoint("write.after_commit")
-    return seq
+        try:
+            first = judge(txn, dbs, seq, changes, idempotency_key, timestamp_ms)
+        except StorageError as exc:  # a failed condition, or damage met judging: this one's
+            outcomes[n] = exc
+            continue
+        if first is not None:
+            outcomes[n] = first  # a retry: the first write's result
+            continue
+        try:
+            after = _append_record(engine, appends, tail, timestamp_ms, payload)
+        except (StorageError, OSError) as exc:
+            # Nothing of this record counts (the tail stays where it was), nor is anything
+            # after it tried: the records before it commit, the rest get this error.
+            error = engine.typed(exc, "appending to the WAL") if isinstance(exc, OSError) else exc
+            for later in range(n, len(group)):
+                if outcomes[later] is None:
+                    outcomes[later] = error
+            break
+        outcomes[n] = seq
+        if tail is start:  # the first record appended
+            failpoint("write.after_append")
+            # The changes go into the transaction while the records are being written to
+            # the device; they become visible only with the commit, after the sync.
+            if wal.sync_due():
+                wal.start_sync()
+        apply_changes(txn, dbs, seq, timestamp_ms, changes)
+        changed.extend(changes)
+        tail = after
+    return tail, changed
 
 
 def _append_record(
@@ -199,13 +242,21 @@ def _append_record(
 def _commit_grouped(
     engine: Engine,
     env: LmdbEnvironment,
-    changes: list[Change],
-    payload: bytes,
-    idempotency_key: str | None,
-) -> int:
+    group: list[Request],
+    outcomes: list[int | Exception | None],
+) -> None:
     with env.write_mutex:
         engine.wal.check_usable()
-        seq = _append_grouped(engine, env, changes, payload, idempotency_key)
+        for n, request in enumerate(group):
+            try:
+                outcomes[n] = _append_grouped(engine, env, *request.work)
+            except StorageError as exc:  # this one's: a failed condition, a full disk
+                outcomes[n] = exc
+    # The last record appended: the sync and the apply that cover it cover the group's
+    # (a retry's first write, whose number may be earlier, is covered by them as well).
+    seq = max((seq for seq in outcomes if isinstance(seq, int)), default=None)
+    if seq is None:
+        return
     failpoint("group.after_append")
     synced, covered = _sync_through(engine, seq)
     failpoint("group.after_sync")
@@ -216,7 +267,6 @@ def _commit_grouped(
             engine.growing(env, _apply_synced, engine, env, seq, synced)
             engine.dirty = True
     failpoint("group.after_apply")
-    return seq
 
 
 def _append_grouped(

@@ -242,3 +242,16 @@ def after_the_next_wal_listing(monkeypatch: pytest.MonkeyPatch, then: Callable[[
         return ids
 
     monkeypatch.setattr(Wal, "segment_ids", segment_ids)
+
+
+def wait_for_queued_writes(storage: Storage, count: int, timeout: float = 60) -> bool:
+    """Wait until *count* writes of other threads are queued behind the write in flight
+    (polling: the queue has no condition to wait on, by design); return whether they were
+    within *timeout*."""
+    group = storage._engine.thread_group()
+    deadline = time.monotonic() + timeout
+    while len(group._queue) < count:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True

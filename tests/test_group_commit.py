@@ -11,7 +11,12 @@ import threading
 
 import pytest
 from helpers import order, start_worker
-from internals import append_grouped_only, force_group_commit, start_contention
+from internals import (
+    append_grouped_only,
+    force_group_commit,
+    start_contention,
+    wait_for_queued_writes,
+)
 
 from rstmdb_storage import (
     ConflictError,
@@ -19,6 +24,7 @@ from rstmdb_storage import (
     Storage,
     StorageConfig,
     StorageFailedError,
+    failpoints,
 )
 from rstmdb_storage.changes import IdempotencyKey, PutInstance
 from rstmdb_storage.engine import boot_id
@@ -193,3 +199,90 @@ def test_a_writer_killed_in_the_middle_of_an_append_blocks_nobody(grouped: Stora
     assert [repair.offset for repair in grouped.torn_tail_repairs] == [event["offset"]]
     assert grouped.get_instance("o2").last_wal_offset == 2
     assert grouped.verify() == []
+
+
+# --- threads of one process -------------------------------------------------------------------
+
+
+def queue_behind_the_first_write(storage: Storage, writes: list) -> dict[str, object]:
+    """Put ``o`` and, while its record is appended but not synced, start a thread for each
+    of *writes* (``(name, call)``: call(storage) -> result), one after another in that order
+    into the queue; return what each thread's call returned or raised, by name."""
+    outcomes: dict[str, object] = {}
+
+    def run(name: str, call) -> None:
+        try:
+            outcomes[name] = call(storage)
+        except Exception as exc:  # the outcome under test
+            outcomes[name] = exc
+
+    threads = [threading.Thread(target=run, args=write, name=write[0]) for write in writes]
+
+    def queue_them() -> None:
+        for queued, thread in enumerate(threads, start=1):
+            thread.start()
+            assert wait_for_queued_writes(storage, queued)
+
+    failpoints.enable("write.after_append", queue_them)
+    try:
+        storage.put_instance(order("o"))
+    finally:
+        failpoints.disable()
+    for thread in threads:
+        thread.join()
+    return outcomes
+
+
+def test_threads_queued_behind_a_write_share_one_sync(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    syncs: list[str] = []
+    real = os.fdatasync
+    monkeypatch.setattr(
+        os, "fdatasync", lambda fd: (syncs.append(threading.current_thread().name), real(fd))
+    )
+    writers = [(f"w{n}", lambda s, n=n: s.put_instance(order(f"t{n}"))) for n in range(7)]
+    outcomes = queue_behind_the_first_write(storage, writers)
+    assert sorted(outcomes.values()) == list(range(2, 9))  # each its own sequence number
+    assert outcomes["w0"] == 2 and outcomes["w6"] == 8  # written in the order they queued
+    assert [name for name in syncs if name.startswith("w")] == ["w0"]  # the leader's, once
+    assert storage.count_instances() == 8 and storage.verify() == []
+
+
+def test_a_group_judges_each_write_against_the_ones_before_it(storage: Storage) -> None:
+    writes = [
+        ("paid", lambda s: s.put_instance(order("o", state="paid"), expected_state="pending")),
+        ("lost", lambda s: s.put_instance(order("o", state="lost"), expected_state="pending")),
+        ("keyed", lambda s: s.put_instance(order("k", state="first"), idempotency_key="key")),
+        ("retry", lambda s: s.put_instance(order("k", state="again"), idempotency_key="key")),
+        ("gone", lambda s: s.delete_instance("never-put")),
+        ("after", lambda s: s.put_instance(order("a"))),
+    ]
+    outcomes = queue_behind_the_first_write(storage, writes)
+    assert outcomes["paid"] == 2
+    assert isinstance(outcomes["lost"], ConflictError)  # refused: the one before moved "o"
+    assert outcomes["keyed"] == 3 and outcomes["retry"] == 3  # the retry gets the first's
+    assert isinstance(outcomes["gone"], InstanceNotFoundError)
+    assert outcomes["after"] == 4  # the refusals wrote nothing, and stopped nothing after them
+    assert storage.get_instance("o").state == "paid"
+    assert storage.get_instance("k").state == "first"
+    assert [record.seq for record in storage.read_wal()] == [1, 2, 3, 4]
+
+
+def test_a_failed_sync_fails_every_write_of_the_group(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.fdatasync
+
+    def broken_for_followers(fd: int) -> None:
+        if threading.current_thread().name.startswith("w"):
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", broken_for_followers)
+    writers = [(f"w{n}", lambda s, n=n: s.put_instance(order(f"t{n}"))) for n in range(3)]
+    outcomes = queue_behind_the_first_write(storage, writers)
+    monkeypatch.undo()
+    assert all(isinstance(outcome, StorageFailedError) for outcome in outcomes.values())
+    assert [storage.get_instance(f"t{n}") for n in range(3)] == [None] * 3  # none visible
+    assert storage.get_instance("o") is not None  # the write before the group is not touched

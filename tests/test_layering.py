@@ -13,7 +13,7 @@ PACKAGE = Path(rstmdb_storage.__file__).parent
 # Bottom first. A module may import anything in its own layer or a lower one.
 LAYERS = [
     {"errors", "config", "failpoints"},
-    {"fsutil", "model", "jsonable"},
+    {"fsutil", "model", "jsonable", "thread_group"},
     {"codec"},
     {"changes"},
     {"wal.format", "wal.encoder", "wal.decoder", "wal.segment", "wal.repair", "wal.log", "wal"},

@@ -1,0 +1,113 @@
+"""Group commit across the threads of one process: a leader writes for its followers.
+
+A durable write spends most of its time in ``fdatasync``, with the GIL released. A thread that
+comes to write while another thread's write is in flight queues its request here instead of
+waiting for the write lock on its own; when the write in flight ends, the first queued thread
+becomes the *leader* and writes every queued request at once (in the order they came: one WAL
+write each, one ``fdatasync``, one LMDB transaction, see :mod:`rstmdb_storage.writes`), then
+wakes each of them with its own result. A thread that finds no write in flight leads at once, a
+group of one: a lone writer pays two uncontended lock round trips for the queue.
+
+Only the members of a group are woken when it is done, and only the next leader besides them
+(every waiter woken to find out whether it was done would take the GIL in turn for nothing).
+The queue belongs to one process: :meth:`Engine.thread_group
+<rstmdb_storage.engine.Engine.thread_group>` makes a new one in a forked child, whose copy of
+a leader's state would otherwise wait for a thread that does not exist there.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from .errors import StorageError
+
+
+class Request:
+    """One thread's write, queued: *work* is what the leader needs to write it; the leader
+    sets :attr:`result` (or :attr:`error`) before waking the thread."""
+
+    __slots__ = ("_leads", "_wake", "error", "result", "work")
+
+    def __init__(self, work: Any) -> None:
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._leads = False
+        self._wake = threading.Lock()
+        self._wake.acquire()  # released once: done, or called to lead
+
+    def settled(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class ThreadGroup:
+    """The queue of one process's writing threads.
+
+    Example::
+
+        seq = engine.thread_group().submit((changes, payload, key), write_all)
+        # write_all(requests) sets every request's result or error, in one go
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self._lock = threading.Lock()
+        self._queue: list[Request] = []
+        self._leading = False
+
+    def submit(self, work: Any, write: Callable[[list[Request]], None]) -> Any:
+        """Have *work* written, by this thread or by the leader of the group it joins; return
+        its result or raise its error. *write* gets the group, oldest first, and must settle
+        each request; if it raises, every request it did not settle gets that error."""
+        request = Request(work)
+        with self._lock:
+            self._queue.append(request)
+            follows = self._leading
+            self._leading = True
+        if follows:
+            request._wake.acquire()
+            if not request._leads:
+                return request.outcome()
+        with self._lock:
+            group, self._queue = self._queue, []
+        try:
+            write(group)
+        except BaseException as exc:
+            shared = exc if isinstance(exc, Exception) else _interrupted(exc)
+            for member in group:
+                if not member.settled():
+                    member.error = exc if member is request else shared
+        finally:
+            self._hand_over(group, request)
+        return request.outcome()
+
+    def _hand_over(self, group: list[Request], leader: Request) -> None:
+        """Wake the group's other members, and the next leader if requests are queued."""
+        with self._lock:
+            successor = self._queue[0] if self._queue else None
+            if successor is None:
+                self._leading = False
+            else:
+                successor._leads = True
+        if successor is not None:
+            successor._wake.release()
+        for member in group:
+            if member is not leader:
+                member._wake.release()
+
+
+def _interrupted(exc: BaseException) -> StorageError:
+    """What the followers of a leader stopped by *exc* (KeyboardInterrupt, SystemExit) get:
+    their records may or may not have been written."""
+    return StorageError(
+        f"the thread writing this write's group was interrupted ({type(exc).__name__}): "
+        f"the write may or may not have been made"
+    )
