@@ -96,6 +96,9 @@ class Engine:
         self.last_checkpoint = time.monotonic()
         #: durable writes use group commit until then (see :meth:`note_contention`)
         self.group_until = 0.0
+        #: the applied tail after this process's last commit of a write: a writer that finds
+        #: another there has met another process's write
+        self.committed_tail: WalTail | None = None
         self._group_files: tuple[SharedAppendTail, SharedSync] | None = None
         self._thread_group = ThreadGroup()
         #: the background thread (None when read-only), started by ``maintenance``

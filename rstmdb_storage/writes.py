@@ -150,14 +150,18 @@ def _write_once(
     appends, _ = engine.group_locks()
     started = time.perf_counter()
     with env.begin_write() as txn:
-        if time.perf_counter() - started > _CONTENDED_WAIT:
-            # Another process held the write lock. (Threads of this process queue in the
-            # thread group instead, whose leader writes for them all.)
-            engine.note_contention()
+        waited = time.perf_counter() - started > _CONTENDED_WAIT
         # The append lock keeps grouped appenders out while the log's end is read and
         # written; it is not held across the sync.
         with appends.locked():
-            tail, caught_up = apply_pending(engine, txn, meta.tail(txn))
+            before = meta.tail(txn)
+            if waited and before != engine.committed_tail:
+                # Another process held the write lock, and committed: contention. (A wait
+                # alone may be the scheduler's, on a loaded machine: a lone writer taken for
+                # a contended one would pay group commit's extra steps for nothing. Threads
+                # of this process queue in the thread group instead.)
+                engine.note_contention()
+            tail, caught_up = apply_pending(engine, txn, before)
             if not caught_up:
                 return False  # commit this chunk of replay, then go on
             timestamp_ms = time.time_ns() // 1_000_000
@@ -170,6 +174,7 @@ def _write_once(
             if wal.sync_due():
                 wal.sync()
             failpoint("write.after_sync")
+    engine.committed_tail = new_tail
     if new_tail is not tail:
         failpoint("write.after_commit")
     return True
@@ -362,7 +367,8 @@ def _apply_synced(engine: Engine, env: LmdbEnvironment, seq: int, synced: int) -
     with env.begin_write() as txn:
         applied = engine.meta.tail(txn)
         if applied.applied_seq < seq:
-            apply_through(engine, txn, applied, synced)
+            applied = apply_through(engine, txn, applied, synced)
+    engine.committed_tail = applied
 
 
 # --- what the front door builds on ------------------------------------------------------------
