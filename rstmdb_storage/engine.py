@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import struct
 import threading
 import time
@@ -46,7 +45,7 @@ from .config import (
     StorageConfig,
 )
 from .errors import NotAStoreError, ReadOnlyError, StorageClosedError, StorageError
-from .fsutil import SyncFailed, os_error, write_file_atomic
+from .fsutil import SyncFailed, current_pid, os_error, write_file_atomic
 from .snapshots import SnapshotManifest
 from .store import env as lmdb_env
 from .store.meta import Meta
@@ -234,7 +233,7 @@ class Engine:
     def thread_group(self) -> ThreadGroup:
         """The queue of this process's writing threads (a new one in a forked child)."""
         group = self._thread_group
-        if group.pid != os.getpid():
+        if group.pid != current_pid():
             group = self._thread_group = ThreadGroup()
         return group
 
@@ -242,7 +241,7 @@ class Engine:
         """This process's append and sync locks (opened again in a forked child: a ``flock``
         is shared with every process the descriptor was inherited by)."""
         files = self._group_files
-        if files is None or files[0].pid != os.getpid():
+        if files is None or files[0].pid != current_pid():
             indexes, mode = self.config.path / INDEXES_DIR, self.config.file_mode
             files = self._group_files = (
                 SharedAppendTail(indexes, self.boot_id, mode),
@@ -291,13 +290,13 @@ class Engine:
     def after_write(self) -> None:
         """Restart the flusher in a forked child (threads do not survive a fork)."""
         flusher = self.flusher
-        if flusher is not None and flusher.pid != os.getpid():
+        if flusher is not None and flusher.pid != current_pid():
             self.flusher = flusher.restarted()
 
     def release_files(self) -> None:
         """Close the group-commit files, the WAL and the environment (once, at close)."""
         self.closed = True
-        if self._group_files is not None and self._group_files[0].pid == os.getpid():
+        if self._group_files is not None and self._group_files[0].pid == current_pid():
             for file in self._group_files:
                 file.close()
         try:

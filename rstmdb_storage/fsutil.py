@@ -150,6 +150,23 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
 
 
+_pid = os.getpid()
+
+
+def _forked() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def current_pid() -> int:
+    """``os.getpid()`` without its system call (glibc no longer caches it): the write path
+    asks it several times a write, to notice a fork."""
+    return _pid
+
+
 def write_all(fd: int, data: bytes, offset: int, path: str) -> None:
     """``pwrite`` all of *data* at *offset*; a full disk is a :class:`StorageFullError`."""
     view = memoryview(data)

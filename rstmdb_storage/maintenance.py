@@ -27,6 +27,7 @@ from .compaction import CompactionResult, plan_compaction
 from .config import DB_IDEMPOTENCY, DB_SNAPSHOTS, SNAPSHOTS_DIR
 from .engine import Engine
 from .failpoints import failpoint
+from .fsutil import current_pid
 from .model import check_int63, check_name
 from .recovery import check_target, restore_to
 from .scrub import scrub_if_due
@@ -284,7 +285,7 @@ class Flusher:
         interval_ms = config.checkpoint_interval_ms
         if config.fsync_policy.mode == "every_ms":
             interval_ms = min(interval_ms, config.fsync_policy.value)
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self.passes = 0
         #: notified after every pass, so that tests can wait for one instead of sleeping
         self.passed = threading.Condition()

@@ -17,12 +17,12 @@ a leader's state would otherwise wait for a thread that does not exist there.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable
 from typing import Any
 
 from .errors import StorageError
+from .fsutil import current_pid
 
 
 class Request:
@@ -58,7 +58,7 @@ class ThreadGroup:
     """
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self._lock = threading.Lock()
         self._queue: list[Request] = []
         self._leading = False

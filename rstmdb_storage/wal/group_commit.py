@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from ..fsutil import current_pid
 from .format import segment_name
 from .log import WalTail, read_failure, write_failure
 
@@ -64,7 +65,7 @@ class _PositionFile:
     """A lock file holding one position that is valid within the boot it was written in."""
 
     def __init__(self, path: Path, layout: struct.Struct, boot_id: str, file_mode: int) -> None:
-        self.pid = os.getpid()
+        self.pid = current_pid()
         self._layout = layout
         self._boot_id = boot_id.encode()[:36].ljust(36, b"\0")
         # flock excludes other open files, not other threads using this one
