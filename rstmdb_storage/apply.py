@@ -174,4 +174,4 @@ def apply_changes(
             kept = set(stale).intersection(fresh)
             indexes.remove(txn, [entry for entry in stale if entry not in kept])
             fresh = [entry for entry in fresh if entry not in kept]
-        indexes.add(txn, key, fresh)
+        indexes.add(txn, fresh)

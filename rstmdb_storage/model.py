@@ -78,14 +78,39 @@ def check_instance(inst: object) -> Instance:
     """
     if not isinstance(inst, Instance):
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
-    check_id(inst.id)
-    check_name("machine", inst.machine)
-    check_int63("version", inst.version)
-    check_name("state", inst.state)
+    # A batch checks thousands of instances: the common case (short ASCII text, plain
+    # labels) is tested in one expression each, and anything else gets the precise checks,
+    # which raise with the message (or pass: long or non-ASCII text, a float label).
+    instance_id, machine, state, version = inst.id, inst.machine, inst.state, inst.version
+    if not (
+        _short_text(instance_id)
+        and _short_text(machine)
+        and _short_text(state)
+        and type(version) is int
+        and 0 <= version < 2**63
+    ):
+        check_id(instance_id)
+        check_name("machine", machine)
+        check_int63("version", version)
+        check_name("state", state)
     if type(inst.ctx) is not dict:
         raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(inst.ctx)}")
-    check_plain_value(inst.ctx, f"ctx of {inst.id!r}")
-    _check_metadata(inst)
+    check_plain_value(inst.ctx, _Where("ctx of {!r}", instance_id))
+    metadata = inst.metadata
+    if type(metadata) is not dict:
+        _check_metadata(inst)  # raises
+    for key, value in metadata.items():
+        kind = type(value)
+        if not (
+            _short_text(key)
+            and (
+                (kind is str and len(value) <= _SHORT_TEXT and value.isascii())
+                or kind is bool
+                or (kind is int and -(2**63) <= value < 2**63)
+            )
+        ):
+            _check_metadata(inst)
+            break
     if inst.status not in STATUSES:
         raise InvalidInputError(
             f"status of {inst.id!r}: expected one of {STATUSES}, got {inst.status!r}"
@@ -99,6 +124,30 @@ def check_instance(inst: object) -> Instance:
     if inst.updated_at is not None:
         check_int63("updated_at", inst.updated_at)
     return inst
+
+
+def _short_text(value: object) -> bool:
+    """Whether *value* is a plain str the checks of :func:`_check_text` surely pass: short
+    ASCII text, not empty, with no NUL."""
+    return (
+        type(value) is str
+        and 0 < len(value) <= _SHORT_TEXT  # type: ignore[arg-type]
+        and value.isascii()  # type: ignore[attr-defined]
+        and "\x00" not in value  # type: ignore[operator]
+    )
+
+
+class _Where:
+    """A place named in an error message, formatted only when a message is made."""
+
+    __slots__ = ("template", "value")
+
+    def __init__(self, template: str, value: object) -> None:
+        self.template = template
+        self.value = value
+
+    def __str__(self) -> str:
+        return self.template.format(self.value)
 
 
 def check_id(instance_id: object) -> str:
@@ -129,7 +178,7 @@ def check_label_value(what: str, value: object) -> None:
         raise InvalidInputError(f"{what}: NaN cannot be indexed")
 
 
-def check_plain_value(value: Any, where: str, depth: int = 0) -> None:
+def check_plain_value(value: Any, where: str | _Where, depth: int = 0) -> None:
     """Accept only JSON-like values (None, bool, int, float, str, bytes, lists and str-keyed
     dicts), nested at most ``MAX_DECODE_DEPTH - 2`` deep.
 

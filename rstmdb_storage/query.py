@@ -14,8 +14,14 @@ from typing import Any
 
 from .apply import remembered_write
 from .changes import WalRecord
-from .codec import cbor_loads, decode_instance, unseal
-from .config import DB_IDEMPOTENCY, DB_MACHINES, INDEX_DATABASES, MAX_ID_BYTES
+from .codec import cbor_loads, decode_instance, decode_instances, unseal
+from .config import (
+    DB_IDEMPOTENCY,
+    DB_MACHINES,
+    DB_STATE_INDEX,
+    INDEX_DATABASES,
+    MAX_ID_BYTES,
+)
 from .engine import Engine
 from .errors import CorruptionError, InvalidInputError, InvalidTypeError, shown
 from .model import (
@@ -32,7 +38,9 @@ from .store.indexes import (
     TAG_OF,
     Indexes,
     KeyRange,
+    describes,
     entries_of,
+    id_start,
     metadata_exact_range,
     metadata_span_range,
     state_range,
@@ -118,36 +126,88 @@ def scan(
     after: bytes | None,
     reverse: bool,
     limit: int | None,
-) -> tuple[list[tuple[bytes, bytes, bytes]], bool]:
-    """Index entries in *key_range* after *after*, with the raw instance each points to; and
-    whether more entries follow the *limit* returned."""
-    db_name = key_range.db.decode()
+) -> tuple[list[bytes], list[tuple[bytes, bytes]], bool]:
+    """The keys of the index entries in *key_range* after *after*, and the (id, raw instance)
+    each points to; and whether more entries follow the *limit* returned. (The values of the
+    entries are not read: the key holds all an entry says, see :mod:`.store.indexes`.)"""
     cursor = txn.cursor(db=env.dbs[key_range.db])
+    lower, upper = key_range.lower, key_range.upper
     if reverse:
-        bound = after if after is not None else key_range.upper
+        bound = after if after is not None else upper
         found = cursor.prev() if cursor.set_range(bound) else cursor.last()
+        walk = cursor.iterprev(keys=True, values=False)
     else:
-        found = cursor.set_range(after if after is not None else key_range.lower)
-        if found and after is not None and cursor.key() == after:
-            found = cursor.next()
-    entries: list[tuple[bytes, bytes, bytes]] = []
-    while found:
-        index_key = cursor.key()
-        if index_key not in key_range:
-            break
-        if limit is not None and len(entries) == limit:
-            return entries, True
-        id_key = unseal(index_key, cursor.value(), db_name)
-        raw = txn.get(id_key, db=env.instances)
-        if raw is None:
+        found = cursor.set_range(after if after is not None else lower)
+        walk = cursor.iternext(keys=True, values=False)
+    keys: list[bytes] = []
+    more = False
+    if found:
+        room = -1 if limit is None else limit
+        for index_key in walk:
+            if not lower <= index_key < upper:
+                break
+            if index_key == after:  # a forward walk starts at the cursor's own entry
+                continue
+            if len(keys) == room:
+                more = True
+                break
+            keys.append(index_key)
+    ids = entry_ids(key_range, keys)
+    stored = txn.cursor(db=env.instances).getmulti(ids)  # skips the ids it does not find
+    if len(stored) != len(ids):
+        _raise_unstored(key_range, keys, ids, {key for key, _ in stored})
+    return keys, stored, more
+
+
+def entry_ids(key_range: KeyRange, keys: list[bytes]) -> list[bytes]:
+    """The id each index entry of *key_range* in *keys* holds."""
+    id_at = key_range.id_at
+    if id_at:
+        ids = [key[id_at:] for key in keys]
+    else:
+        db = key_range.db
+        starts = [id_start(db, key) for key in keys]
+        ids = [key[at:] if at > 0 else b"" for key, at in zip(keys, starts, strict=True)]
+    if not all(ids):
+        key = keys[ids.index(b"")]
+        raise CorruptionError(
+            f"{key_range.db.decode()}[{key!r}] holds no instance id; run rebuild_indexes()",
+            key=key,
+        )
+    return ids
+
+
+def _raise_unstored(
+    key_range: KeyRange, keys: list[bytes], ids: list[bytes], stored: set[bytes]
+) -> None:
+    index_key, id_key = next((k, i) for k, i in zip(keys, ids, strict=True) if i not in stored)
+    raise CorruptionError(
+        f"{key_range.db.decode()}[{index_key!r}] points to instance {id_key!r}, which is not "
+        f"stored; run rebuild_indexes()",
+        key=index_key,
+    )
+
+
+def matching(key_range: KeyRange, keys: list[bytes], listed: list[Instance]) -> list[Instance]:
+    """*listed*, the instances the entries *keys* of *key_range* point to, once each is
+    checked to be one the entry describes (see :mod:`.store.indexes`)."""
+    db = key_range.db
+    if key_range.wanted is not None and db == DB_STATE_INDEX:  # the common case, inlined
+        machine, state = key_range.wanted
+        for inst in listed:
+            if inst.state != state or inst.machine != machine:
+                break
+        else:
+            return listed
+    id_at = key_range.id_at
+    for index_key, inst in zip(keys, listed, strict=True):
+        if not describes(db, index_key, id_at or id_start(db, index_key), inst):
             raise CorruptionError(
-                f"{db_name}[{index_key!r}] points to instance {id_key!r}, which is not stored; "
+                f"{db.decode()}[{index_key!r}] does not match instance {inst.id!r} as stored; "
                 f"run rebuild_indexes()",
                 key=index_key,
             )
-        entries.append((index_key, id_key, raw))
-        found = cursor.prev() if reverse else cursor.next()
-    return entries, False
+    return listed
 
 
 def count_states(txn: Any, env: LmdbEnvironment, key_range: KeyRange) -> dict[str, int]:
@@ -180,8 +240,7 @@ def instances_page(
 def index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]]) -> None:
     indexes = Indexes(dbs)
     for key, raw in page:
-        inst = decode_instance(key, raw)
-        indexes.add(txn, key, entries_of(inst))
+        indexes.add(txn, entries_of(decode_instance(key, raw)))
 
 
 def machine_entry(
@@ -293,9 +352,11 @@ def list_page(
     if limit is not None and limit < 1:
         raise InvalidInputError(f"limit: must be at least 1, got {limit}")
     after = decode_cursor(cursor, key_range)
-    found, more = engine.read(lambda txn: scan(txn, engine.env, key_range, after, reverse, limit))
-    listed = [decode_instance(id_key, raw) for _, id_key, raw in found]
-    return Page(listed, encode_cursor(key_range, found[-1][0]) if more else None)
+    keys, stored, more = engine.read(
+        lambda txn: scan(txn, engine.env, key_range, after, reverse, limit)
+    )
+    listed = matching(key_range, keys, decode_instances(stored))
+    return Page(listed, encode_cursor(key_range, keys[-1]) if more else None)
 
 
 def iterate(engine: Engine, key_range: KeyRange, reverse: bool) -> Iterator[Instance]:

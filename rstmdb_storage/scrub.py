@@ -200,7 +200,7 @@ def _lmdb_slice(engine: Engine, state: ScrubState, txn: Any, part: bytes) -> Sli
         elif part == DB_MACHINES:
             found += check_machine_entry(key, raw)
         else:
-            found += check_index_entry(txn, dbs, part, key, raw)
+            found += check_index_entry(txn, dbs, part, key)
         state.after = key
         if checked == SLICE and part != DB_MACHINES:
             return found, False, True

@@ -44,7 +44,7 @@ from .snapshots import (
     read_manifest,
     snapshot_lock,
 )
-from .store.indexes import entries_of
+from .store.indexes import describes, entries_of, id_start
 from .wal import Wal
 
 
@@ -99,8 +99,9 @@ def check_instance_entry(
     indexed: Counter[bytes] | None = None,
 ) -> Iterator[Finding]:
     """One instance: it decodes, passes its CRC, has fields a write would accept and was
-    written by an applied record; every index entry it should have is there and points back
-    (counted in *indexed*, per index, when given)."""
+    written by an applied record; every index entry it should have is there (and counted in
+    *indexed*, per index, when given: an index holding more entries than were found has
+    entries no instance has, a key moved by damage, say)."""
     where = f"instances[{key!r}]"
     try:
         inst = decode_instance(key, raw)
@@ -119,38 +120,52 @@ def check_instance_entry(
             f"last_wal_offset {inst.last_wal_offset} is beyond the applied sequence {applied_seq}",
         )
     for db, index_key in entries_of(inst):
-        if indexed is not None:
-            indexed[db] += 1
         entry = f"{db.decode()}[{index_key!r}]"
         stored = txn.get(index_key, db=dbs[db])
         if stored is None:
             yield Finding(entry, f"missing: instance {key!r} is not indexed")
             continue
-        try:
-            points_to = unseal(index_key, stored, db.decode())
-        except CorruptionError as exc:
-            yield Finding.of(entry, exc)
-            continue
-        if points_to != key:
-            yield Finding(entry, f"points to {points_to!r} instead of {key!r}")
+        if indexed is not None:
+            indexed[db] += 1
+        if stored:  # an envelope around the id, as earlier versions wrote
+            yield from _check_enveloped(entry, db, index_key, stored, key)
 
 
 def check_index_entry(
-    txn: Any, dbs: dict[bytes, Any], db: bytes, index_key: bytes, raw: bytes
+    txn: Any, dbs: dict[bytes, Any], db: bytes, index_key: bytes
 ) -> Iterator[Finding]:
-    """One entry of index *db*: it points to a stored instance that it describes. (A broken
-    envelope or instance is reported with the instance's own check.)"""
+    """One entry of index *db*: the id its key ends with is a stored instance that it
+    describes. (A broken instance, or the broken envelope of an entry an earlier version
+    wrote, is reported with the instance's own check.)"""
     where = f"{db.decode()}[{index_key!r}]"
+    id_at = id_start(db, index_key)
+    if id_at < 0:
+        yield Finding(where, "holds no instance id (a damaged key)")
+        return
+    instance_key = index_key[id_at:]
     try:
-        instance_key = unseal(index_key, raw, db.decode())
         stored = txn.get(instance_key, db=dbs[DB_INSTANCES])
         inst = None if stored is None else check_instance(decode_instance(instance_key, stored))
     except (CorruptionError, InvalidInputError, InvalidTypeError):
         return
     if inst is None:
         yield Finding(where, f"points to instance {instance_key!r}, which is not stored")
-    elif (db, index_key) not in entries_of(inst):
+    elif not describes(db, index_key, id_at, inst):
         yield Finding(where, f"does not match instance {instance_key!r} as stored")
+
+
+def _check_enveloped(
+    where: str, db: bytes, index_key: bytes, raw: bytes, instance_key: bytes
+) -> Iterator[Finding]:
+    """An index entry's value as earlier versions wrote it: an envelope around the id the
+    key ends with."""
+    try:
+        points_to = unseal(index_key, raw, db.decode())
+    except CorruptionError as exc:
+        yield Finding.of(where, exc)
+        return
+    if points_to != instance_key:
+        yield Finding(where, f"points to {points_to!r} instead of {instance_key!r}")
 
 
 def check_machine_entry(key: bytes, raw: bytes) -> Iterator[Finding]:
@@ -255,19 +270,19 @@ def _lmdb_findings(engine: Engine, txn: Any) -> Iterator[Finding]:
         return
     applied = engine.meta.tail(txn).applied_seq
     dbs = engine.live().dbs
-    expected: Counter[bytes] = Counter()
+    indexed: Counter[bytes] = Counter()
     for key, raw, finding in entries(txn, dbs[DB_INSTANCES], "instances"):
         if finding is not None:
             yield finding
-        yield from check_instance_entry(txn, dbs, key, raw, applied, expected)
+        yield from check_instance_entry(txn, dbs, key, raw, applied, indexed)
     for db in INDEX_DATABASES:
         # Looking each entry up again costs a second pass; only a count that disagrees
-        # (or an entry out of order, which the instances' own lookups then miss) needs it.
-        if txn.stat(dbs[db])["entries"] != expected[db]:
-            for index_key, raw, finding in entries(txn, dbs[db], db.decode()):
+        # (an entry no instance has, a moved key, say, or one out of order) needs it.
+        if txn.stat(dbs[db])["entries"] != indexed[db]:
+            for index_key, _raw, finding in entries(txn, dbs[db], db.decode()):
                 if finding is not None:
                     yield finding
-                yield from check_index_entry(txn, dbs, db, index_key, raw)
+                yield from check_index_entry(txn, dbs, db, index_key)
     for key, raw, finding in entries(txn, dbs[DB_MACHINES], "machines"):
         if finding is not None:
             yield finding

@@ -109,8 +109,13 @@ def test_updates_and_deletes_move_index_entries(storage: Storage) -> None:
         ("drop a state entry", "missing: instance b'o04' is not indexed"),
         ("add a stray entry", "points to instance b'ghost', which is not stored"),
         ("point an entry elsewhere", "points to b'o05' instead of b'o04'"),
+        # entries have no value now, so the bit flips in the value of one an earlier
+        # version wrote, and in the key of one of today's
         ("flip a bit in an entry", "CRC32C mismatch"),
+        ("flip a bit in an entry's key", "does not match instance b'o04' as stored"),
         ("add a mismatched entry", "does not match instance b'o04' as stored"),
+        ("add a time entry of another time", "does not match instance b'o04' as stored"),
+        ("add a metadata entry of another value", "does not match instance b'o04' as stored"),
     ],
 )
 def test_verify_finds_index_damage_and_rebuild_repairs_it(
@@ -133,9 +138,17 @@ def test_verify_finds_index_damage_and_rebuild_repairs_it(
         elif damage == "point an entry elsewhere":
             txn.put(state_key, seal(state_key, b"o05"), db=states)
         elif damage == "flip a bit in an entry":
-            value = bytearray(txn.get(state_key, db=states))
+            value = bytearray(seal(state_key, b"o04"))
             value[-1] ^= 1
             txn.put(state_key, bytes(value), db=states)
+        elif damage == "flip a bit in an entry's key":
+            txn.delete(state_key, db=states)
+            txn.put(b"order\x00pendinf\x00o04", b"", db=states)
+        elif damage == "add a time entry of another time":
+            txn.put((99).to_bytes(8, "big") + b"o04", b"", db=db(b"idx_time"))
+        elif damage == "add a metadata entry of another value":
+            key = b"n\x00" + encode_label_value(5) + b"o04"
+            txn.put(key, b"", db=db(b"idx_metadata"))
         else:
             key = b"order\x00shipped\x00o04"
             txn.put(key, seal(key, b"o04"), db=states)
@@ -199,3 +212,104 @@ def test_index_entries_are_private_to_their_key() -> None:
     value = seal(b"order\x00paid\x00a", b"a")
     with pytest.raises(CorruptionError):
         unseal(b"order\x00paid\x00b", value, "idx_state")
+
+
+# --- entries without a checksum of their own --------------------------------------------------
+
+
+def index_values(config: StorageConfig) -> dict[bytes, list[tuple[bytes, bytes]]]:
+    env = lmdb.open(str(config.path / "indexes"), max_dbs=16, readonly=True, lock=False)
+    try:
+        with env.begin() as txn:
+            return {
+                name: list(txn.cursor(db=env.open_db(name, txn=txn)))
+                for name in (b"idx_state", b"idx_time", b"idx_metadata")
+            }
+    finally:
+        env.close()
+
+
+def test_index_entries_are_written_with_empty_values(config: StorageConfig) -> None:
+    with Storage.open(config) as storage:
+        filled(storage)
+    values = index_values(config)
+    assert {len(entries) for entries in values.values()} == {30, 60}
+    assert all(value == b"" for entries in values.values() for _, value in entries)
+
+
+def test_a_store_with_enveloped_index_entries_keeps_working(config: StorageConfig) -> None:
+    """Earlier versions wrote each entry's value as an envelope around the id: such a store
+    lists, updates, verifies and scrubs as one written today."""
+    with Storage.open(config) as storage:
+        filled(storage)
+        expected = [i.id for i in storage.list_by_state("order", "pending")]
+
+    def envelop(txn, db) -> None:
+        for name, at in ((b"idx_state", None), (b"idx_time", 8), (b"idx_metadata", None)):
+            handle = db(name)
+            for key, _ in list(txn.cursor(db=handle)):
+                instance_id = key[at:] if at else key[key.rindex(b"o") :]
+                txn.put(key, seal(key, instance_id), db=handle)
+
+    edit_lmdb(config, envelop)
+    assert all(value for entries in index_values(config).values() for _, value in entries)
+    with Storage.open(config) as storage:
+        assert storage.verify() == []
+        assert storage.scrub() == []
+        assert [i.id for i in storage.list_by_state("order", "pending")] == expected
+        assert [i.id for i in storage.list_by_metadata("n", start=28)] == ["o28", "o29"]
+        assert [i.id for i in storage.list_by_time(101, 103, newest_first=True)] == ["o02", "o01"]
+        storage.put_instance(order("o01", "paid", metadata={"n": 1, "even": False}))
+        storage.delete_instance("o02")
+        assert "o01" in [i.id for i in storage.list_by_state("order", "paid")]
+        assert storage.verify() == []
+
+
+@pytest.mark.parametrize(
+    ("db_name", "key", "listing"),
+    [
+        (b"idx_state", b"order\x00pending\x00o03", lambda s: s.list_by_state("order", "pending")),
+        (b"idx_time", (5).to_bytes(8, "big") + b"o04", lambda s: s.list_by_time(0, 10)),
+        (
+            b"idx_time",
+            (5).to_bytes(8, "big") + b"o04",
+            lambda s: s.list_by_time(0, 10, newest_first=True),
+        ),
+        (
+            b"idx_metadata",
+            b"n\x00" + encode_label_value(7) + b"o04",
+            lambda s: s.list_by_metadata("n", 7),
+        ),
+        (
+            b"idx_metadata",
+            b"n\x00" + encode_label_value(7) + b"o04",
+            lambda s: s.list_by_metadata("n", start=6, end=8),
+        ),
+        (b"idx_state", b"order\x00pending\x00", lambda s: s.list_by_state("order", "pending")),
+        (
+            b"idx_metadata",
+            b"n\x00" + encode_label_value(7),
+            lambda s: list(s.iter_by_metadata("n", start=6)),
+        ),
+    ],
+    ids=["state", "time", "time-reverse", "label", "label-span", "state-no-id", "label-no-id"],
+)
+def test_a_listing_meeting_an_entry_its_instance_does_not_match_raises(
+    config: StorageConfig, db_name: bytes, key: bytes, listing
+) -> None:
+    """An entry has no checksum of its own: a listing checks that the instance it points to
+    matches it, and treats an entry that does not as damage, never listing the instance."""
+    from rstmdb_storage import CorruptionError
+
+    with Storage.open(config) as storage:
+        filled(storage)
+
+    def stray(txn, db) -> None:
+        txn.put(key, b"", db=db(db_name))
+
+    edit_lmdb(config, stray)
+    with Storage.open(config) as storage:
+        with pytest.raises(CorruptionError, match=r"does not match|holds no instance id") as info:
+            listing(storage)
+        assert info.value.key == key
+        assert any(f.where.startswith(db_name.decode()) for f in storage.verify())
