@@ -39,3 +39,10 @@ def rotated_medians(runs: Sequence[Callable[[], float]], repeats: int) -> list[f
             side = (rep + k) % len(runs)
             rates[side].append(runs[side]())
     return [statistics.median(side_rates) for side_rates in rates]
+
+
+def named_medians(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """:func:`rotated_medians` of named sides: the median rate of each, by name. A side that
+    is ``None`` (a contender that cannot run here, diskcache not installed) is left out."""
+    names = [name for name, run in sides.items() if run is not None]
+    return dict(zip(names, rotated_medians([sides[n] for n in names], repeats), strict=True))

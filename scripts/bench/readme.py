@@ -1,0 +1,68 @@
+"""``--readme``: rewrite the README's figures, the block between :data:`BEGIN` and
+:data:`END`, from a run: the machine facts, the date, the table, the chart, and for each row
+that misses its goal the reason kept with the row (``why_short`` in :mod:`bench.comparisons`).
+Everything outside the block is left as it is."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from bench.comparisons import NAMES, RATE, Result
+from bench.report import markdown_table
+
+BEGIN = "<!-- bench:begin -->"
+END = "<!-- bench:end -->"
+
+FACTS = ("python", "platform", "cores", "lmdb", "cbor2", "crc32c", "sqlite", "diskcache")
+
+
+def block(document: dict[str, Any], results: Sequence[Result], chart: str | None) -> list[str]:
+    """The lines between the markers."""
+    facts = document["facts"]
+    machine = "; ".join(f"{name} {facts[name]}" for name in FACTS if name in facts)
+    lines = [
+        f"Measured {document['date']} by `python scripts/bench.py --readme` "
+        f"({document['seconds']:.0f} s), medians of {document['repeats']} repetitions with "
+        f"every side in rotation; {machine}; work dir on {facts['work dir'].split(' on ', 1)[-1]}; "
+        f"{facts['record']} records; counts: {facts['counts']}. "
+        "A ratio is ours / that contender's rate; each goal (SPEC.md) stands next to the ratio "
+        "it is about. All figures, with the machine facts: [docs/bench.json](docs/bench.json).",
+        "",
+        *markdown_table(results),
+        "",
+    ]
+    if chart:
+        lines += [f"![each ratio against its goal]({chart})", ""]
+    missed = [r for r in results if r.missed()]
+    if missed:
+        lines.append("Rows that miss their goal, and why (as understood now):")
+        lines.append("")
+        for r in missed:
+            shortfalls = ", ".join(
+                f"{'rate' if g.against == RATE else 'ours / ' + NAMES.get(g.against, g.against)} "
+                f"{'-' if v is None else f'{v:,.2f}'} against {g.describe()}"
+                for g, v, met in r.verdicts()
+                if not met
+            )
+            lines.append(f"- **{r.row.path}** ({shortfalls}): {r.row.why_short or 'unexplained'}")
+        lines.append("")
+    if document.get("problems"):
+        lines += [f"Problems in this run: {'; '.join(document['problems'])}", ""]
+    return lines
+
+
+def rewrite_readme(
+    readme: Path, document: dict[str, Any], results: Sequence[Result], chart: Path | None
+) -> None:
+    """Replace the text between :data:`BEGIN` and :data:`END` in ``readme``; raise if the
+    markers are not there once each, in order."""
+    text = readme.read_text()
+    start, end = text.find(BEGIN), text.find(END)
+    if start < 0 or end < start or text.count(BEGIN) != 1 or text.count(END) != 1:
+        raise RuntimeError(f"{readme}: wants one {BEGIN} and one {END} after it")
+    link = None if chart is None else os.path.relpath(chart, readme.parent)
+    body = "\n".join(block(document, results, link))
+    readme.write_text(f"{text[: start + len(BEGIN)]}\n{body}\n{text[end:]}")
