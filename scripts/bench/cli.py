@@ -19,7 +19,7 @@ from bench.chart import write_chart
 from bench.comparisons import NAMES, ROWS, SECTIONS, Result, Row, Section
 from bench.data import fields_of, make_instance
 from bench.readme import rewrite_readme
-from bench.report import print_facts, print_results, results_json
+from bench.report import print_facts, print_results, results_json, table_notes
 from bench.scale import run_memory, run_scale
 from bench.settings import REPO_ROOT, parse_args, settings_from
 from bench.stores import Bench
@@ -165,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         took = time.perf_counter() - started
         print_results(bench, results, section_lines, took)
         document = results_json(bench, results, extra, took)
+        document["notes"] = table_notes(bench, results)
+        document["sections"] = section_lines
     finally:
         problems += bench.close()
         shutil.rmtree(workdir, ignore_errors=True)

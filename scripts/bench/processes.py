@@ -132,8 +132,9 @@ def path_mp_puts(bench: Bench, processes: int) -> dict[str, float]:
     """Durable single puts from ``processes`` processes at once into one data directory (default
     config), against as many processes doing autocommit INSERT OR REPLACE into one SQLite file
     (WAL, ``synchronous=FULL``, busy timeout) and ``Cache.set`` into one diskcache. Each
-    run: every process prepares fresh ids, all start together and put for ``mp_seconds``; the rate is all acknowledged puts over the wall
-    time from the start to the last process's last acknowledgement."""
+    run: every process prepares fresh ids, all start together and put for ``mp_seconds``;
+    the rate is all acknowledged puts over the wall time from the start to the last
+    process's last acknowledgement."""
     pool, paths, state = mp_pool(bench), mp_put_stores(bench), mp_state(bench)
     seconds = bench.settings.mp_seconds
     cap = put_cap(seconds)

@@ -24,6 +24,14 @@ def block(document: dict[str, Any], results: Sequence[Result], chart: str | None
     facts = document["facts"]
     machine = "; ".join(f"{name} {facts[name]}" for name in FACTS if name in facts)
     lines = [
+        "`scripts/bench.py` times each path of the store (one row each) against *the floor* "
+        "(the same work with the same libraries, lmdb, crc32c and cbor2, and no project "
+        "layers), *the ceiling* (the bare physical operation: an LMDB get, `pwrite` + "
+        "`fdatasync`, `cp` + fsync), SQLite (stdlib `sqlite3`, WAL mode, `synchronous=FULL`, "
+        "the same records and indexes) and diskcache where it does the same job, all sides "
+        "in rotation within each repetition. Absolute rates move 20% or more between runs on "
+        "a shared machine; the ratios are what the goals are about.",
+        "",
         f"Measured {document['date']} by `python scripts/bench.py --readme` "
         f"({document['seconds']:.0f} s), medians of {document['repeats']} repetitions with "
         f"every side in rotation; {machine}; work dir on {facts['work dir'].split(' on ', 1)[-1]}; "
@@ -49,6 +57,9 @@ def block(document: dict[str, Any], results: Sequence[Result], chart: str | None
             )
             lines.append(f"- **{r.row.path}** ({shortfalls}): {r.row.why_short or 'unexplained'}")
         lines.append("")
+    further = [line for line in document.get("sections", []) if line.strip()]
+    if further:
+        lines += ["Further figures of the same run:", "", "```", *further, "```", ""]
     if document.get("problems"):
         lines += [f"Problems in this run: {'; '.join(document['problems'])}", ""]
     return lines
