@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         problems += bench.close()
         shutil.rmtree(workdir, ignore_errors=True)
     document["problems"] = problems
+    document["quick"] = args.quick
     outputs = write_outputs(args, document, results)
     for line in outputs:
         print(line)

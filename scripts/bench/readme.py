@@ -6,6 +6,7 @@ Everything outside the block is left as it is."""
 from __future__ import annotations
 
 import os
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from bench.report import markdown_table
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
 
+WIDTH = 100
+QUICK = " (a --quick run: small counts, not figures to quote)"
 FACTS = ("python", "platform", "cores", "lmdb", "cbor2", "crc32c", "sqlite", "diskcache")
 
 
@@ -34,8 +37,9 @@ def block(document: dict[str, Any], results: Sequence[Result], chart: str | None
         "",
         f"Measured {document['date']} by `python scripts/bench.py --readme` "
         f"({document['seconds']:.0f} s), medians of {document['repeats']} repetitions with "
-        f"every side in rotation; {machine}; work dir on {facts['work dir'].split(' on ', 1)[-1]}; "
-        f"{facts['record']} records; counts: {facts['counts']}. "
+        f"every side in rotation{QUICK if document.get('quick') else ''}; "
+        f"{machine}; work dir on {facts['work dir'].split(' on ', 1)[-1]}; "
+        f"records of {facts['record']}; counts: {facts['counts']}. "
         "A ratio is ours / that contender's rate; each goal (SPEC.md) stands next to the ratio "
         "it is about. All figures, with the machine facts: [docs/bench.json](docs/bench.json).",
         "",
@@ -55,7 +59,8 @@ def block(document: dict[str, Any], results: Sequence[Result], chart: str | None
                 for g, v, met in r.verdicts()
                 if not met
             )
-            lines.append(f"- **{r.row.path}** ({shortfalls}): {r.row.why_short or 'unexplained'}")
+            item = f"- **{r.row.path}** ({shortfalls}): {r.row.why_short or 'unexplained'}"
+            lines += textwrap.wrap(item, WIDTH, subsequent_indent="  ", break_on_hyphens=False)
         lines.append("")
     further = [line for line in document.get("sections", []) if line.strip()]
     if further:
@@ -63,6 +68,16 @@ def block(document: dict[str, Any], results: Sequence[Result], chart: str | None
     if document.get("problems"):
         lines += [f"Problems in this run: {'; '.join(document['problems'])}", ""]
     return lines
+
+
+def wrapped(lines: list[str]) -> list[str]:
+    """Prose lines wrapped to :data:`WIDTH` columns (tables, lists, code and images kept)."""
+    out, fenced = [], False
+    for line in lines:
+        fenced ^= line.startswith("```")
+        keep = fenced or line.startswith(("|", "- ", "  ", "!", "```")) or not line
+        out += [line] if keep else textwrap.wrap(line, WIDTH, break_on_hyphens=False)
+    return out
 
 
 def rewrite_readme(
@@ -75,5 +90,5 @@ def rewrite_readme(
     if start < 0 or end < start or text.count(BEGIN) != 1 or text.count(END) != 1:
         raise RuntimeError(f"{readme}: wants one {BEGIN} and one {END} after it")
     link = None if chart is None else os.path.relpath(chart, readme.parent)
-    body = "\n".join(block(document, results, link))
+    body = "\n".join(wrapped(block(document, results, link)))
     readme.write_text(f"{text[: start + len(BEGIN)]}\n{body}\n{text[end:]}")

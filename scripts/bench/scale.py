@@ -273,7 +273,11 @@ def run_memory(bench: Bench) -> tuple[dict[str, Any], list[str]]:
         m = in_child(memory_step, data_dir, step)
         figures["steps"][step] = m
         b, p = m["before"], m["peak"]
-        detail = f"{m['detail']:,} {what}" if "detail" in m else f"{n // BATCH_SIZE:,} records"
+        detail = (
+            f"{m['detail']:,} {what}"
+            if "detail" in m
+            else f"{-(-n // BATCH_SIZE):,} WAL records of {BATCH_SIZE:,} puts"
+        )
         lines.append(
             f"  {step:<16} {m['seconds']:>8.1f}  "
             f"{mib(b['RssAnon']):>6} -> {mib(p['RssAnon']):>6}  "

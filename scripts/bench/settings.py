@@ -42,17 +42,17 @@ class Settings:
 def settings_from(args: argparse.Namespace) -> Settings:
     """Turn the command line into counts, filling what was not given."""
     quick = args.quick
-    records = args.records or (10_000 if quick else 100_000)
+    records = args.records or (5_000 if quick else 100_000)
     return Settings(
-        repeats=args.repeats or (3 if quick else 5),
+        repeats=args.repeats or (2 if quick else 5),
         records=records,
-        lookups=args.lookups or (20_000 if quick else 100_000),
-        puts=args.puts or (500 if quick else 3_000),
+        lookups=args.lookups or (10_000 if quick else 100_000),
+        puts=args.puts or (100 if quick else 3_000),
         batches=args.batches or (1 if quick else 3),
-        list_matches=args.list_matches or (2_000 if quick else 10_000),
-        snapshot_instances=args.snapshot_instances or (20_000 if quick else 1_000_000),
-        replay_records=args.replay_records or (20_000 if quick else 200_000),
-        mp_seconds=args.mp_seconds or (0.4 if quick else 2.0),
+        list_matches=args.list_matches or (1_000 if quick else 10_000),
+        snapshot_instances=args.snapshot_instances or (10_000 if quick else 1_000_000),
+        replay_records=args.replay_records or (4_000 if quick else 200_000),
+        mp_seconds=args.mp_seconds or (0.25 if quick else 2.0),
         mp_idle=not quick,
         scale=parse_sizes(args.scale) if args.scale else (),
         memory_instances=(args.memory_instances or 1_000_000) if args.memory else 0,

@@ -21,7 +21,6 @@ from rstmdb_storage.snapshots import DATA_SUFFIX, MANIFEST_SUFFIX
 T = TypeVar("T")
 
 SQLITE_INSERT = "INSERT INTO instances (id, value) VALUES (?, ?)"
-SQLITE_PUT = "INSERT OR REPLACE INTO instances (id, value) VALUES (?, ?)"
 SQLITE_GET = "SELECT value FROM instances WHERE id = ?"
 SQLITE_PUT_BY_STATE = (
     "INSERT OR REPLACE INTO instances (id, machine, state, value) VALUES (?, ?, ?, ?)"

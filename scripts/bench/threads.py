@@ -61,8 +61,8 @@ def threads_side(
 
 def path_threads(bench: Bench) -> dict[str, float]:
     """Durable single puts of fresh ids, :data:`THREADS` threads at once, ``puts`` /
-    :data:`THREADS` each per repetition (at least 50)."""
-    per_thread = max(50, bench.settings.puts // THREADS)
+    :data:`THREADS` each per repetition (at least 20)."""
+    per_thread = max(20, bench.settings.puts // THREADS)
     storage = open_ours(bench.path("ours-threads"))
     bench.on_close(storage.close)
     sqlite_path = bench.path("sqlite-threads") / "bench.sqlite"

@@ -17,22 +17,10 @@ def rate(ops: int, run: Callable[[], None]) -> float:
     return ops / elapsed
 
 
-def paired_medians(
-    ours: Callable[[], float], other: Callable[[], float], repeats: int
-) -> tuple[float, float]:
-    """Run both sides ``repeats`` times, alternating which goes first.
-
-    Each callable runs one repetition and returns its rate. Returns the two
-    median rates; running the pair back to back keeps the machine's drift
-    from favouring either side.
-    """
-    ours_median, other_median = rotated_medians([ours, other], repeats)
-    return ours_median, other_median
-
-
 def rotated_medians(runs: Sequence[Callable[[], float]], repeats: int) -> list[float]:
-    """:func:`paired_medians` for any number of sides: repetition ``r`` starts with side
-    ``r % len(runs)`` and goes round. Returns the median rate of each side, in order."""
+    """Run every side ``repeats`` times, in rotation: repetition ``r`` starts with side
+    ``r % len(runs)`` and goes round, so that the machine's drift favours none. Each callable
+    runs one repetition and returns its rate. Returns the median rate of each side, in order."""
     rates: list[list[float]] = [[] for _ in runs]
     for rep in range(repeats):
         for k in range(len(runs)):
