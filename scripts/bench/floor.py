@@ -51,40 +51,11 @@ def _refuser(*_: Any) -> Any:
     raise ValueError("CBOR semantic tag in stored data")
 
 
-DECODE = {
-    "max_depth": 64,
-    "allow_indefinite": False,
-    "allow_duplicate_keys": False,
-    "tag_hook": _refuse_tag,
-    "semantic_decoders": dict.fromkeys(
-        (
-            0,
-            1,
-            4,
-            5,
-            25,
-            28,
-            29,
-            30,
-            35,
-            36,
-            37,
-            52,
-            54,
-            100,
-            256,
-            258,
-            260,
-            261,
-            1004,
-            43000,
-            55799,
-        ),
-        _refuser,
-    ),
-}
-"""cbor2.loads options of the floor: the store's strict decoding (:mod:`rstmdb_storage.codec`)."""
-
+MAX_DEPTH = 64
+REFUSED_TAGS = (0, 1, 4, 5, 25, 28, 29, 30, 35, 36, 37, 52, 54, 100, 256, 258, 260, 261, 1004)
+REFUSED = dict.fromkeys((*REFUSED_TAGS, 43000, 55799), _refuser)
+"""The floor decodes as strictly as the store (:mod:`rstmdb_storage.codec`): depth capped, no
+indefinite lengths, no duplicate keys, no semantic tags but bignums."""
 DBS = (b"instances", b"idx_state", b"idx_time", b"idx_metadata", b"meta")
 
 
@@ -159,6 +130,18 @@ def put_in_txn(env: FloorEnv, txn: Any, inst: Instance, body: bytes, seq: int, n
     put_value(env, txn, key, instance_value(key, seq, now, body), fields, now)
 
 
+def decode_body(body: bytes | memoryview) -> Any:
+    """Strict cbor2 decoding (the options spelled out: ``**options`` costs a fifth of it)."""
+    return cbor2.loads(
+        body,
+        max_depth=MAX_DEPTH,
+        allow_indefinite=False,
+        allow_duplicate_keys=False,
+        tag_hook=_refuse_tag,
+        semantic_decoders=REFUSED,
+    )
+
+
 def decode(key: bytes, raw: bytes) -> Instance:
     """The floor's read of one stored value: length, version and CRC checked, body decoded,
     the Instance built."""
@@ -168,7 +151,7 @@ def decode(key: bytes, raw: bytes) -> Instance:
         or int.from_bytes(raw[:4], "little") != crc32c.crc32c(raw[4:], crc32c.crc32c(key))
     ):
         raise RuntimeError(f"floor: bad value under {key!r}")
-    body = cbor2.loads(raw[BODY_OFFSET:], **DECODE)
+    body = decode_body(raw[BODY_OFFSET:])
     if type(body) is not list or len(body) != 7:
         raise RuntimeError(f"floor: bad body under {key!r}")
     return Instance(key.decode(), *body, *FIXED.unpack_from(raw, 5))

@@ -39,7 +39,7 @@ def replay_floor(frames: Path, directory: Path) -> int:
     sequence number. Returns how many records it applied."""
     env = FloorEnv(directory)
     header, unpack = RECORD_HEADER_SIZE, RECORD_HEADER.unpack_from
-    crc, loads, decode = crc32c.crc32c, cbor2.loads, floor.DECODE
+    crc, loads, decode = crc32c.crc32c, cbor2.loads, floor.decode_body
     value_of, put, count = floor.instance_value, floor.put_value, 0
     try:
         with open(frames, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
@@ -66,7 +66,7 @@ def replay_floor(frames: Path, directory: Path) -> int:
                                     txn,
                                     key,
                                     value_of(key, seq, ms, body),
-                                    loads(body, **decode),
+                                    decode(body),
                                     ms,
                                 )
                             offset += header + padded(length)
