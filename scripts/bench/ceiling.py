@@ -1,20 +1,18 @@
-"""The records of the raw ceiling and of SQLite, and WAL frames as the store writes them.
+"""SQLite's (and diskcache's) records, and WAL frames as the store writes them.
 
-The ceiling is built from the raw libraries (lmdb, crc32c, cbor2). Its WAL frames are the
-store's: :func:`wal_frame` frames :func:`wal_payload` with the project's own WAL encoder
-(:mod:`rstmdb_storage.wal.encoder`, layout in :mod:`rstmdb_storage.wal.format`), so that a
-ceiling writes and reads the same bytes per record as the store (the replay ceiling checks
-them with the format's constants and nothing else of the project).
+The WAL frames of the floor and the ceiling are the store's: :func:`wal_frame` frames
+:func:`wal_payload` with the project's own WAL encoder (:mod:`rstmdb_storage.wal.encoder`,
+layout in :mod:`rstmdb_storage.wal.format`), so that they write and read the same bytes per
+record as the store (the replay floor checks them with the format's constants and nothing
+else of the project).
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import cbor2
 import crc32c
-import lmdb
 
 from rstmdb_storage.wal.encoder import encode_record as encode_wal_record
 from rstmdb_storage.wal.format import RECORD_CHANGES
@@ -57,12 +55,6 @@ def encode_record(fields: dict[str, Any], seq: int) -> bytes:
     return cbor2.dumps(record_array(fields, seq))
 
 
-def sqlite_rows(fields: list[dict[str, Any]]) -> list[tuple[str, bytes]]:
-    """(id, :func:`encode_record`) rows of ``fields``, numbered from 0: what the put
-    comparisons insert into SQLite."""
-    return [(f["id"], encode_record(f, seq)) for seq, f in enumerate(fields)]
-
-
 def envelope(payload: bytes) -> bytes:
     """CRC32C (4 bytes, little-endian) + payload (what the raw LMDB ceiling stores)."""
     return crc32c.crc32c(payload).to_bytes(4, "little") + payload
@@ -79,9 +71,3 @@ def wal_payload(fields: dict[str, Any]) -> bytes:
 def wal_frame(seq: int, payload: bytes) -> bytes:
     """A CHANGES record framed as the store's WAL frames it (header, payload, padding)."""
     return encode_wal_record(seq, CREATED_MS, RECORD_CHANGES, payload)
-
-
-def open_ceiling_env(path: Path, map_size: int) -> tuple[lmdb.Environment, Any]:
-    """A raw LMDB environment, as the store opens its own, with one sub-database."""
-    env = lmdb.open(str(path), subdir=True, max_dbs=4, sync=False, map_size=map_size)
-    return env, env.open_db(b"instances")

@@ -1,4 +1,7 @@
-"""Lookups by id: ``get_instance`` against the raw LMDB ceiling and against SQLite."""
+"""Lookups by id: ``get_instance`` and ``reader().get_instance`` against the floor (raw
+lmdb get, CRC32C check, strict cbor2 decoding, the Instance built), the ceiling (the raw
+lmdb get alone), SQLite (SELECT by primary key, decoded) and diskcache (``Cache.get``,
+decoded). Every side looks up the same ids and builds an Instance of each, and drops it."""
 
 from __future__ import annotations
 
@@ -6,21 +9,23 @@ import sqlite3
 from typing import Any
 
 import cbor2
-import crc32c
-import lmdb
 
-from bench.ceiling import encode_record, envelope, open_ceiling_env
+from bench import floor
+from bench.ceiling import encode_record
+from bench.data import make_instance
+from bench.floor import FloorEnv
 from bench.stores import (
     SQLITE_GET,
     Bench,
     fill_sqlite_dataset,
+    open_diskcache,
     open_ours,
     open_sqlite,
     put_batches,
     shared,
 )
 from bench.timing import rate
-from rstmdb_storage import Storage
+from rstmdb_storage import Instance, Storage
 
 
 @shared
@@ -33,14 +38,12 @@ def ours_loaded(bench: Bench) -> Storage:
 
 
 @shared
-def ceiling_loaded(bench: Bench) -> tuple[lmdb.Environment, Any]:
-    """Raw LMDB holding the same records as ``crc32c + cbor2 array``."""
-    env, db = open_ceiling_env(bench.path("ceiling-get"), map_size=1 << 32)
+def floor_loaded(bench: Bench) -> FloorEnv:
+    """The floor's LMDB holding the same instances, as the store lays them out."""
+    env = FloorEnv(bench.path("floor-get"))
     bench.on_close(env.close)
-    with env.begin(write=True, db=db) as txn:
-        for seq, fields in enumerate(bench.dataset(), start=1):
-            txn.put(fields["id"].encode(), envelope(encode_record(fields, seq)))
-    return env, db
+    floor.fill(env, [make_instance(f) for f in bench.dataset()])
+    return env
 
 
 @shared
@@ -52,9 +55,20 @@ def sqlite_loaded(bench: Bench) -> sqlite3.Connection:
     return conn
 
 
-def run_ours_gets(storage: Storage, ids: list[str]) -> float:
-    get = storage.get_instance
+@shared
+def diskcache_loaded(bench: Bench) -> Any:
+    """diskcache holding the same records (id -> cbor2 bytes), or None without diskcache."""
+    cache = open_diskcache(bench.path("diskcache-get"))
+    if cache is None:
+        return None
+    bench.on_close(cache.close)
+    with cache.transact():
+        for seq, fields in enumerate(bench.dataset(), start=1):
+            cache.set(fields["id"], encode_record(fields, seq))
+    return cache
 
+
+def run_ours_gets(get: Any, ids: list[str]) -> float:
     def run() -> None:
         for iid in ids:
             get(iid)
@@ -62,79 +76,103 @@ def run_ours_gets(storage: Storage, ids: list[str]) -> float:
     return rate(len(ids), run)
 
 
-def run_ceiling_gets(env: lmdb.Environment, db: Any, ids: list[str]) -> float:
+def run_floor_gets(env: FloorEnv, ids: list[str], one_txn: bool) -> float:
+    """The floor: a read transaction per call (or one for all), get, decode (see
+    :func:`bench.floor.decode`)."""
     keys = [iid.encode() for iid in ids]
-    begin, crc, loads = env.begin, crc32c.crc32c, cbor2.loads
+    begin, db, decode = env.env.begin, env.instances, floor.decode
 
-    def run() -> None:
+    def per_call() -> None:
         for key in keys:
             with begin(db=db) as txn:
                 raw = txn.get(key)
-            if int.from_bytes(raw[:4], "little") != crc(raw[4:]):
-                raise RuntimeError(f"ceiling: CRC mismatch for {key!r}")
-            loads(raw[4:])
+            decode(key, raw)
 
-    return rate(len(keys), run)
+    def in_one() -> None:
+        with begin(db=db) as txn:
+            get = txn.get
+            for key in keys:
+                decode(key, get(key))
+
+    return rate(len(keys), in_one if one_txn else per_call)
 
 
-def run_sqlite_gets(conn: sqlite3.Connection, ids: list[str]) -> float:
+def run_ceiling_gets(env: FloorEnv, ids: list[str], one_txn: bool) -> float:
+    """The ceiling: the raw lmdb get alone, in a read transaction per call (or one)."""
+    keys = [iid.encode() for iid in ids]
+    begin, db = env.env.begin, env.instances
+
+    def per_call() -> None:
+        for key in keys:
+            with begin(db=db) as txn:
+                txn.get(key)
+
+    def in_one() -> None:
+        with begin(db=db) as txn:
+            get = txn.get
+            for key in keys:
+                get(key)
+
+    return rate(len(keys), in_one if one_txn else per_call)
+
+
+def run_sqlite_gets(conn: sqlite3.Connection, ids: list[str], one_txn: bool) -> float:
     execute, loads, sql = conn.execute, cbor2.loads, SQLITE_GET
 
     def run() -> None:
-        for iid in ids:
-            loads(execute(sql, (iid,)).fetchone()[0])
+        if one_txn:
+            execute("BEGIN")
+        try:
+            for iid in ids:
+                Instance(*loads(execute(sql, (iid,)).fetchone()[0]))
+        finally:
+            if one_txn:
+                execute("COMMIT")
 
     return rate(len(ids), run)
 
 
-def compare_get_vs_ceiling(bench: Bench) -> tuple[float, float]:
-    """``get_instance`` against raw lmdb get + crc32c + cbor2.loads."""
-    storage, (env, db), ids = ours_loaded(bench), ceiling_loaded(bench), bench.lookup_ids
-    return bench.paired(lambda: run_ours_gets(storage, ids), lambda: run_ceiling_gets(env, db, ids))
+def run_diskcache_gets(cache: Any, ids: list[str]) -> float:
+    get, loads = cache.get, cbor2.loads
+
+    def run() -> None:
+        for iid in ids:
+            Instance(*loads(get(iid)))
+
+    return rate(len(ids), run)
 
 
-def compare_get_vs_sqlite(bench: Bench) -> tuple[float, float]:
-    """``get_instance`` against SQLite SELECT by primary key + cbor2.loads."""
-    storage, conn, ids = ours_loaded(bench), sqlite_loaded(bench), bench.lookup_ids
-    return bench.paired(lambda: run_ours_gets(storage, ids), lambda: run_sqlite_gets(conn, ids))
+def path_get(bench: Bench) -> dict[str, float]:
+    """``get_instance`` of random existing ids, a read transaction per call on every side."""
+    storage, env, ids = ours_loaded(bench), floor_loaded(bench), bench.lookup_ids
+    conn, cache = sqlite_loaded(bench), diskcache_loaded(bench)
+    return bench.rotated(
+        {
+            "ours": lambda: run_ours_gets(storage.get_instance, ids),
+            "floor": lambda: run_floor_gets(env, ids, one_txn=False),
+            "ceiling": lambda: run_ceiling_gets(env, ids, one_txn=False),
+            "sqlite": lambda: run_sqlite_gets(conn, ids, one_txn=False),
+            "diskcache": None if cache is None else lambda: run_diskcache_gets(cache, ids),
+        }
+    )
 
 
 def run_reader_gets(storage: Storage, ids: list[str]) -> float:
     with storage.reader() as reader:
-        get = reader.get_instance
-
-        def run() -> None:
-            for iid in ids:
-                get(iid)
-
-        return rate(len(ids), run)
+        return run_ours_gets(reader.get_instance, ids)
 
 
-def run_ceiling_gets_one_txn(env: lmdb.Environment, db: Any, ids: list[str]) -> float:
-    keys = [iid.encode() for iid in ids]
-    crc, loads = crc32c.crc32c, cbor2.loads
-    with env.begin(db=db) as txn:
-        get = txn.get
-
-        def run() -> None:
-            for key in keys:
-                raw = get(key)
-                if int.from_bytes(raw[:4], "little") != crc(raw[4:]):
-                    raise RuntimeError(f"ceiling: CRC mismatch for {key!r}")
-                loads(raw[4:])
-
-        return rate(len(keys), run)
-
-
-def compare_reader_get_vs_ceiling(bench: Bench) -> tuple[float, float]:
-    """``reader.get_instance`` against raw lmdb gets in one read transaction."""
-    storage, (env, db), ids = ours_loaded(bench), ceiling_loaded(bench), bench.lookup_ids
-    return bench.paired(
-        lambda: run_reader_gets(storage, ids), lambda: run_ceiling_gets_one_txn(env, db, ids)
+def path_reader_get(bench: Bench) -> dict[str, float]:
+    """``reader().get_instance``: all the lookups of a repetition in one read transaction
+    (SQLite: inside one BEGIN ... COMMIT), and ``get_instance`` for reference."""
+    storage, env, ids = ours_loaded(bench), floor_loaded(bench), bench.lookup_ids
+    conn = sqlite_loaded(bench)
+    return bench.rotated(
+        {
+            "ours": lambda: run_reader_gets(storage, ids),
+            "floor": lambda: run_floor_gets(env, ids, one_txn=True),
+            "ceiling": lambda: run_ceiling_gets(env, ids, one_txn=True),
+            "sqlite": lambda: run_sqlite_gets(conn, ids, one_txn=True),
+            "get_instance": lambda: run_ours_gets(storage.get_instance, ids),
+        }
     )
-
-
-def compare_reader_get_vs_get(bench: Bench) -> tuple[float, float]:
-    """``reader.get_instance`` against ``storage.get_instance`` (a transaction per call)."""
-    storage, ids = ours_loaded(bench), bench.lookup_ids
-    return bench.paired(lambda: run_reader_gets(storage, ids), lambda: run_ours_gets(storage, ids))

@@ -1,4 +1,8 @@
-"""Listing by state: ``list_by_state`` and ``iter_by_state`` against SQLite's indexed query."""
+"""Listing by state: ``list_by_state`` and ``iter_by_state`` against the floor (a cursor over
+the state index's range in one read transaction, get + CRC32C + strict decoding of each
+instance, the Instances in a list), the ceiling (the same cursor and gets, nothing decoded)
+and SQLite's indexed query (each record decoded into an Instance). Every side builds the
+list of a listing and drops it after counting it."""
 
 from __future__ import annotations
 
@@ -7,11 +11,20 @@ from typing import Any
 
 import cbor2
 
+from bench import floor
 from bench.ceiling import encode_record
-from bench.data import BATCH_SIZE, LIST_MACHINE, LIST_STATE, LIST_STATES, listing_fields
+from bench.data import (
+    BATCH_SIZE,
+    LIST_MACHINE,
+    LIST_STATE,
+    LIST_STATES,
+    listing_fields,
+    make_instance,
+)
+from bench.floor import FloorEnv
 from bench.stores import Bench, fill_sqlite, open_ours, open_sqlite, put_batches, shared
 from bench.timing import rate
-from rstmdb_storage import Storage
+from rstmdb_storage import Instance, Storage
 
 LIST_MIN_PER_REPETITION = 20_000
 """Each listing repetition repeats the listing until it has listed at least this many
@@ -32,6 +45,15 @@ def ours_by_state(bench: Bench) -> Storage:
     bench.on_close(storage.close)
     put_batches(storage, listing_dataset(bench))
     return storage
+
+
+@shared
+def floor_by_state(bench: Bench) -> FloorEnv:
+    """The floor's LMDB holding the same instances, with their index entries."""
+    env = FloorEnv(bench.path("floor-list"))
+    bench.on_close(env.close)
+    floor.fill(env, [make_instance(f) for f in listing_dataset(bench)])
+    return env
 
 
 @shared
@@ -104,20 +126,62 @@ def run_sqlite_list(conn: sqlite3.Connection, expected: int) -> float:
     def run() -> None:
         for _ in range(rounds):
             rows = execute(SQLITE_BY_STATE, (LIST_MACHINE, LIST_STATE))
-            if len([loads(value) for _, value in rows]) != expected:
+            if len([Instance(*loads(value)) for _, value in rows]) != expected:
                 raise RuntimeError("SQLite: wrong number of rows")
 
     return rate(expected * rounds, run)
 
 
-def compare_list_vs_sqlite(bench: Bench) -> tuple[float, float]:
-    """``list_by_state`` (all matches, decoded Instances) against SQLite's indexed
-    SELECT ... ORDER BY id + cbor2.loads of each value."""
-    (storage, conn), n = by_state_stores(bench), bench.settings.list_matches
-    return bench.paired(lambda: run_ours_list(storage, n), lambda: run_sqlite_list(conn, n))
+def run_floor_list(env: FloorEnv, expected: int, decode: bool) -> float:
+    """The floor (``decode``) or the ceiling: a cursor over the state index's range, a get of
+    each instance it names, decoded into an Instance (the floor) or not (the ceiling)."""
+    lower = b"%s\x00%s\x00" % (LIST_MACHINE.encode(), LIST_STATE.encode())
+    upper = lower[:-1] + b"\x01"
+    rounds, begin, state_db, instances = (
+        listing_rounds(expected),
+        env.env.begin,
+        env.state,
+        env.instances,
+    )
+    unpack = floor.decode if decode else (lambda key, raw: raw)
+    cut = len(lower)
+
+    def run() -> None:
+        for _ in range(rounds):
+            with begin() as txn:
+                get, found = txn.get, []
+                cursor = txn.cursor(db=state_db)
+                if cursor.set_range(lower):
+                    for index_key in cursor.iternext(values=False):
+                        if index_key >= upper:
+                            break
+                        key = index_key[cut:]
+                        found.append(unpack(key, get(key, db=instances)))
+            if len(found) != expected:
+                raise RuntimeError(f"floor listing: {len(found)} instances")
+
+    return rate(expected * rounds, run)
 
 
-def compare_iter_vs_sqlite(bench: Bench) -> tuple[float, float]:
-    """``iter_by_state`` (lazy, page by page) against the same SQLite query; no goal."""
+def listing_sides(bench: Bench, ours: Any) -> dict[str, float]:
     (storage, conn), n = by_state_stores(bench), bench.settings.list_matches
-    return bench.paired(lambda: run_ours_iter(storage, n), lambda: run_sqlite_list(conn, n))
+    env = floor_by_state(bench)
+    return bench.rotated(
+        {
+            "ours": lambda: ours(storage, n),
+            "floor": lambda: run_floor_list(env, n, decode=True),
+            "ceiling": lambda: run_floor_list(env, n, decode=False),
+            "sqlite": lambda: run_sqlite_list(conn, n),
+        }
+    )
+
+
+def path_list(bench: Bench) -> dict[str, float]:
+    """``list_by_state`` of all ``list_matches`` matches (decoded Instances, in id order);
+    SQLite: indexed SELECT ... ORDER BY id, each record decoded into an Instance."""
+    return listing_sides(bench, run_ours_list)
+
+
+def path_iter(bench: Bench) -> dict[str, float]:
+    """``iter_by_state`` (lazy, a page of short read transaction at a time) of the same."""
+    return listing_sides(bench, run_ours_iter)

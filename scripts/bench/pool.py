@@ -15,11 +15,18 @@ from typing import Any
 
 import cbor2
 
-from bench.ceiling import sqlite_rows
+from bench.ceiling import encode_record
 from bench.data import fields_of, instance_id, make_instance
 from bench.settings import WRITER_TIMEOUT
-from bench.stores import SQLITE_GET, SQLITE_PUT, open_sqlite, ours_config
-from rstmdb_storage import Storage
+from bench.stores import (
+    SQLITE_GET,
+    SQLITE_PUT_BY_STATE,
+    open_diskcache,
+    open_sqlite,
+    ours_config,
+    sqlite_row,
+)
+from rstmdb_storage import Instance, Storage
 
 MP_LOOKUP_IDS = 50_000
 """Random existing ids each reader process draws once and then looks up in turn."""
@@ -34,37 +41,57 @@ Answer = tuple[int, int, float]
 """A worker's answer to a timed command: operations, distinct ids written, end time."""
 
 
+KINDS = ("ours", "sqlite", "diskcache")
+"""The stores a worker process can write or read with (see :func:`mp_open`)."""
+
+
 def mp_open(kind: str, path: str) -> Any:
     """What a worker process writes or reads with: our store with the default config (fsync
-    every write) and no automatic snapshots, or a SQLite connection as :func:`open_sqlite` that
-    waits up to :data:`MP_BUSY_TIMEOUT_MS` for the write lock."""
+    every write) and no automatic snapshots, a SQLite connection as :func:`open_sqlite` (the
+    table with the (machine, state) index) that waits up to :data:`MP_BUSY_TIMEOUT_MS` for the
+    write lock, or a diskcache ``Cache`` with ``synchronous=FULL``."""
     if kind == "ours":
         return Storage.open(ours_config(path))
-    conn = open_sqlite(Path(path))
+    if kind == "diskcache":
+        return open_diskcache(Path(path))
+    conn = open_sqlite(Path(path), by_state=True)
     conn.execute(f"PRAGMA busy_timeout = {MP_BUSY_TIMEOUT_MS}")
     return conn
 
 
 def mp_put_call(kind: str, handle: Any, prefix: str, cap: int) -> tuple[Callable[..., Any], list]:
-    """One durable single put and its ``cap`` prepared arguments (fresh ids ``prefix-i``):
-    ``put_instance`` of an Instance, or an autocommit INSERT OR REPLACE of the same fields'
-    CBOR record bytes."""
+    """One durable single put and its ``cap`` prepared inputs (fresh ids ``prefix-i``):
+    ``put_instance`` of an Instance, an autocommit INSERT OR REPLACE of the same fields'
+    CBOR record (encoded in the call), or ``Cache.set`` of it."""
     fields = fields_of(prefix, range(cap))
     if kind == "ours":
         return handle.put_instance, [make_instance(f) for f in fields]
-    execute, sql = handle.execute, SQLITE_PUT
-    return (lambda row: execute(sql, row)), sqlite_rows(fields)
+    if kind == "diskcache":
+        put = handle.set
+        return (lambda f: put(f["id"], encode_record(f, 0))), fields
+    execute, sql = handle.execute, SQLITE_PUT_BY_STATE
+    return (lambda f: execute(sql, sqlite_row(f))), fields
 
 
 def mp_get_call(kind: str, handle: Any) -> Callable[[str], Any]:
-    """One lookup by id, decoded: ``get_instance``, or SELECT by primary key + cbor2.loads."""
+    """One lookup by id, decoded into an Instance: ``get_instance``, SELECT by primary key,
+    or ``Cache.get``, + cbor2.loads."""
     if kind == "ours":
         return handle.get_instance
-    execute, loads, sql = handle.execute, cbor2.loads, SQLITE_GET
+    loads = cbor2.loads
+    if kind == "diskcache":
+        fetch = handle.get
+
+        def get_cached(iid: str) -> Any:
+            value = fetch(iid)
+            return None if value is None else Instance(*loads(value))
+
+        return get_cached
+    execute, sql = handle.execute, SQLITE_GET
 
     def get(iid: str) -> Any:
         row = execute(sql, (iid,)).fetchone()
-        return None if row is None else loads(row[0])
+        return None if row is None else Instance(*loads(row[0]))
 
     return get
 
@@ -80,7 +107,7 @@ def mp_worker(index: int, conn: Any, go: Any, stop: Any, start: Any) -> None:
     - ``("gets", kind, path, records, seed, seconds)``: lookups of random ids among the
       ``records`` instances ``order-00000000`` ... for ``seconds``.
 
-    ``kind`` is ``"ours"`` or ``"sqlite"`` (see :func:`mp_open`; each store is opened once and
+    ``kind`` is one of :data:`KINDS` (see :func:`mp_open`; each store is opened once and
     kept open). Each command is prepared untimed (store opened, instances built), answered with
     ``"ready"``; then the worker waits for ``go``, sleeps until ``start`` (a shared
     ``time.monotonic()`` value, the same clock in every process) and runs, and answers

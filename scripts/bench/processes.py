@@ -1,5 +1,6 @@
 """Many processes (SPEC.md guarantee 6): durable puts from 1, 2 and 4 writer processes, and
-lookups from 1 and 2 reader processes while a writer process puts, against SQLite."""
+lookups from 1, 2 and 4 reader processes while a writer process puts, against SQLite and
+diskcache with the same processes (when diskcache is installed)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import sqlite3
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from bench.pool import MpPool, pool_rate
+from bench.ceiling import encode_record
+from bench.pool import KINDS, MpPool, pool_rate
 from bench.stores import (
     Bench,
     fast_config,
     fill_sqlite_dataset,
+    open_diskcache,
     open_sqlite,
     ours_config,
     put_batches,
@@ -27,11 +31,8 @@ from rstmdb_storage import Storage
 MP_WRITER_COUNTS = (1, 2, 4)
 """Writer processes of the multi-process durable-put rows (SPEC's goal is on 4)."""
 
-MP_READER_COUNTS = (1, 2)
+MP_READER_COUNTS = (1, 2, 4)
 """Reader processes of the multi-process lookup rows (each with one writer process)."""
-
-MP_WRITERS_GOAL = 2.0
-"""SPEC.md's goal for 4 writer processes against SQLite with 4 processes."""
 
 MP_PUT_CAP_RATE = 8_000
 """Instances each writer process builds per second of its run, before the run (puts beyond
@@ -40,16 +41,27 @@ that many write the same ids again)."""
 Lookups = dict[tuple[str, int, bool], tuple[float, float]]
 
 
+def mp_kinds() -> tuple[str, ...]:
+    """The stores the multi-process rows time: diskcache only when it is installed."""
+    return KINDS if diskcache_installed() else KINDS[:2]
+
+
+def diskcache_installed() -> bool:
+    try:
+        import diskcache  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 @dataclass
 class MpState:
     """The worker processes and what the writer-process rows measured so far."""
 
     pool: MpPool | None = None
-    put_rates: dict[int, tuple[float, float]] = field(default_factory=dict)
-    """(ours, SQLite) median puts/s of each writer-process count measured so far."""
-    put_totals: dict[str, list[int]] = field(
-        default_factory=lambda: {"ours": [0, 0], "sqlite": [0, 0]}
-    )
+    put_rates: dict[int, dict[str, float]] = field(default_factory=dict)
+    """Median puts/s of each kind, for each writer-process count measured so far."""
+    put_totals: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0] for k in KINDS})
     """Acknowledged puts and distinct ids written so far into each multi-process put store."""
 
 
@@ -81,10 +93,13 @@ def mp_put_stores(bench: Bench) -> dict[str, str]:
     created here (empty) so that the workers only open them."""
     ours = bench.path("ours-mp-put")
     sqlite_file = bench.path("sqlite-mp-put") / "bench.sqlite"
+    cache_dir = bench.path("diskcache-mp-put")
     if not sqlite_file.exists():
         Storage.open(ours_config(ours)).close()
-        open_sqlite(sqlite_file).close()
-    return {"ours": str(ours), "sqlite": str(sqlite_file)}
+        open_sqlite(sqlite_file, by_state=True).close()
+        if (cache := open_diskcache(cache_dir)) is not None:
+            cache.close()
+    return {"ours": str(ours), "sqlite": str(sqlite_file), "diskcache": str(cache_dir)}
 
 
 def check_mp_put_stores(bench: Bench, paths: dict[str, str]) -> None:
@@ -105,14 +120,21 @@ def check_mp_put_stores(bench: Bench, paths: dict[str, str]) -> None:
     conn.close()
     if count != distinct:
         raise RuntimeError(f"writer processes: SQLite holds {count:,} rows of {distinct:,} ids")
+    acked, distinct = totals["diskcache"]
+    if distinct and (cache := open_diskcache(Path(paths["diskcache"]))) is not None:
+        count = len(cache)
+        cache.close()
+        if count != distinct:
+            raise RuntimeError(f"writer processes: diskcache holds {count:,} of {distinct:,} ids")
 
 
-def compare_mp_puts(bench: Bench, processes: int) -> tuple[float, float]:
+def path_mp_puts(bench: Bench, processes: int) -> dict[str, float]:
     """Durable single puts from ``processes`` processes at once into one data directory (default
     config), against as many processes doing autocommit INSERT OR REPLACE into one SQLite file
-    (WAL, ``synchronous=FULL``, busy timeout). Each run: every process prepares fresh ids, all
-    start together and put for ``mp_seconds``; the rate is all acknowledged puts over the wall
-    time from the start to the last process's last acknowledgement."""
+    (WAL, ``synchronous=FULL``, busy timeout) and ``Cache.set`` into one diskcache. Each
+    run: every process prepares fresh ids, all start together and put for ``mp_seconds``;
+    the rate is all acknowledged puts over the wall time from the start to the last
+    process's last acknowledgement."""
     pool, paths, state = mp_pool(bench), mp_put_stores(bench), mp_state(bench)
     seconds = bench.settings.mp_seconds
     cap = put_cap(seconds)
@@ -131,30 +153,31 @@ def compare_mp_puts(bench: Bench, processes: int) -> tuple[float, float]:
 
         return one_run
 
-    ours, other = bench.paired(side("ours"), side("sqlite"))
+    rates = bench.rotated({kind: side(kind) for kind in mp_kinds()})
     check_mp_put_stores(bench, paths)
-    state.put_rates[processes] = (ours, other)
-    return ours, other
+    state.put_rates[processes] = rates
+    return rates
 
 
-def compare_mp_puts_1(bench: Bench) -> tuple[float, float]:
-    """:func:`compare_mp_puts` with 1 process (the baseline of the scaling note)."""
-    return compare_mp_puts(bench, 1)
+def path_mp_puts_1(bench: Bench) -> dict[str, float]:
+    """:func:`path_mp_puts` with 1 process (the baseline of the scaling note)."""
+    return path_mp_puts(bench, 1)
 
 
-def compare_mp_puts_2(bench: Bench) -> tuple[float, float]:
-    """:func:`compare_mp_puts` with 2 processes."""
-    return compare_mp_puts(bench, 2)
+def path_mp_puts_2(bench: Bench) -> dict[str, float]:
+    """:func:`path_mp_puts` with 2 processes."""
+    return path_mp_puts(bench, 2)
 
 
-def compare_mp_puts_4(bench: Bench) -> tuple[float, float]:
-    """:func:`compare_mp_puts` with 4 processes (SPEC: at least 2x SQLite)."""
-    return compare_mp_puts(bench, 4)
+def path_mp_puts_4(bench: Bench) -> dict[str, float]:
+    """:func:`path_mp_puts` with 4 processes (SPEC: at least 2x SQLite)."""
+    return path_mp_puts(bench, 4)
 
 
 # --- reader processes ---------------------------------------------------------------------------
 
 
+@shared
 def mp_lookup_stores(bench: Bench) -> dict[str, str]:
     """Our store (built fast, then synced) and a SQLite file, each holding the ``records``
     instances of :meth:`Bench.dataset`."""
@@ -167,14 +190,23 @@ def mp_lookup_stores(bench: Bench) -> dict[str, str]:
     finally:
         storage.close()
     sqlite_file = bench.path("sqlite-mp-get") / "bench.sqlite"
-    conn = open_sqlite(sqlite_file)
+    conn = open_sqlite(sqlite_file, by_state=True)
     try:
-        fill_sqlite_dataset(conn, bench.settings.records)
+        fill_sqlite_dataset(conn, bench.settings.records, by_state=True)
     finally:
         conn.close()
+    cache_dir = bench.path("diskcache-mp-get")
+    if (cache := open_diskcache(cache_dir)) is not None:
+        try:
+            with cache.transact():
+                for seq, f in enumerate(bench.dataset(), start=1):
+                    cache.set(f["id"], encode_record(f, seq))
+        finally:
+            cache.close()
     sync_tree(ours)
     sync_tree(sqlite_file.parent)
-    return {"ours": str(ours), "sqlite": str(sqlite_file)}
+    sync_tree(cache_dir)
+    return {"ours": str(ours), "sqlite": str(sqlite_file), "diskcache": str(cache_dir)}
 
 
 @shared
@@ -191,9 +223,9 @@ def mp_lookups(bench: Bench) -> Lookups:
     cap = put_cap(seconds)
     configs = [
         (kind, readers, writer)
-        for kind in ("ours", "sqlite")
+        for kind in mp_kinds()
         for readers in (0, *MP_READER_COUNTS)
-        for writer in (True, False)
+        for writer in ((True, False) if bench.settings.mp_idle else (True,))
         if readers or writer
     ]
     writer_rates: dict[tuple[str, int, bool], list[float]] = {c: [] for c in configs}
@@ -225,25 +257,31 @@ def mp_lookups(bench: Bench) -> Lookups:
     }
 
 
-def compare_mp_lookups(bench: Bench, readers: int) -> tuple[float, float]:
+def path_mp_lookups(bench: Bench, readers: int) -> dict[str, float]:
     """``get_instance`` of random existing ids by ``readers`` processes for ``mp_seconds / 2``
     while one writer process makes durable puts into the same store, against SQLite readers
-    (SELECT by pk + cbor2.loads) while one SQLite writer inserts; lookups/s of all readers."""
+    (SELECT by pk + cbor2.loads) while one SQLite writer inserts, and the same of diskcache;
+    lookups/s of all readers."""
     lookups = mp_lookups(bench)
-    return lookups[("ours", readers, True)][0], lookups[("sqlite", readers, True)][0]
+    return {kind: lookups[(kind, readers, True)][0] for kind in mp_kinds()}
 
 
-def compare_mp_lookups_1(bench: Bench) -> tuple[float, float]:
-    """:func:`compare_mp_lookups` with 1 reader process."""
-    return compare_mp_lookups(bench, 1)
+def path_mp_lookups_1(bench: Bench) -> dict[str, float]:
+    """:func:`path_mp_lookups` with 1 reader process."""
+    return path_mp_lookups(bench, 1)
 
 
-def compare_mp_lookups_2(bench: Bench) -> tuple[float, float]:
-    """:func:`compare_mp_lookups` with 2 reader processes."""
-    return compare_mp_lookups(bench, 2)
+def path_mp_lookups_2(bench: Bench) -> dict[str, float]:
+    """:func:`path_mp_lookups` with 2 reader processes."""
+    return path_mp_lookups(bench, 2)
 
 
-MP_LOOKUP_RUNS = (compare_mp_lookups_1, compare_mp_lookups_2)
+def path_mp_lookups_4(bench: Bench) -> dict[str, float]:
+    """:func:`path_mp_lookups` with 4 reader processes (SPEC: at least 2.5x SQLite)."""
+    return path_mp_lookups(bench, 4)
+
+
+MP_LOOKUP_RUNS = (path_mp_lookups_1, path_mp_lookups_2, path_mp_lookups_4)
 
 
 # --- the notes under the table ------------------------------------------------------------------
@@ -271,9 +309,11 @@ def mp_notes(bench: Bench, runs: Sequence[Callable[[Bench], Any]]) -> list[str]:
         )
         if 1 in rates and len(rates) > 1:
             more = [n for n in sorted(rates) if n > 1]
-            ours = ", ".join(f"{n}: {rates[n][0] / rates[1][0]:.2f}x" for n in more)
-            other = ", ".join(f"{n}: {rates[n][1] / rates[1][1]:.2f}x" for n in more)
-            lines.append(f"  scaling, rate with N processes / with 1: ours {ours}; SQLite {other}")
+            parts = [
+                f"{kind} " + ", ".join(f"{n}: {rates[n][kind] / rates[1][kind]:.2f}x" for n in more)
+                for kind in rates[1]
+            ]
+            lines.append(f"  scaling, rate with N processes / with 1: {'; '.join(parts)}")
         if max(rates) > cores:
             lines.append(f"  {max(rates)} processes on {cores} usable cores oversubscribe the CPU")
     lookups = bench.built.get(mp_lookups)
@@ -289,15 +329,19 @@ def lookup_notes(bench: Bench, lookups: Lookups, cores: int) -> list[str]:
         f"for {bench.settings.mp_seconds / 2:g} s while one writer process makes durable "
         f"puts of fresh ids into the same store"
     ]
-    for kind, name in (("ours", "ours"), ("sqlite", "SQLite")):
+    for kind in mp_kinds():
+        name = {"ours": "ours", "sqlite": "SQLite"}.get(kind, kind)
         parts = []
         for readers in MP_READER_COUNTS:
             busy, writer_rate = lookups[(kind, readers, True)]
-            idle, _ = lookups[(kind, readers, False)]
-            parts.append(
+            part = (
                 f"{readers} reader{'s' if readers > 1 else ''} {busy:,.0f}/s with the writer "
-                f"({writer_rate:,.0f} puts/s), {idle:,.0f}/s with none ({busy / idle:.2f}x)"
+                f"({writer_rate:,.0f} puts/s)"
             )
+            if (kind, readers, False) in lookups:
+                idle = lookups[(kind, readers, False)][0]
+                part += f", {idle:,.0f}/s with none ({busy / idle:.2f}x)"
+            parts.append(part)
         alone = lookups[(kind, 0, True)][1]
         lines.append(f"  {name}: " + "; ".join(parts) + f"; the writer alone {alone:,.0f} puts/s")
     if max(MP_READER_COUNTS) + 1 > cores:

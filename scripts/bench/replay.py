@@ -1,5 +1,6 @@
-"""WAL replay on open: ``Storage.open`` rebuilding a lost ``indexes/``, against SPEC.md's goal
-and against a raw ceiling replaying the same WAL frames."""
+"""WAL replay on open: ``Storage.open`` rebuilding a lost ``indexes/`` from the WAL, against
+the floor (the same frames read, checked, decoded and put into a raw LMDB with their index
+entries) and the ceiling (reading the frames' bytes alone)."""
 
 from __future__ import annotations
 
@@ -12,40 +13,44 @@ from pathlib import Path
 import cbor2
 import crc32c
 
-from bench.ceiling import open_ceiling_env, wal_frame, wal_payload
+from bench import floor
+from bench.ceiling import wal_frame, wal_payload
 from bench.data import fields_of, instance_id, make_instance
-from bench.stores import Bench, fast_config, shared, sync_tree
+from bench.floor import FloorEnv
+from bench.stores import Bench, fast_config, sync_tree
 from rstmdb_storage import Storage
 from rstmdb_storage.wal.format import RECORD_CHANGES, RECORD_HEADER, RECORD_HEADER_SIZE, padded
 
-REPLAY_GOAL = 100_000
+REPLAY_GOAL = 120_000
 """SPEC.md's goal for recovery replay, in WAL records per second on open."""
 
 REPLAY_TXN_RECORDS = 2_000
-"""Records per write transaction of the replay ceiling (the store replays 2,000 per txn)."""
+"""Records per write transaction of the replay floor (the store replays 2,000 per txn)."""
+
+READ_CHUNK = 1 << 20
 
 
-def replay_ceiling(frames: Path, directory: Path) -> int:
-    """The replay ceiling: read the WAL frames (:func:`bench.ceiling.wal_frame`) back to back
-    in ``frames``, check each frame's type and CRC32C as the store's WAL does, decode its
-    payload (the changes) and each change's body (as the store does to find what its indexes
-    hold), and put the body under its id into a fresh raw LMDB environment in ``directory``,
-    :data:`REPLAY_TXN_RECORDS` records per write transaction (no indexes, no meta). Returns
-    how many records it applied."""
-    env, db = open_ceiling_env(directory, map_size=1 << 32)
+def replay_floor(frames: Path, directory: Path) -> int:
+    """The replay floor: read the WAL frames (:func:`bench.ceiling.wal_frame`) back to back
+    in ``frames`` (mmap), check each frame's type and CRC32C as the store's WAL does, decode
+    its payload (the changes) and each change's body (for the index entries), and put the
+    sealed value and its index entries into a fresh :class:`~bench.floor.FloorEnv` in
+    ``directory``, :data:`REPLAY_TXN_RECORDS` records per write transaction with the applied
+    sequence number. Returns how many records it applied."""
+    env = FloorEnv(directory)
     header, unpack = RECORD_HEADER_SIZE, RECORD_HEADER.unpack_from
-    crc, loads = crc32c.crc32c, cbor2.loads
-    count = 0
+    crc, loads, decode = crc32c.crc32c, cbor2.loads, floor.decode_body
+    value_of, put, count = floor.instance_value, floor.put_value, 0
     try:
         with open(frames, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             view, offset, end = memoryview(m), 0, len(m)
             try:
                 while offset < end:
-                    with env.begin(write=True, db=db) as txn:
+                    with env.env.begin(write=True) as txn:
                         for _ in range(REPLAY_TXN_RECORDS):
                             if offset >= end:
                                 break
-                            length, checksum, _seq, _ms, kind = unpack(view, offset)
+                            length, checksum, seq, ms, kind = unpack(view, offset)
                             stop = offset + header + length
                             # the CRC covers bytes 0..4 and 8..32 of the header, then the payload
                             if (
@@ -53,12 +58,20 @@ def replay_ceiling(frames: Path, directory: Path) -> int:
                                 != checksum
                                 or kind != RECORD_CHANGES
                             ):
-                                raise RuntimeError(f"replay ceiling: bad frame at {offset}")
+                                raise RuntimeError(f"replay floor: bad frame at {offset}")
                             for _, iid, _, _, body, *_ in loads(view[offset + header : stop]):
-                                loads(body)  # the whole record decoded, as the store does
-                                txn.put(iid.encode(), body)
+                                key = iid.encode()
+                                put(
+                                    env,
+                                    txn,
+                                    key,
+                                    value_of(key, seq, ms, body),
+                                    decode(body),
+                                    ms,
+                                )
                             offset += header + padded(length)
                             count += 1
+                        txn.put(floor.APPLIED_KEY, count.to_bytes(8, "little"), db=env.meta)
             finally:
                 view.release()
     finally:
@@ -66,10 +79,20 @@ def replay_ceiling(frames: Path, directory: Path) -> int:
     return count
 
 
-@shared
-def replay_medians(bench: Bench) -> dict[str, float]:
-    """Median rates (records per second) of ``Storage.open`` rebuilding a deleted
-    ``indexes/`` from ``replay_records`` WAL records, and of the raw ceiling."""
+def replay_ceiling(frames: Path) -> int:
+    """The replay ceiling: read the frames' file, :data:`READ_CHUNK` at a time. Returns its
+    size."""
+    size = 0
+    with open(frames, "rb", buffering=0) as f:
+        while chunk := f.read(READ_CHUNK):
+            size += len(chunk)
+    return size
+
+
+def path_replay(bench: Bench) -> dict[str, float]:
+    """Records per second of ``Storage.open`` rebuilding a deleted ``indexes/`` from
+    ``replay_records`` single-put WAL records, of the floor and of the ceiling (the same
+    records, in one file of frames)."""
     n = bench.settings.replay_records
     data_dir = bench.path("ours-replay")
     config = fast_config(data_dir)
@@ -82,7 +105,7 @@ def replay_medians(bench: Bench) -> dict[str, float]:
         last_seq = storage.applied_seq
     if first_seq != 1 or last_seq != n:
         raise RuntimeError(f"replay store: sequence numbers {first_seq}..{last_seq}")
-    frames = bench.path("ceiling-replay") / "frames"
+    frames = bench.path("floor-frames") / "frames"
     with open(frames, "wb") as out:
         for seq, f in enumerate(fields, start=1):
             out.write(wal_frame(seq, wal_payload(f)))
@@ -107,29 +130,23 @@ def replay_medians(bench: Bench) -> dict[str, float]:
             storage.close()
         return n / elapsed
 
-    def ceiling() -> float:
-        directory = bench.workdir / "ceiling-replay" / "env"
+    def floor_side() -> float:
+        directory = bench.workdir / "floor-replay"
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir()
         gc.collect()
         start = time.perf_counter()
-        replayed = replay_ceiling(frames, directory)
+        replayed = replay_floor(frames, directory)
         elapsed = time.perf_counter() - start
         if replayed != n:
-            raise RuntimeError(f"replay ceiling: {replayed} records")
+            raise RuntimeError(f"replay floor: {replayed} records")
         return n / elapsed
 
-    ours_rate, ceiling_rate = bench.paired(ours, ceiling)
-    return {"ours": ours_rate, "ceiling": ceiling_rate}
+    def ceiling() -> float:
+        gc.collect()
+        start = time.perf_counter()
+        if replay_ceiling(frames) != frames.stat().st_size:
+            raise RuntimeError("replay ceiling: short read")
+        return n / (time.perf_counter() - start)
 
-
-def compare_replay_vs_goal(bench: Bench) -> tuple[float, float]:
-    """WAL records replayed per second by ``Storage.open`` rebuilding a deleted
-    ``indexes/``, against SPEC.md's 100k records/s (a constant, not a measurement)."""
-    return replay_medians(bench)["ours"], float(REPLAY_GOAL)
-
-
-def compare_replay_vs_ceiling(bench: Bench) -> tuple[float, float]:
-    """The same replay against :func:`replay_ceiling` on the same records."""
-    medians = replay_medians(bench)
-    return medians["ours"], medians["ceiling"]
+    return bench.rotated({"ours": ours, "floor": floor_side, "ceiling": ceiling})

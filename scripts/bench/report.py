@@ -1,27 +1,27 @@
-"""What a run prints: the facts about the machine first, then the table and the notes under it."""
+"""What a run prints: the facts about the machine first, then the table and the notes under
+it; and the same as JSON (:func:`results_json`)."""
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import os
 import platform
 import sqlite3
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import crc32c
 import lmdb
 
 import rstmdb_storage
 from bench.ceiling import encode_record
-from bench.comparisons import Comparison
+from bench.comparisons import NAMES, RATE, RATIO_CONTENDERS, Result
 from bench.data import BATCH_SIZE, LIST_STATES, instance_fields, instance_id
 from bench.processes import mp_notes, usable_cores
 from bench.settings import Settings
 from bench.stores import Bench
-
-Row = tuple[Comparison, float, float]
-"""A comparison that ran, with its two median rates (ours, the other)."""
 
 
 def filesystem_of(path: Path) -> str:
@@ -57,6 +57,7 @@ def machine_facts(workdir: Path, settings: Settings) -> list[tuple[str, str]]:
         ("cores", f"{os.cpu_count()} ({usable_cores()} usable)"),
         ("lmdb", f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}"),
         ("cbor2", version_of("cbor2")),
+        ("diskcache", version_of("diskcache")),
         ("crc32c", f"{version_of('crc32c')} (hardware: {crc32c.hardware_based})"),
         ("sqlite", sqlite3.sqlite_version),
         ("rstmdb-storage", package_facts()),
@@ -87,61 +88,119 @@ def format_rate(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def print_table(rows: Sequence[Row]) -> None:
-    header = ("what", "against", "ours ops/s", "other ops/s", "ratio", "goal", "met?")
-    lines = [header]
-    for comp, ours, other in rows:
-        ratio = ours / other
-        lines.append(
-            (
-                comp.what,
-                comp.against,
-                format_rate(ours),
-                format_rate(other),
-                f"{ratio:.2f}",
-                "-" if comp.goal is None else f">= {comp.goal:g}",
-                "-" if comp.goal is None else "yes" if ratio >= comp.goal else "NO",
-            )
-        )
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    right = {2, 3, 4}
+HEADER = (
+    "path",
+    "unit",
+    "ours",
+    "floor",
+    "ceiling",
+    "SQLite",
+    "diskcache",
+    "ours/floor",
+    "ours/ceiling",
+    "ours/SQLite",
+    "met",
+)
+RIGHT = frozenset(range(2, 10))
+
+
+def cells(result: Result) -> tuple[str, ...]:
+    """One row of the table: the rates, the ratios, each with its goal and verdict next to
+    it, and whether every goal is met (``-``: the row has none)."""
+    rates, verdict = result.rates, {g.against: (g, v, m) for g, v, m in result.verdicts()}
+
+    def with_goal(against: str, shown: str) -> str:
+        if against not in verdict:
+            return shown
+        goal, _, met = verdict[against]
+        return f"{shown} ({goal.describe()} {'met' if met else 'NO'})"
+
+    ours = with_goal(RATE, format_rate(rates["ours"]))
+    extra = [
+        f"{name}: {format_rate(rate)}"
+        for name, rate in rates.items()
+        if name != "ours" and name not in NAMES
+    ]
+    ours += "".join(f"; {e}" for e in extra)
+    side = [format_rate(rates[k]) if k in rates else "-" for k in NAMES]
+    ratios = []
+    for k in RATIO_CONTENDERS:
+        ratio = result.ratio(k)
+        ratios.append("-" if ratio is None else with_goal(k, f"{ratio:.2f}"))
+    met = "-" if not result.row.goals else "NO" if result.missed() else "yes"
+    return (result.row.path, result.row.unit, ours, *side, *ratios, met)
+
+
+def print_table(results: Sequence[Result]) -> None:
+    lines = [HEADER, *(cells(r) for r in results)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADER))]
     for n, line in enumerate(lines):
-        cells = [
-            c.rjust(w) if i in right else c.ljust(w)
+        parts = [
+            c.rjust(w) if i in RIGHT else c.ljust(w)
             for i, (c, w) in enumerate(zip(line, widths, strict=True))
         ]
-        print("  ".join(cells).rstrip())
+        print("  ".join(parts).rstrip())
         if n == 0:
             print("  ".join("-" * w for w in widths))
 
 
-def table_notes(bench: Bench, rows: Sequence[Row]) -> list[str]:
+def markdown_table(results: Sequence[Result]) -> list[str]:
+    align = ["---" if i not in RIGHT else "---:" for i in range(len(HEADER))]
+    rows = [HEADER, tuple(align), *(cells(r) for r in results)]
+    return ["| " + " | ".join(cell.replace("|", "\\|") for cell in row) + " |" for row in rows]
+
+
+def table_notes(bench: Bench, results: Sequence[Result]) -> list[str]:
     """The lines under the table that say what the rows that ran measure."""
-    settings, comps = bench.settings, [comp for comp, _, _ in rows]
-    lines = []
-    if any("_by_state" in comp.what for comp in comps):
+    settings, rows = bench.settings, [r.row for r in results]
+    lines = [
+        "rates are medians over the repetitions, every side in rotation within each; a ratio "
+        "is ours / that contender's rate (higher is better for ours)"
+    ]
+    if any("_by_state" in row.path for row in rows):
         lines.append("listing rows: ops/s are instances listed (and decoded) per second")
-    if any(comp.what == "create_snapshot" for comp in comps):
+    if any(row.unit == "copies/s" for row in rows):
         lines.append(
-            f"create_snapshot rows: ops/s are whole copies of the "
-            f"{settings.snapshot_instances:,}-instance store per second (1 / seconds), "
-            f"so the ratio is time(copy) / time(snapshot); >= 0.5 is 'at most 2x cp'"
+            f"snapshot row: whole copies of the {settings.snapshot_instances:,}-instance store "
+            f"per second (1 / seconds), so ours / ceiling is time(cp + fsync) / time(snapshot)"
         )
-    if any(comp.what == "WAL replay on open" for comp in comps):
+    if any(row.unit == "records/s" for row in rows):
         lines.append(
-            f"replay rows: ops/s are WAL records applied per second, rebuilding a lost "
-            f"indexes/ from {settings.replay_records:,} single-instance records"
+            f"replay row: WAL records applied per second, rebuilding a lost indexes/ from "
+            f"{settings.replay_records:,} single-instance records; the ceiling reads the frames"
         )
-    if any(comp.goal is None for comp in comps):
+    if any(not row.goals for row in rows):
         lines.append("rows without a goal are shown for information")
-    return lines + mp_notes(bench, [comp.run for comp in comps])
+    lines += [
+        f"{r.row.path}: misses its goal: {r.row.why_short}"
+        for r in results
+        if r.missed() and r.row.why_short
+    ]
+    return lines + mp_notes(bench, [row.run for row in rows])
 
 
-def print_results(bench: Bench, rows: Sequence[Row], section_lines: list[str], took: float) -> None:
+def print_results(
+    bench: Bench, results: Sequence[Result], section_lines: list[str], took: float
+) -> None:
     """Everything after the progress lines: the table, the notes and the sections' lines."""
     print()
     print(f"medians of {bench.settings.repeats} repetitions, in {took:.0f} s")
-    if rows:
-        print_table(rows)
-    for line in table_notes(bench, rows) + section_lines:
+    if results:
+        print_table(results)
+    for line in table_notes(bench, results) + section_lines:
         print(line)
+
+
+def results_json(
+    bench: Bench, results: Sequence[Result], extra: dict[str, Any], took: float
+) -> dict[str, Any]:
+    """Everything a run measured, for ``--json``: the date, the machine facts, the counts, each
+    row (see :meth:`Result.to_json`) and the scale and memory figures when they ran."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "seconds": round(took, 1),
+        "facts": dict(machine_facts(bench.workdir, bench.settings)),
+        "repeats": bench.settings.repeats,
+        "rows": [r.to_json() for r in results],
+        **extra,
+    }

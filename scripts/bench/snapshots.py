@@ -1,5 +1,6 @@
-"""Snapshots: ``create_snapshot()`` against copying the LMDB file, and the latency of a durable
-writer in another process while snapshots run (a section: not a pair of rates)."""
+"""Snapshots: ``create_snapshot()`` against the floor (LMDB's compacting copy, fsync, a CRC32C
+pass) and the ceiling (copying the LMDB file + fsync), and the latency of a durable writer in
+another process while snapshots run (a section: not a row of rates)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import crc32c
+
 from bench.data import Counter, instance_fields, instance_id, make_instance
+from bench.floor import FloorEnv
 from bench.settings import WRITER_TIMEOUT
 from bench.stores import (
     Bench,
@@ -24,7 +28,6 @@ from bench.stores import (
     shared,
     sync_tree,
 )
-from bench.timing import rotated_medians
 from rstmdb_storage import Storage
 from rstmdb_storage.fsutil import fsync_file
 
@@ -58,10 +61,37 @@ def copy_data_file(data_dir: Path, fsync: bool) -> Path:
 
 
 @shared
-def snapshot_medians(bench: Bench) -> dict[str, float]:
-    """Median rates (whole copies per second) of ``create_snapshot()`` and of copying
-    ``indexes/data.mdb`` with and without fsync, measured in rotation."""
+def floor_copy_source(bench: Bench) -> FloorEnv:
+    """A raw LMDB environment on a copy of the snapshot store's ``data.mdb`` (the same pages;
+    one process may not open the store's own environment twice)."""
+    _, data_dir = snapshot_store(bench)
+    directory = bench.path("floor-snapshot")
+    shutil.copyfile(data_dir / "indexes" / "data.mdb", directory / "data.mdb")
+    env = FloorEnv(directory, map_size=4 * (directory / "data.mdb").stat().st_size + (1 << 30))
+    bench.on_close(env.close)
+    return env
+
+
+def floor_snapshot(env: FloorEnv, target: Path) -> None:
+    """The floor of ``create_snapshot()``: LMDB's compacting copy in one read transaction,
+    fsync of the copy, and a CRC32C pass over it."""
+    with env.env.begin() as txn:
+        env.env.copy(str(target), compact=True, txn=txn)
+    fsync_file(target / "data.mdb")
+    crc = 0
+    with open(target / "data.mdb", "rb", buffering=0) as f:
+        while chunk := f.read(1 << 20):
+            crc = crc32c.crc32c(chunk, crc)
+
+
+def path_snapshot(bench: Bench) -> dict[str, float]:
+    """Whole copies per second (1 / seconds) of ``create_snapshot()`` of the big store
+    (compacting copy in one read transaction, fsync, CRC32C pass, publish), of the floor
+    (:func:`floor_snapshot`), of the ceiling (``shutil.copyfile`` of ``indexes/data.mdb`` +
+    fsync) and of ``cp`` alone (the copy left in the page cache), measured in rotation. The
+    ratio ours / ceiling is time(cp) / time(snapshot)."""
     storage, data_dir = snapshot_store(bench)
+    env = floor_copy_source(bench)
     n = bench.settings.snapshot_instances
 
     def snapshot() -> float:
@@ -74,6 +104,17 @@ def snapshot_medians(bench: Bench) -> dict[str, float]:
             raise RuntimeError(f"create_snapshot: manifest counts {manifest.instances}")
         return 1 / elapsed
 
+    def floor_side() -> float:
+        target = bench.workdir / "floor-snapshot-copy"
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir()
+        gc.collect()
+        start = time.perf_counter()
+        floor_snapshot(env, target)
+        elapsed = time.perf_counter() - start
+        shutil.rmtree(target)
+        return 1 / elapsed
+
     def copy(fsync: bool) -> float:
         gc.collect()
         start = time.perf_counter()
@@ -82,26 +123,14 @@ def snapshot_medians(bench: Bench) -> dict[str, float]:
         target.unlink()
         return 1 / elapsed
 
-    ours, cp_fsync, cp = rotated_medians(
-        [snapshot, lambda: copy(True), lambda: copy(False)], bench.settings.repeats
+    return bench.rotated(
+        {
+            "ours": snapshot,
+            "floor": floor_side,
+            "ceiling": lambda: copy(True),
+            "cp, no fsync": lambda: copy(False),
+        }
     )
-    return {"snapshot": ours, "cp+fsync": cp_fsync, "cp": cp}
-
-
-def compare_snapshot_vs_cp_fsync(bench: Bench) -> tuple[float, float]:
-    """``create_snapshot()`` of the big store (compacting copy in one read transaction,
-    fsync, CRC32C pass, publish) against ``shutil.copyfile`` of its ``indexes/data.mdb``
-    plus fsync of the copy. Rates are whole copies per second, so the ratio is
-    time(cp) / time(snapshot)."""
-    medians = snapshot_medians(bench)
-    return medians["snapshot"], medians["cp+fsync"]
-
-
-def compare_snapshot_vs_cp(bench: Bench) -> tuple[float, float]:
-    """As :func:`compare_snapshot_vs_cp_fsync`, against the copy without fsync (as
-    ``cp`` leaves it: in the page cache)."""
-    medians = snapshot_medians(bench)
-    return medians["snapshot"], medians["cp"]
 
 
 # --- the writer latency section -----------------------------------------------------------------

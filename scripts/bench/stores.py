@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from bench.ceiling import encode_record
 from bench.data import BATCH_SIZE, chunks, dataset, instance_id, make_instance
 from bench.settings import Settings
-from bench.timing import paired_medians
+from bench.timing import named_medians
 from rstmdb_storage import FsyncPolicy, Storage, StorageConfig
 from rstmdb_storage.fsutil import fsync_dir, fsync_file
 from rstmdb_storage.snapshots import DATA_SUFFIX, MANIFEST_SUFFIX
@@ -21,14 +21,23 @@ from rstmdb_storage.snapshots import DATA_SUFFIX, MANIFEST_SUFFIX
 T = TypeVar("T")
 
 SQLITE_INSERT = "INSERT INTO instances (id, value) VALUES (?, ?)"
-SQLITE_PUT = "INSERT OR REPLACE INTO instances (id, value) VALUES (?, ?)"
 SQLITE_GET = "SELECT value FROM instances WHERE id = ?"
+SQLITE_PUT_BY_STATE = (
+    "INSERT OR REPLACE INTO instances (id, machine, state, value) VALUES (?, ?, ?, ?)"
+)
+"""A put into SQLite's table with the (machine, state) index: what the put rows write."""
 
 
-def open_sqlite(path: Path, by_state: bool = False) -> sqlite3.Connection:
+def sqlite_row(fields: dict[str, Any]) -> tuple[str, str, str, bytes]:
+    """The row SQLite puts: id, machine, state (its index) and the CBOR record."""
+    return fields["id"], fields["machine"], fields["state"], encode_record(fields, 0)
+
+
+def open_sqlite(path: Path, by_state: bool = False, **connect: Any) -> sqlite3.Connection:
     """SQLite in WAL mode, ``synchronous=FULL``, autocommit; table (id, value), or with
-    ``by_state`` table (id, machine, state, value) indexed on (machine, state)."""
-    conn = sqlite3.connect(path, isolation_level=None)
+    ``by_state`` table (id, machine, state, value) indexed on (machine, state). ``connect``:
+    more arguments of ``sqlite3.connect``."""
+    conn = sqlite3.connect(path, isolation_level=None, **connect)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     if not by_state:
@@ -54,11 +63,30 @@ def fill_sqlite(
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
 
-def fill_sqlite_dataset(conn: sqlite3.Connection, records: int) -> None:
+def fill_sqlite_dataset(conn: sqlite3.Connection, records: int, by_state: bool = False) -> None:
     """The ``records`` instances of :func:`bench.data.dataset`, cbor2-encoded (sequence number:
-    position + 1), in one transaction."""
-    rows = ((f["id"], encode_record(f, seq)) for seq, f in enumerate(dataset(records), start=1))
-    fill_sqlite(conn, SQLITE_INSERT, rows, per_txn=None)
+    position + 1), in one transaction; into the table of :func:`open_sqlite` ``by_state``
+    with their machine and state, or not."""
+    numbered = enumerate(dataset(records), start=1)
+    if by_state:
+        rows: Iterable[tuple[Any, ...]] = (
+            (f["id"], f["machine"], f["state"], encode_record(f, seq)) for seq, f in numbered
+        )
+        fill_sqlite(conn, SQLITE_PUT_BY_STATE, rows, per_txn=None)
+    else:
+        rows = ((f["id"], encode_record(f, seq)) for seq, f in numbered)
+        fill_sqlite(conn, SQLITE_INSERT, rows, per_txn=None)
+
+
+def open_diskcache(path: Path, durable: bool = True) -> Any:
+    """A ``diskcache.Cache`` in ``path`` (SQLite underneath, WAL mode) with SQLite's
+    ``synchronous=FULL`` for durable rows, or None when diskcache is not installed (its rows
+    then leave it out; ``pip install -e '.[bench]'``)."""
+    try:
+        import diskcache
+    except ImportError:
+        return None
+    return diskcache.Cache(str(path), sqlite_synchronous=2 if durable else 1, size_limit=1 << 40)
 
 
 def ours_config(path: Path | str, **changes: Any) -> StorageConfig:
@@ -148,9 +176,11 @@ class Bench:
         """The ``records`` instances of the lookup stores (sequence number: position + 1)."""
         return dataset(self.settings.records)
 
-    def paired(self, ours: Callable[[], float], other: Callable[[], float]) -> tuple[float, float]:
-        """:func:`paired_medians` of the two sides over ``repeats`` repetitions."""
-        return paired_medians(ours, other, self.settings.repeats)
+    def rotated(self, sides: dict[str, Callable[[], float] | None]) -> dict[str, float]:
+        """:func:`~bench.timing.named_medians` of the sides over ``repeats`` repetitions, all
+        in rotation within each: ``ours`` and each contender that applies (a ``None`` side,
+        such as diskcache when it is not installed, is left out)."""
+        return named_medians(sides, self.settings.repeats)
 
 
 def shared(build: Callable[[Bench], T]) -> Callable[[Bench], T]:

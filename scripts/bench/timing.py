@@ -17,25 +17,20 @@ def rate(ops: int, run: Callable[[], None]) -> float:
     return ops / elapsed
 
 
-def paired_medians(
-    ours: Callable[[], float], other: Callable[[], float], repeats: int
-) -> tuple[float, float]:
-    """Run both sides ``repeats`` times, alternating which goes first.
-
-    Each callable runs one repetition and returns its rate. Returns the two
-    median rates; running the pair back to back keeps the machine's drift
-    from favouring either side.
-    """
-    ours_median, other_median = rotated_medians([ours, other], repeats)
-    return ours_median, other_median
-
-
 def rotated_medians(runs: Sequence[Callable[[], float]], repeats: int) -> list[float]:
-    """:func:`paired_medians` for any number of sides: repetition ``r`` starts with side
-    ``r % len(runs)`` and goes round. Returns the median rate of each side, in order."""
+    """Run every side ``repeats`` times, in rotation: repetition ``r`` starts with side
+    ``r % len(runs)`` and goes round, so that the machine's drift favours none. Each callable
+    runs one repetition and returns its rate. Returns the median rate of each side, in order."""
     rates: list[list[float]] = [[] for _ in runs]
     for rep in range(repeats):
         for k in range(len(runs)):
             side = (rep + k) % len(runs)
             rates[side].append(runs[side]())
     return [statistics.median(side_rates) for side_rates in rates]
+
+
+def named_medians(sides: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """:func:`rotated_medians` of named sides: the median rate of each, by name. A side that
+    is ``None`` (a contender that cannot run here, diskcache not installed) is left out."""
+    names = [name for name, run in sides.items() if run is not None]
+    return dict(zip(names, rotated_medians([sides[n] for n in names], repeats), strict=True))
