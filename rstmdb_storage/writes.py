@@ -213,7 +213,7 @@ def _append_group(
         except (StorageError, OSError) as exc:
             # Nothing of this record counts (the tail stays where it was), nor is anything
             # after it tried: the records before it commit, the rest get this error.
-            error = engine.typed(exc, "appending to the WAL") if isinstance(exc, OSError) else exc
+            error = _typed(engine, exc)
             for later in range(n, len(group)):
                 if outcomes[later] is None:
                     outcomes[later] = error
@@ -229,6 +229,12 @@ def _append_group(
         changed.extend(changes)
         tail = after
     return tail, changed
+
+
+def _typed(engine: Engine, exc: StorageError | OSError) -> StorageError:
+    """The error a write gets for *exc*, met appending its record (the append lock's
+    position file is written with a bare ``pwrite``)."""
+    return engine.typed(exc, "appending to the WAL") if isinstance(exc, OSError) else exc
 
 
 def _append_record(
@@ -255,8 +261,8 @@ def _commit_grouped(
         for n, request in enumerate(group):
             try:
                 outcomes[n] = _append_grouped(engine, env, *request.work)
-            except StorageError as exc:  # this one's: a failed condition, a full disk
-                outcomes[n] = exc
+            except (StorageError, OSError) as exc:  # this one's: a failed condition, a full disk
+                outcomes[n] = _typed(engine, exc)
     # The last record appended: the sync and the apply that cover it cover the group's
     # (a retry's first write, whose number may be earlier, is covered by them as well).
     seq = max((seq for seq in outcomes if isinstance(seq, int)), default=None)

@@ -24,6 +24,7 @@ from rstmdb_storage import (
     Storage,
     StorageConfig,
     StorageFailedError,
+    StorageFullError,
     failpoints,
 )
 from rstmdb_storage.changes import IdempotencyKey, PutInstance
@@ -286,3 +287,19 @@ def test_a_failed_sync_fails_every_write_of_the_group(
     assert all(isinstance(outcome, StorageFailedError) for outcome in outcomes.values())
     assert [storage.get_instance(f"t{n}") for n in range(3)] == [None] * 3  # none visible
     assert storage.get_instance("o") is not None  # the write before the group is not touched
+
+
+def test_a_full_disk_met_appending_grouped_is_a_storage_full_error(
+    grouped: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    grouped.put_instance(order("o"))
+
+    def full(fd: int, data: bytes, offset: int) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(group_commit.os, "pwrite", full)  # the append lock's position file
+    with pytest.raises(StorageFullError):
+        grouped.put_instance(order("p"))
+    monkeypatch.undo()
+    assert grouped.get_instance("p") is None
+    assert grouped.put_instance(order("q")) > 1  # room again: writes go on
