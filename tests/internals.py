@@ -11,6 +11,7 @@ changes, this module is the one to follow it.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -21,6 +22,7 @@ import pytest
 from rstmdb_storage import Storage, writes
 from rstmdb_storage.changes import Change, encode_changes
 from rstmdb_storage.store import env as lmdb_env
+from rstmdb_storage.wal import group_commit
 
 # --- group commit ---------------------------------------------------------------------------
 
@@ -255,3 +257,13 @@ def wait_for_queued_writes(storage: Storage, count: int, timeout: float = 60) ->
             return False
         time.sleep(0.001)
     return True
+
+
+def fail_append_position_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> None:
+    """Make every write of group commit's append position (``indexes/append.lock``) fail
+    with OSError *code*, and nothing else: the file has no failpoint of its own."""
+
+    def failing(self: Any, *position: int) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(group_commit.SharedAppendTail, "write", failing)

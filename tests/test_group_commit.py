@@ -13,6 +13,7 @@ import pytest
 from helpers import order, start_worker
 from internals import (
     append_grouped_only,
+    fail_append_position_writes,
     force_group_commit,
     start_contention,
     wait_for_queued_writes,
@@ -294,10 +295,7 @@ def test_a_full_disk_met_appending_grouped_is_a_storage_full_error(
 ) -> None:
     grouped.put_instance(order("o"))
 
-    def full(fd: int, data: bytes, offset: int) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(group_commit.os, "pwrite", full)  # the append lock's position file
+    fail_append_position_writes(monkeypatch, errno.ENOSPC)
     with pytest.raises(StorageFullError):
         grouped.put_instance(order("p"))
     monkeypatch.undo()
