@@ -25,6 +25,7 @@ from .store.meta import Checkpoint
 from .verify import check_lmdb
 from .wal import FramedRecord, WalTail
 from .wal.format import segment_name
+from .wal.reader import WalReader
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -49,37 +50,39 @@ def walk(
     of the log was reached. *strict* checks the bytes after the end (see ``Wal.next_record``).
     """
     wal = engine.wal
+    reader = WalReader(wal, tail, strict)
+    read = reader.read
+    dbs = engine.env.dbs if txn is not None else None
     changed: list[Change] = []
     count = 0
-    while (until_seq is None or tail.applied_seq < until_seq) and (limit is None or count < limit):
-        step = wal.next_record(tail, strict)
-        if step is None:
+    marked = None  # the segment last marked unsynced
+    while (until_seq is None or reader.next_seq <= until_seq) and (limit is None or count < limit):
+        record = read()
+        if record is None:
             if until_seq is not None:
                 raise WalGapError(
-                    f"the WAL ends at sequence {tail.applied_seq}, before {until_seq}",
+                    f"the WAL ends at sequence {reader.next_seq - 1}, before {until_seq}",
                     path=str(engine.config.path / WAL_DIR),
                 )
-            return tail, changed, True
-        record, tail = step
-        if record is None:
-            continue  # a seal: on to the next segment
+            return reader.tail, changed, True
         if txn is not None:
-            changes = _decoded(engine, record, tail)
-            apply_changes(txn, engine.env.dbs, record.seq, record.timestamp_ms, changes)
+            changes = _decoded(engine, record, reader.segment)
+            apply_changes(txn, dbs, record.seq, record.timestamp_ms, changes)
             changed.extend(changes)
-        if mark_unsynced:
-            wal.mark_unsynced(tail.segment)
+        if mark_unsynced and reader.segment != marked:
+            marked = reader.segment
+            wal.mark_unsynced(marked)
         count += 1
-    return tail, changed, False
+    return reader.tail, changed, False
 
 
-def _decoded(engine: Engine, record: FramedRecord, tail: WalTail) -> list[Change]:
-    """The changes of *record*; a record that passes its CRC but does not hold acceptable
-    changes stops the replay here, naming it, with what an operator can do."""
+def _decoded(engine: Engine, record: FramedRecord, segment: int) -> list[Change]:
+    """The changes of *record*, in *segment*; a record that passes its CRC but does not hold
+    acceptable changes stops the replay here, naming it, with what an operator can do."""
     try:
         return decode_changes(record.payload, f"WAL record {record.seq}")
     except DecodeError as exc:
-        path = engine.wal.directory / segment_name(tail.segment)
+        path = engine.wal.directory / segment_name(segment)
         raise DecodeError(
             f"{path} at offset {record.offset}: {exc}; its CRC matches, so it was written this "
             f"way and nothing after it is applied: restore from a backup, or to sequence "
