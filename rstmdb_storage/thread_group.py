@@ -73,8 +73,13 @@ class ThreadGroup:
             follows = self._leading
             self._leading = True
         if follows:
-            request._wake.acquire()
-            if not request._leads:
+            try:
+                request._wake.acquire()
+                leads = request._leads
+            except BaseException:  # a signal handler raised (KeyboardInterrupt, a timeout)
+                self._withdraw(request)
+                raise
+            if not leads:
                 return request.outcome()
         with self._lock:
             group, self._queue = self._queue, []
@@ -88,6 +93,24 @@ class ThreadGroup:
         finally:
             self._hand_over(group, request)
         return request.outcome()
+
+    def _withdraw(self, request: Request) -> None:
+        """Take back a request whose thread stopped waiting: if no leader took it yet, it is
+        never written; if it was called to lead, the lead passes on, or the queue would wait
+        for it forever. (Taken into a group already, it is written, or not, with the group.)"""
+        with self._lock:
+            if request not in self._queue:
+                return
+            self._queue.remove(request)
+            successor = None
+            if request._leads:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._leading = False
+                else:
+                    successor._leads = True
+        if successor is not None:
+            successor._wake.release()
 
     def _hand_over(self, group: list[Request], leader: Request) -> None:
         """Wake the group's other members, and the next leader if requests are queued."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import signal
 import subprocess
 import threading
 
@@ -301,3 +302,47 @@ def test_a_full_disk_met_appending_grouped_is_a_storage_full_error(
     monkeypatch.undo()
     assert grouped.get_instance("p") is None
     assert grouped.put_instance(order("q")) > 1  # room again: writes go on
+
+
+class Interrupted(Exception):
+    """What the signal handler of the test below raises in the waiting thread."""
+
+
+def test_a_queued_write_interrupted_while_it_waits_is_withdrawn(storage: Storage) -> None:
+    # The main thread queues behind a write paused at a failpoint, with another thread behind
+    # it, and a signal interrupts its wait: its write is never made, and the thread behind it
+    # still gets its turn to lead (else every later write of the process waits forever).
+    paused, resume = threading.Event(), threading.Event()
+    failpoints.enable("write.after_append", lambda: (paused.set(), resume.wait(60)))
+    outcomes: dict[str, object] = {}
+    leader = threading.Thread(target=lambda: outcomes.update(o=storage.put_instance(order("o"))))
+    behind = threading.Thread(
+        target=lambda: outcomes.update(b=storage.put_instance(order("b"))), daemon=True
+    )
+
+    def interrupt_the_main_thread() -> None:
+        assert wait_for_queued_writes(storage, 1)
+        behind.start()
+        assert wait_for_queued_writes(storage, 2)
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def raise_interrupted(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, raise_interrupted)
+    try:
+        leader.start()
+        assert paused.wait(60)
+        threading.Thread(target=interrupt_the_main_thread, daemon=True).start()
+        with pytest.raises(Interrupted):
+            storage.put_instance(order("main"))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        resume.set()
+        failpoints.disable()
+    leader.join(60)
+    behind.join(60)
+    assert not behind.is_alive(), "the write queued behind the interrupted one never ran"
+    assert outcomes == {"o": 1, "b": 2}
+    assert storage.get_instance("main") is None
+    assert storage.put_instance(order("after")) == 3

@@ -10,10 +10,11 @@ ever takes a step twice. A killed reader's LMDB slot is reclaimed.
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.connection
 import os
-import queue
 import random
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,7 @@ from rstmdb_storage.codec import decode_instance_body
 
 ORDERS = [f"order-{i}" for i in range(10)]
 LAST_STEP = 30
+WORKERS_TIMEOUT = 300  # seconds; workers still moving orders by then are stuck, not slow
 
 
 def config_for(data_dir: str) -> StorageConfig:
@@ -53,7 +55,7 @@ def _mover(data_dir: str, name: str, seed: int, acks) -> None:  # runs in its ow
             except ConflictError:
                 continue
             # With a key another worker used first, the instance comes back as it is now.
-            acks.put((name, inst.id, step, int(moved.state[1:]), moved.last_wal_offset))
+            acks.send((name, inst.id, step, int(moved.state[1:]), moved.last_wal_offset))
 
 
 def steps_in_wal(storage: Storage) -> tuple[list[int], list[tuple[int, str, int]]]:
@@ -77,30 +79,37 @@ def test_killed_workers_lose_no_acknowledged_transition_and_none_happens_twice(
         for order_id in ORDERS:
             batch.put_instance(Instance(id=order_id, machine="order", version=1, state="s0"))
     context = multiprocessing.get_context("spawn")
-    acks = context.Queue()
     names = ["w0", "w1", "w2", "w3"]
-    procs = {
-        name: context.Process(target=_mover, args=(str(data_dir), name, rng.randrange(2**32), acks))
-        for name in names
-    }
-    for proc in procs.values():
-        proc.start()
+    # One pipe per worker, not one shared queue: a worker killed while it sends an ack would
+    # leave a shared queue's lock held, and the others could never send (nor exit) again.
+    procs, readers = {}, {}
+    for name in names:
+        reader, writer = context.Pipe(duplex=False)
+        procs[name] = context.Process(
+            target=_mover, args=(str(data_dir), name, rng.randrange(2**32), writer)
+        )
+        procs[name].start()
+        writer.close()  # the worker holds the only write end: its exit ends the pipe
+        readers[reader] = name
     doomed = {"w1": rng.randint(1, 40), "w3": rng.randint(1, 40)}  # killed after that many acks
     acked: list[tuple[str, str, int, int, int]] = []
+    deadline = time.monotonic() + WORKERS_TIMEOUT
     try:
-        while any(proc.is_alive() for proc in procs.values()):
-            try:
-                ack = acks.get(timeout=1)
-            except queue.Empty:
-                continue
-            acked.append(ack)
-            name = ack[0]
-            if name in doomed and sum(1 for a in acked if a[0] == name) >= doomed.pop(name):
-                os.kill(procs[name].pid, signal.SIGKILL)
+        while readers and time.monotonic() < deadline:
+            for reader in multiprocessing.connection.wait(list(readers), timeout=1):
+                try:
+                    ack = reader.recv()
+                except EOFError:  # the worker ended (an ack cut short by its kill is not one)
+                    del readers[reader]
+                    continue
+                acked.append(ack)
+                name = ack[0]
+                if name in doomed and sum(1 for a in acked if a[0] == name) >= doomed[name]:
+                    del doomed[name]
+                    os.kill(procs[name].pid, signal.SIGKILL)
+        assert not readers, f"seed={seed}: {sorted(readers.values())} still running"
         for proc in procs.values():
-            proc.join(timeout=120)
-        while not acks.empty():
-            acked.append(acks.get())
+            proc.join(timeout=60)
     finally:
         for proc in procs.values():
             if proc.is_alive():

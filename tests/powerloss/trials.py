@@ -292,6 +292,7 @@ def try_state(rec: Recording, request: Request, workdir: Path, keep: bool) -> di
             import resource
 
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)  # not the parent's test timeout
             signal.alarm(CHILD_TIMEOUT_S)
             state = crash_state(
                 rec, request.k, request.seed, request.mode, request.lose, request.drop
