@@ -109,13 +109,14 @@ def run(args: argparse.Namespace) -> int:
                     tally.note(what, "open failed", [transcript.open_failed])
                 else:
                     tally.other["child errors"] += 1
-                    err = child.stderr.read_text()[-1500:] if child.stderr else ""
+                    err = child.stderr_text()[-1500:]
                     tally.note(what, f"exit {code}", [*transcript.errors, err])
                 tally.other["anomalies"] += len(transcript.anomalies)
                 tally.note(what, "anomaly", transcript.anomalies)
             if result.stuck:
                 tally.other["stuck trials"] += 1
-                tally.note(where, "stuck", ["killed every writer after the trial timeout"])
+                stacks = [f"writer {c.slot}: {c.stderr_text()[-4000:]}" for c in result.children]
+                tally.note(where, "stuck", ["killed every writer after the trial timeout", *stacks])
             outcome = ledger.check_trial(result.transcripts)
             record(tally, where, outcome)
             if outcome.failed_open is not None:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .check import MAY, MUST, NEVER, Transcript, read_transcript
+from .workload import STACKS_SIGNAL
 
 SHIM = Path(__file__).resolve().parent.parent / "crashtest.py"
 TRIAL_TIMEOUT = 300  # seconds; a trial that takes longer is stuck, not slow
@@ -100,6 +101,9 @@ class Child:
         new = [json.loads(line) for line in lines if line]
         self.events += new
         return new
+
+    def stderr_text(self) -> str:
+        return self.stderr.read_text(errors="replace") if self.stderr else ""
 
 
 @dataclass
@@ -185,6 +189,7 @@ def run_trial(children: list[Child], rng: random.Random, scratch: Path) -> Trial
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             stuck = True
+            ask_for_stacks(children)
             for child in children:
                 kill(child)
             break
@@ -229,6 +234,18 @@ def go(child: Child) -> None:
         pass
     if child.mode == "random" and child.kill_after == 0:
         kill(child)
+
+
+def ask_for_stacks(children: list[Child]) -> None:
+    """Have every writer still running write its threads' stacks to its stderr file, for
+    the report of a stuck trial (faulthandler writes them from a signal handler, at once)."""
+    running = [c for c in children if c.proc is not None and c.proc.poll() is None]
+    for child in running:
+        os.kill(child.proc.pid, STACKS_SIGNAL)  # type: ignore[union-attr]
+    deadline = time.monotonic() + 5
+    for child in running:  # a stack is a few kB: written as soon as the signal is handled
+        while time.monotonic() < deadline and "most recent call first" not in child.stderr_text():
+            time.sleep(0.05)
 
 
 def kill(child: Child) -> None:

@@ -22,11 +22,13 @@ shared ``shared-<i>``, written by every child, only with compare-and-set.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import struct
 import sys
 import traceback
@@ -394,7 +396,13 @@ def torn_tail(segment: Path, rng: random.Random) -> int | None:
     return offset
 
 
+#: the signal a writer answers with every thread's stack (see trials.run_trial)
+STACKS_SIGNAL = signal.SIGUSR1
+
+
 def child_main(spec_text: str) -> int:
+    # A stuck trial asks each writer for its stacks (into its stderr file) before the kill.
+    faulthandler.register(STACKS_SIGNAL, all_threads=True)
     spec = json.loads(spec_text)
     writer = Writer(spec)
     try:
