@@ -29,7 +29,10 @@ from .wal.reader import WalReader
 
 log = logging.getLogger("rstmdb_storage")
 
-#: records applied per LMDB transaction when replaying (bounds a transaction's dirty pages)
+#: changes applied per LMDB transaction when replaying: a chunk ends with the record that
+#: brings it to this many (a record is never split). Counting changes, not records, bounds a
+#: transaction's dirty pages, which LMDB keeps in memory until the commit: 100 records of
+#: 10,000 puts each, replayed in one transaction, took 1.4 GiB of anonymous memory.
 REPLAY_CHUNK = 2000
 
 
@@ -44,19 +47,21 @@ def walk(
     mark_unsynced: bool = True,
 ) -> tuple[WalTail, list[Change], bool]:
     """Go through the records after *tail*: up to *until_seq* (all of which must exist), or
-    to the end of the log, at most *limit* of them. Each is applied inside *txn* (unless it is
-    None: then they are only passed) and, with *mark_unsynced*, its segment is marked for the
-    next sync. Returns the tail after the last one, the changes applied, and whether the end
-    of the log was reached. *strict* checks the bytes after the end (see ``Wal.next_record``).
+    to the end of the log, stopping before the next record once *limit* changes were
+    applied. Each is applied inside *txn* (unless it is None: then they are only passed) and,
+    with *mark_unsynced*, its segment is marked for the next sync. Returns the tail after the
+    last one, the changes applied, and whether the end of the log was reached. *strict* checks
+    the bytes after the end (see ``Wal.next_record``).
     """
     wal = engine.wal
     reader = WalReader(wal, tail, strict)
     read = reader.read
     dbs = engine.env.dbs if txn is not None else None
     changed: list[Change] = []
-    count = 0
     marked = None  # the segment last marked unsynced
-    while (until_seq is None or reader.next_seq <= until_seq) and (limit is None or count < limit):
+    while (until_seq is None or reader.next_seq <= until_seq) and (
+        limit is None or len(changed) < limit
+    ):
         record = read()
         if record is None:
             if until_seq is not None:
@@ -72,7 +77,6 @@ def walk(
         if mark_unsynced and reader.segment != marked:
             marked = reader.segment
             wal.mark_unsynced(marked)
-        count += 1
     return reader.tail, changed, False
 
 
@@ -96,9 +100,9 @@ def _decoded(engine: Engine, record: FramedRecord, segment: int) -> list[Change]
 def apply_pending(
     engine: Engine, txn: Any, tail: WalTail, strict: bool = False, limit: int = REPLAY_CHUNK
 ) -> tuple[WalTail, bool]:
-    """Apply, inside *txn*, up to *limit* records past *tail* and store the new applied tail;
-    return it and whether the end of the log was reached. They are synced first: what
-    becomes visible must be durable."""
+    """Apply, inside *txn*, a chunk of the records past *tail* (see :data:`REPLAY_CHUNK`)
+    and store the new applied tail; return it and whether the end of the log was reached.
+    They are synced first: what becomes visible must be durable."""
     end, changed, reached_end = walk(engine, txn, tail, limit=limit, strict=strict)
     if end != tail:
         engine.wal.sync()

@@ -414,16 +414,24 @@ def test_writer_killed_at_a_checkpoint(
     check_after_kill(config_for(data_dir), {}, 0, [writes], where)
 
 
-#: records replayed while the opener is killed: two whole chunks of 2,000 and part of a third
+#: records replayed while the opener is killed (at least two whole chunks: a replay chunk
+#: holds 2,000 changes, so 2,000 records or fewer)
 RECORDS = 4500
 REPLAY_CHUNK = 2000
+
+
+def replayed_before_the_kill(events: list[dict[str, Any]]) -> int:
+    """The records a killed opener committed: the last count it reported after a chunk."""
+    counts = [event["records"] for event in events if event.get("event") == "replayed"]
+    assert counts, f"the opener reported no chunk before its kill: {events[-3:]}"
+    return counts[-1]
 
 
 def test_opener_killed_between_replay_chunks(
     tmp_path: Path, killed: Callable[..., Any], crash_trials: int
 ) -> None:
     """indexes/ lost, no snapshot: opening replays the whole WAL in transactions of 2,000
-    records. The opener is killed after the first or second chunk (and, when enough is left,
+    changes. The opener is killed after one of its first chunks (and, when enough is left,
     a second opener after its first chunk of the rest); the next open goes on from there."""
     seed = make_seed()
     rng = random.Random(seed)
@@ -434,12 +442,16 @@ def test_opener_killed_between_replay_chunks(
     for trial in range(max(1, crash_trials // 10)):
         where = f"seed={seed} trial={trial}"
         shutil.rmtree(data_dir / "indexes")
-        chunks = rng.randint(1, applied // REPLAY_CHUNK)
-        killed(arm("replay.after_chunk", chunks - 1), "opener", data_dir, SEGMENT_SIZE, where=where)
-        committed = chunks * REPLAY_CHUNK
+        chunks = rng.randint(1, applied // REPLAY_CHUNK)  # there are at least this many
+        events = killed(
+            arm("replay.after_chunk", chunks - 1), "opener", data_dir, SEGMENT_SIZE, where=where
+        )
+        committed = replayed_before_the_kill(events)
         if applied - committed > REPLAY_CHUNK:
-            killed(arm("replay.after_chunk"), "opener", data_dir, SEGMENT_SIZE, where=where)
-            committed += REPLAY_CHUNK
+            events = killed(
+                arm("replay.after_chunk"), "opener", data_dir, SEGMENT_SIZE, where=where
+            )
+            committed += replayed_before_the_kill(events)
         replayed: list[int] = []
 
         def progress(step: str, done: int, total: int, replayed: list[int] = replayed) -> None:

@@ -122,6 +122,28 @@ def test_rebuilding_reports_progress(config: StorageConfig) -> None:
     assert steps["replay"][0] == 30
 
 
+def test_replay_commits_a_transaction_per_2000_changes_and_never_splits_a_record(
+    config: StorageConfig,
+) -> None:
+    # LMDB holds a write transaction's dirty pages in memory until the commit: replay bounds
+    # them by changes, not records (a batch record can hold tens of thousands of puts).
+    with Storage.open(config) as storage:
+        for size in (2500, 1000, 1000, 1000, 1000):
+            with storage.batch() as batch:
+                for i in range(size):
+                    batch.put_instance(order(f"o{i}", state=f"s{size}"))
+    lose_indexes(config)
+    replayed: list[int] = []
+    with Storage.open(
+        config, progress=lambda step, done, total: replayed.append(done) if step == "replay" else 0
+    ) as storage:
+        assert storage.applied_seq == 5 and storage.count_instances() == 2500
+        assert storage.verify() == []
+    # after each transaction: 2,500 changes alone, then 2 records of 1,000 each (and a last,
+    # empty one that finds the end)
+    assert list(dict.fromkeys(replayed)) == [1, 3, 5]
+
+
 def test_a_missing_segment_after_the_snapshot_is_a_gap_naming_the_sequences(
     config: StorageConfig,
 ) -> None:

@@ -200,11 +200,17 @@ def crash_writer(
 
 
 def opener(data_dir: str, segment_size: str) -> None:
-    """Open (replaying whatever LMDB has not applied), report, close."""
+    """Open (replaying whatever LMDB has not applied, reporting the records replayed after
+    each transaction), report, close."""
     out = sys.stdout
+
+    def progress(step: str, done: int, total: int) -> None:
+        if step == "replay":
+            emit(out, event="replayed", records=done)
+
     emit(out, event="opening")
     started = time.monotonic()
-    storage = open_store(data_dir, int(segment_size))
+    storage = Storage.open(store_config(data_dir, int(segment_size)), progress=progress)
     elapsed = time.monotonic() - started
     emit(
         out,

@@ -77,7 +77,7 @@ REPAIR_POINT = "repair.after_copy_aside"
 #: points of POINTS this workload does not arm, and why
 NOT_ARMED = {
     "lmdb.before_grow": "a write must find the map full before the flusher grows it early",
-    "replay.after_chunk": "an open must replay more than 2,000 records",
+    "replay.after_chunk": "an open must replay more than 2,000 changes",
 }
 
 
