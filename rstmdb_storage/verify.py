@@ -188,9 +188,11 @@ class WalEffects:
     before the window is unknown; the checks never report what could be right.)"""
 
     def __init__(self) -> None:
-        #: instance id -> (sequence of its last sure change or 0, that change was a put,
-        #: a delete came after it)
-        self.by_id: dict[str, tuple[int, bool, bool]] = {}
+        #: instance id -> ``sure_seq << 2 | was_put << 1 | deleted``: the sequence of its
+        #: last sure change (or 0), whether that change was a put, whether a delete came after
+        #: it. One int, not a tuple of three: a store's whole WAL window is held here (1M ids:
+        #: 120 MiB instead of 181).
+        self.by_id: dict[str, int] = {}
 
     def add(self, seq: int, changes: list[Change]) -> None:
         sure = not any(is_conditional(c) or type(c) is IdempotencyKey for c in changes)
@@ -200,13 +202,15 @@ class WalEffects:
             if kind is not PutInstance and kind is not DeleteInstance:
                 continue
             if sure:
-                by_id[change.id] = (seq, kind is PutInstance, False)
+                by_id[change.id] = seq << 2 | (kind is PutInstance) << 1
+            elif kind is DeleteInstance:
+                by_id[change.id] = by_id.get(change.id, 0) | 1
             else:
-                sure_seq, was_put, deleted = by_id.get(change.id, (0, False, False))
-                by_id[change.id] = (sure_seq, was_put, deleted or kind is DeleteInstance)
+                by_id.setdefault(change.id, 0)
 
     def check(self, txn: Any, instances_db: Any) -> Iterator[Finding]:
-        for instance_id, (sure_seq, was_put, deleted) in self.by_id.items():
+        for instance_id, packed in self.by_id.items():
+            sure_seq, was_put, deleted = packed >> 2, packed & 2, packed & 1
             if not sure_seq:
                 continue
             key = instance_id.encode()
