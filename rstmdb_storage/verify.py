@@ -30,6 +30,7 @@ from .codec import (
     INSTANCE_BODY_OFFSET,
     cbor_loads_exact,
     decode_instance,
+    instance_times,
     unseal,
 )
 from .config import DB_INSTANCES, DB_MACHINES, INDEX_DATABASES, MAX_VALUE_BYTES, SNAPSHOTS_DIR
@@ -224,8 +225,8 @@ class WalEffects:
                         f"deletes it (a damaged page, or a key lost)",
                     )
                 continue
-            try:
-                written = decode_instance(key, raw).last_wal_offset or 0
+            try:  # the sequence it was written at, checksum verified, without the body
+                written = instance_times(key, raw)[0]
             except CorruptionError:
                 continue  # reported by the instance's own check
             if written < sure_seq:
