@@ -165,6 +165,13 @@ class StorageConfig:
     #: not a data directory raises :class:`NotAStoreError` and creates nothing there
     #: (read-only stores never create one)
     create: bool = True
+    #: ship the WAL and snapshots to this object store (``s3://bucket/prefix``; endpoint and
+    #: credentials from boto3's environment: see :mod:`rstmdb_storage.replication`); None:
+    #: no shipping
+    replica_url: str | None = None
+    #: with ``replica_url``: the open WAL segment is sealed (and shipped) once it has held a
+    #: record this long, though not full: how much a lost host can take with it
+    max_seal_interval_ms: int = 1000
 
     @classmethod
     def of(cls, config: StorageConfig | str | os.PathLike[str]) -> StorageConfig:
@@ -217,6 +224,16 @@ class StorageConfig:
             "idempotency_retention_ms", self.idempotency_retention_ms, minimum=1, maximum=2**62
         )
         _check_int("file_mode", self.file_mode, minimum=0o400, maximum=0o777)
+        if self.replica_url is not None and not (
+            isinstance(self.replica_url, str)
+            and self.replica_url.startswith("s3://")
+            and self.replica_url[5:].strip("/")
+        ):
+            raise ConfigError(
+                f"replica_url: need an object store URL (s3://bucket/prefix) or None, "
+                f"got {shown(self.replica_url)}"
+            )
+        _check_int("max_seal_interval_ms", self.max_seal_interval_ms, minimum=1, maximum=2**31 - 1)
 
 
 def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:

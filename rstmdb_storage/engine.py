@@ -103,6 +103,9 @@ class Engine:
         #: the background thread (None when read-only), started by ``maintenance``
         self.flusher: Flusher | None = None
         self.maintenance_thread: Any = None
+        #: the thread shipping to ``config.replica_url`` (``replication.shipping.Shipper``),
+        #: started by ``opening``; None without one
+        self.shipper: Any = None
         #: WAL segments left by the last automatic compaction (retention or holds may keep
         #: more than ``max_wal_segments``; then only a new segment makes it due again)
         self.segments_left = 0
@@ -288,10 +291,13 @@ class Engine:
         txn.put(key, seal(key, manifest.encode()), db=self.env.dbs[DB_SNAPSHOTS])
 
     def after_write(self) -> None:
-        """Restart the flusher in a forked child (threads do not survive a fork)."""
+        """Restart the flusher and the shipper in a forked child (threads do not survive a
+        fork)."""
         flusher = self.flusher
         if flusher is not None and flusher.pid != current_pid():
             self.flusher = flusher.restarted()
+        if self.shipper is not None and self.shipper.pid != current_pid():
+            self.shipper = self.shipper.restarted()
 
     def release_files(self) -> None:
         """Close the group-commit files, the WAL and the environment (once, at close)."""

@@ -143,3 +143,13 @@ def shown(value: object) -> str:
         return f"an int of {value.bit_length()} bits"
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+class ObjectStoreError(StorageError):
+    """Raised when the object store (S3 or compatible) refuses a request, or an object in it
+    is not what this store wrote there (see :mod:`rstmdb_storage.replication`)."""
+
+
+class ObjectStoreUnavailableError(ObjectStoreError):
+    """Raised when the object store cannot be reached; nothing was shipped or fetched, and
+    shipping goes on from where it stopped once it can."""

@@ -43,6 +43,7 @@ from .fsutil import fsync_dir, make_dir, network_filesystem, os_error
 from .maintenance import Flusher, checkpoint
 from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, recover
+from .replication.shipping import Shipper
 from .snapshots import (
     Progress,
     SnapshotManifest,
@@ -127,6 +128,8 @@ def release(engine: Engine, checkpoint_first: bool) -> None:
     if engine.closed:
         return
     try:
+        if engine.shipper is not None:
+            engine.shipper.stop(final_pass=checkpoint_first)
         if engine.flusher is not None:
             engine.flusher.stop()
             if checkpoint_first and not engine.env.stale and engine.wal.usable:
@@ -219,6 +222,8 @@ def _open_environment(
         if restored is not None:
             adopt_snapshot(engine, restored)
         recover(engine, progress, rebuilt=rebuilt)
+        if config.replica_url is not None:
+            engine.shipper = Shipper(engine)
     except BaseException:
         release(engine, checkpoint_first=False)
         raise

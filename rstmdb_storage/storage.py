@@ -21,9 +21,12 @@ from .changes import DeleteInstance, PutInstance, PutMachine, WalRecord
 from .compaction import CompactionResult
 from .config import SNAPSHOTS_DIR, StorageConfig
 from .engine import Engine, typed_calls, typed_calls_without_store
-from .errors import CorruptionError
+from .errors import CorruptionError, InvalidInputError
 from .lookups import Lookups, Reader, reading
 from .model import Instance
+from .replication.bucket_restore import restore_from_bucket
+from .replication.objects import is_url
+from .replication.shipping import ShipReport
 from .scrub import scrub_cycle
 from .snapshots import Progress, SnapshotManifest, check_snapshot, manifests
 from .verify import Finding, verify_store
@@ -106,6 +109,12 @@ class Storage(Lookups):
                 pending = r.list_by_state("order", "pending")
         """
         return reading(self._engine)
+
+    @property
+    def store_id(self) -> bytes:
+        """The store's random 16-byte id, made when it was created (it names the store's
+        directory in a bucket it ships to)."""
+        return self._engine.wal.store_id
 
     @property
     @typed_calls
@@ -227,6 +236,54 @@ class Storage(Lookups):
         """Every WAL hold: name -> the first sequence number it keeps."""
         return self._engine.read(self._engine.meta.holds)
 
+    @typed_calls
+    def ship(self) -> ShipReport:
+        """Seal the open WAL segment and ship, now, every sealed segment and snapshot not in
+        the bucket of ``config.replica_url`` yet (the background thread does the same within
+        ``max_seal_interval_ms`` of each write; this is for a test, or before a planned
+        switch-over). Returns what was shipped.
+
+        Example::
+
+            config = StorageConfig(data_dir="/var/lib/rstmdb", replica_url="s3://backups/rstmdb")
+            with Storage.open(config) as storage:
+                storage.put_instance(order)
+                assert storage.ship().shipped_seq == storage.applied_seq
+
+        :raises InvalidInputError: the store was not opened with a ``replica_url``
+        :raises ObjectStoreUnavailableError: the bucket cannot be reached (nothing is lost:
+            the segments stay held, and the next pass ships them)
+        """
+        return self._shipper().ship(seal=True)
+
+    @typed_calls
+    def replication_status(self) -> dict[str, Any]:
+        """How shipping to ``config.replica_url`` goes, as this process sees it: ``url``,
+        ``shipping`` (whether this process is the one shipping: one of the processes that
+        have the store open ships at a time), ``shipped_seq`` (the last record in the bucket),
+        ``lag_seq`` (records applied here and not in the bucket yet), ``backlog`` (sealed
+        segments not shipped yet), ``last_error`` (of the last pass, or None) and
+        ``last_shipped_ms`` (Unix ms of the last object written, or None).
+
+        Example::
+
+            status = storage.replication_status()
+            if status["last_error"]:
+                print(status["backlog"], "segments wait:", status["last_error"])
+
+        :raises InvalidInputError: the store was not opened with a ``replica_url``
+        """
+        return self._shipper().status()
+
+    def _shipper(self) -> Any:
+        shipper = self._engine.shipper
+        if shipper is None:
+            raise InvalidInputError(
+                f"{self.config.path} was not opened with a replica_url (or is read-only): "
+                f"nothing ships"
+            )
+        return shipper
+
     @classmethod
     @typed_calls_without_store
     def restore(
@@ -242,17 +299,23 @@ class Storage(Lookups):
         directory *source* at WAL sequence *seq* (its newest record when None), or as of the
         time *until_ms* (Unix milliseconds: every record written up to then): point-in-time
         restore, from the newest intact snapshot at or before *seq* and the WAL after it.
-        *source* may be in use; compaction there waits until the files are copied. Returns
-        the sequence number restored to; open *target* to use it.
+        *source* may be in use; compaction there waits until the files are copied. *source*
+        may also be the URL (``s3://bucket/prefix``) a store ships to (its
+        ``config.replica_url``): then what it shipped is restored. Returns the sequence
+        number restored to; open *target* to use it.
 
         Example::
 
             Storage.restore("/var/lib/rstmdb", "/tmp/before-the-bad-deploy", seq=52_117)
+            Storage.restore("s3://backups/rstmdb", "/var/lib/rstmdb")  # what was shipped
 
         :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the
             snapshots and WAL segments *source* keeps
         """
-        restored = recovery.restore(source, target, seq, until_ms, progress)
+        if is_url(source):  # s3://bucket/prefix: what a store shipped there
+            restored = restore_from_bucket(source, target, seq, until_ms, progress)  # type: ignore[arg-type]
+        else:
+            restored = recovery.restore(source, target, seq, until_ms, progress)
         with cls.open(StorageConfig(data_dir=target), progress) as storage:
             if storage.applied_seq != restored:
                 raise CorruptionError(

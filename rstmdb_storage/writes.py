@@ -377,6 +377,40 @@ def _apply_synced(engine: Engine, env: LmdbEnvironment, seq: int, synced: int) -
     engine.committed_tail = applied
 
 
+# --- sealing early ------------------------------------------------------------------------------
+
+
+def seal_wal(engine: Engine) -> bool:
+    """Seal the WAL's open segment now if it holds a record, though it is not full: a
+    replicator ships only sealed segments, and this bounds how long a record waits. Return
+    whether it sealed. Taken like a write (the write lock, then the append lock), so that the
+    seal goes where the next record would, and the new tail is stored with the applied one."""
+    env = engine.writable()
+    with env.write_mutex:
+        engine.wal.check_usable()
+        while (sealed := engine.growing(env, _seal_once, engine, env)) is None:
+            pass  # the catch-up committed a chunk of replay first
+        engine.dirty = True
+    return sealed
+
+
+def _seal_once(engine: Engine, env: LmdbEnvironment) -> bool | None:
+    meta, wal = engine.meta, engine.wal
+    appends, _ = engine.group_locks()
+    with env.begin_write() as txn:
+        with appends.locked():
+            tail, caught_up = apply_pending(engine, txn, meta.tail(txn))
+            if not caught_up:
+                return None
+            new_tail = wal.seal(tail, time.time_ns() // 1_000_000)
+            if new_tail is not tail:
+                appends.write_tail(new_tail)
+        if new_tail is not tail:
+            meta.write_tail(txn, new_tail)
+    engine.committed_tail = new_tail
+    return new_tail is not tail
+
+
 # --- what the front door builds on ------------------------------------------------------------
 
 

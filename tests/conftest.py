@@ -9,6 +9,9 @@ import pytest
 
 from rstmdb_storage import Storage, StorageConfig
 
+# the S3 server fixtures (s3_endpoint, s3_url) of the replication tests
+pytest_plugins = ["s3server"]
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(

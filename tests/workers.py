@@ -24,6 +24,8 @@ Commands::
     pair-writer DATA_DIR SEGMENT_SIZE BATCHES          wait for "go", write BATCHES batches
     torn-appender DATA_DIR                             under the append lock, write half a
                                                        record, report, and wait to be killed
+    shipping-writer DATA_DIR URL SEGMENT_SIZE SEAL_MS  put w1, w2, ... shipping to URL, until
+                                                       killed (stdout)
 """
 
 from __future__ import annotations
@@ -330,7 +332,40 @@ def torn_appender(data_dir: str) -> None:
     storage.close()
 
 
+def shipping_writer(data_dir: str, url: str, segment_size: str, seal_ms: str) -> None:
+    """Put instance ``w<n>`` (one record each, so its sequence number is *n* in a new store)
+    until killed, shipping to URL: announce each put before ("try") and after ("ack"), and
+    every 20 acks the last sequence number the bucket holds ("shipped"). Automatic snapshots
+    and compaction run all along, so that the hold on unshipped segments is tried too."""
+    config = StorageConfig(
+        data_dir=data_dir,
+        wal_segment_size=int(segment_size),
+        snapshot_interval=150,
+        max_wal_segments=2,
+        replica_url=url,
+        max_seal_interval_ms=int(seal_ms),
+    )
+    out = sys.stdout
+    with Storage.open(config) as storage:
+        emit(out, event="ready", applied_seq=storage.applied_seq)
+        n = storage.applied_seq
+        while True:
+            n += 1
+            emit(out, event="try", n=n)
+            seq = storage.put_instance(shipped_instance(n))
+            emit(out, event="ack", n=n, seq=seq)
+            if n % 20 == 0:
+                emit(out, event="shipped", seq=storage.replication_status()["shipped_seq"])
+
+
+def shipped_instance(n: int) -> Instance:
+    return Instance(
+        id=f"w{n}", machine="order", version=1, state="pending", ctx={"n": n, "pad": "x" * 200}
+    )
+
+
 COMMANDS = {
+    "shipping-writer": shipping_writer,
     "crash-writer": crash_writer,
     "opener": opener,
     "call": call,

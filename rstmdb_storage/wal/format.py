@@ -43,11 +43,15 @@ padding up to the next multiple of 8::
 A ``CHANGES`` payload is opaque to the WAL: the encoded changes of one write or batch,
 defined by :mod:`rstmdb_storage.changes`.
 
-A ``SEAL`` record closes a segment that is full: its payload is 8 bytes, the CRC-32C (u32 LE) of
-every byte from the end of the header to the start of the seal, then 4 zero bytes. A sealed
-segment is immutable; the next record goes to a new segment named after its sequence number.
+A ``SEAL`` record closes a segment that is full, or sealed early (below): its payload is 8
+bytes, the CRC-32C (u32 LE) of every byte from the end of the header to the start of the seal,
+then 4 zero bytes. A sealed segment is immutable; the next record goes to a new segment named
+after its sequence number.
 
-Nothing follows the last record of the last segment but zeros (the preallocation). A write that
+Nothing follows the last record of the last segment but zeros (the preallocation), or the end
+of the file: a segment sealed before it is full (a store shipping to object storage seals every
+``max_seal_interval_ms``) is cut to its used length, and the open segment of a store restored
+from a bucket starts as its header alone (appends extend it). A write that
 was cut short (a torn tail) leaves a bad record after which no good record follows; that is the
 only damage recovery may cut away. See :mod:`rstmdb_storage.wal.decoder`.
 """

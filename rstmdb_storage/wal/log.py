@@ -183,10 +183,21 @@ class Wal:
         self._writes_since_sync += 1
         return WalTail(tail.segment, tail.offset + len(frame), tail.next_seq + 1)
 
-    def _rotate(self, tail: WalTail, timestamp_ms: int) -> WalTail:
+    def seal(self, tail: WalTail, timestamp_ms: int) -> WalTail:
+        """Seal the segment *tail* is in though it is not full, and start the next; return
+        the tail in it. The sealed file is cut to its used length (a store sealing every second
+        keeps no preallocated space). A segment holding no record is left open. The caller
+        holds the append lock, as for :meth:`append`."""
+        if tail.offset == SEGMENT_HEADER_SIZE:
+            return tail
+        return self._rotate(tail, timestamp_ms, cut=True)
+
+    def _rotate(self, tail: WalTail, timestamp_ms: int, cut: bool = False) -> WalTail:
         segment = self.segment(tail.segment)
         records_crc = _crc_of(segment, SEGMENT_HEADER_SIZE, tail.offset)
         segment.write(tail.offset, encode_seal(tail.applied_seq, timestamp_ms, records_crc))
+        if cut:
+            segment.truncate(tail.offset + SEAL_RECORD_SIZE)
         self._sync_segment(segment)  # a sealed segment is immutable and durable, whatever policy
         self._unsynced.discard(segment.first_seq)
         self._forget(segment.first_seq)

@@ -96,6 +96,12 @@ class WalSegment:
     def write(self, offset: int, data: bytes) -> None:
         write_all(self.fd, data, offset, str(self.path))
 
+    def truncate(self, size: int) -> None:
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as exc:
+            raise os_error(exc, f"cutting WAL segment {self.path} to {size} bytes") from exc
+
     def sync(self) -> None:
         """``fdatasync``; an error propagates as OSError so that the caller can fail-stop."""
         os.fdatasync(self.fd)

@@ -1,0 +1,177 @@
+"""The object store: an S3-compatible bucket (AWS S3, Ceph RGW, SeaweedFS, MinIO) through boto3.
+
+A store ships to a URL ``s3://bucket/prefix``. The endpoint, region and credentials come from
+boto3's own configuration (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_DEFAULT_REGION``, ``~/.aws/``), so the same code runs against any of them.
+
+Every object is written once: ``If-None-Match: *`` makes the server refuse a second write of a
+key, and ``ChecksumCRC32C`` (base64 of the big-endian CRC-32C of the body) makes it refuse a
+body damaged on the way (``BadDigest``). The CRC-32C is also kept in the object's metadata
+(``crc32c``, 8 hex digits), and every read checks it again here: an object changed in the
+bucket afterwards is a :class:`~rstmdb_storage.errors.CorruptionError` naming it, never data.
+
+No exception of boto3 or botocore leaves this module: an unreachable server is an
+:class:`~rstmdb_storage.errors.ObjectStoreUnavailableError`, any other refusal an
+:class:`~rstmdb_storage.errors.ObjectStoreError`.
+"""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlparse
+
+from crc32c import crc32c
+
+from ..errors import (
+    CorruptionError,
+    InvalidInputError,
+    InvalidTypeError,
+    ObjectStoreError,
+    ObjectStoreUnavailableError,
+)
+
+#: metadata key holding the body's CRC-32C, as 8 hex digits
+CRC_METADATA = "crc32c"
+
+
+def parse_url(url: object) -> tuple[str, str]:
+    """``s3://bucket/prefix`` -> (bucket, prefix without slashes at its ends).
+
+    Example::
+
+        parse_url("s3://backups/rstmdb/orders") == ("backups", "rstmdb/orders")
+    """
+    if not isinstance(url, str):
+        raise InvalidTypeError(f"an object store URL must be a str, got {type(url).__name__}")
+    parsed = urlparse(url)
+    if parsed.scheme != "s3" or not parsed.netloc or parsed.query or parsed.fragment:
+        raise InvalidInputError(f"not an object store URL (s3://bucket/prefix): {url!r}")
+    return parsed.netloc, parsed.path.strip("/")
+
+
+def is_url(source: object) -> bool:
+    return isinstance(source, str) and source.startswith("s3://")
+
+
+class ObjectStore:
+    """One bucket and prefix. Keys passed in are relative to the prefix.
+
+    Example::
+
+        objects = ObjectStore("s3://backups/rstmdb")
+        objects.put_once("a/b.seg", data, {"first-seq": "1"})
+        assert objects.get("a/b.seg") == data
+    """
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.bucket, self.prefix = parse_url(url)
+        if importlib.util.find_spec("boto3") is None:  # said now, not at the first upload
+            raise ObjectStoreError(
+                f"{url}: an object store needs boto3: pip install 'rstmdb-storage[s3]'"
+            )
+        self._client: Any = None
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def where(self, name: str) -> str:
+        return f"s3://{self.bucket}/{self.key(name)}"
+
+    def put_once(self, name: str, data: bytes, metadata: dict[str, str]) -> bool:
+        """Write *data* under *name* unless an object is there: True if written, False if the
+        same bytes were there already (a retry of an upload that succeeded).
+
+        :raises ObjectStoreError: an object with other bytes is there
+        """
+        crc = crc32c(data)
+        try:
+            self._call(
+                "put_object",
+                Bucket=self.bucket,
+                Key=self.key(name),
+                Body=data,
+                IfNoneMatch="*",
+                ChecksumCRC32C=base64.b64encode(crc.to_bytes(4, "big")).decode(),
+                Metadata={**metadata, CRC_METADATA: f"{crc:08x}"},
+            )
+            return True
+        except ObjectStoreError as exc:
+            if getattr(exc, "code", None) != "PreconditionFailed":
+                raise
+        if self.get(name) != data:
+            raise ObjectStoreError(f"{self.where(name)} exists with other content")
+        return False
+
+    def get(self, name: str) -> bytes:
+        """The bytes of *name*, their CRC-32C checked against the one written with them.
+
+        :raises CorruptionError: the bytes do not match their checksum
+        """
+        response = self._call("get_object", Bucket=self.bucket, Key=self.key(name))
+        try:
+            data = response["Body"].read()
+        except Exception as exc:  # botocore's read errors: the connection went
+            raise ObjectStoreUnavailableError(f"reading {self.where(name)}: {exc}") from exc
+        expected = response.get("Metadata", {}).get(CRC_METADATA)
+        if expected is None or expected != f"{crc32c(data):08x}":
+            raise CorruptionError(
+                f"{self.where(name)}: its bytes do not match the CRC-32C written with them "
+                f"({expected or 'none'})",
+                path=self.where(name),
+            )
+        return data
+
+    def names(self, under: str = "") -> Iterator[str]:
+        """The names of every object under *under* (relative to the prefix), in key order."""
+        start = self.key(under)
+        token = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": start}
+            if token:
+                args["ContinuationToken"] = token
+            page = self._call("list_objects_v2", **args)
+            for item in page.get("Contents", []):
+                yield item["Key"][len(self.prefix) + 1 :] if self.prefix else item["Key"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    def _call(self, method: str, **args: Any) -> Any:
+        client = self._client or self._connect()
+        import botocore.exceptions as boto_errors
+
+        try:
+            return getattr(client, method)(**args)
+        except boto_errors.ClientError as exc:
+            error = exc.response.get("Error", {})
+            code = error.get("Code", "?")
+            typed = ObjectStoreError(
+                f"{method} of s3://{self.bucket}/{args.get('Key', args.get('Prefix', ''))}: "
+                f"{code} ({error.get('Message', '')})"
+            )
+            typed.code = code  # type: ignore[attr-defined]
+            raise typed from exc
+        except (
+            boto_errors.EndpointConnectionError,
+            boto_errors.ConnectionClosedError,
+            boto_errors.ReadTimeoutError,
+            boto_errors.ConnectTimeoutError,
+        ) as exc:
+            raise ObjectStoreUnavailableError(f"the object store is unreachable: {exc}") from exc
+        except boto_errors.BotoCoreError as exc:
+            raise ObjectStoreError(f"{method} of s3://{self.bucket}: {exc}") from exc
+
+    def _connect(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        # Few, quick retries: a store that cannot ship keeps its backlog and tries again.
+        config = Config(
+            retries={"max_attempts": 2, "mode": "standard"}, connect_timeout=3, read_timeout=30
+        )
+        self._client = boto3.client("s3", config=config)
+        return self._client

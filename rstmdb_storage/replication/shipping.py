@@ -1,0 +1,306 @@
+"""Shipping an open store to a bucket: each sealed WAL segment, each published snapshot.
+
+A store opened with ``StorageConfig.replica_url`` ships from a background thread of its own
+(one :class:`Shipper` per process, started by :mod:`rstmdb_storage.opening`). Of the processes
+that have the store open, one ships at a time: the one holding the POSIX lock on
+``<data_dir>/replication.lock`` (a lock a killed process drops, so another takes over, and one
+a forked child does not inherit).
+
+What it ships, oldest first:
+
+* a WAL segment once it is sealed (a sealed segment is immutable, and was synced when it was
+  sealed). The open segment is sealed early once it has held a record for
+  ``max_seal_interval_ms`` (cut to its used length), so that a record waits at most about that
+  long before it is shipped;
+* a snapshot once it is published and the WAL shipped reaches it, the copy first and its
+  manifest after it: the newest state in the bucket is always the last record shipped.
+
+What is in the bucket already is not sent again (objects are written once: :mod:`.objects`),
+so a shipper started again, here or in another process, goes on where the last one stopped.
+While segments wait to be shipped, the WAL hold ``replication`` keeps them through compactions:
+it is set when the store is opened with a ``replica_url``, at the first segment not shipped,
+and moves on as they are shipped. It outlives the process; a store that stops shipping for good
+drops it with ``storage.release_wal("replication")``. When the bucket cannot be reached,
+writes go on; the backlog and the error are in ``Storage.replication_status()``, and shipping
+resumes, with nothing skipped, once it answers. Layout and metadata: :mod:`.layout`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..config import SNAPSHOTS_DIR
+from ..engine import Engine
+from ..errors import StorageError
+from ..fsutil import current_pid
+from ..maintenance import hold_wal
+from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, published_seqs
+from ..wal.format import segment_name
+from ..writes import seal_wal
+from .layout import (
+    EPOCH,
+    ShippedSegment,
+    parse_manifest,
+    parse_segment,
+    snapshot_objects,
+    store_dir,
+)
+from .objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+#: the WAL hold that keeps unshipped segments through compactions
+HOLD_NAME = "replication"
+#: the file whose POSIX lock makes one process of those that have the store open the shipper
+LOCK_NAME = "replication.lock"
+#: the longest wait between two tries while the bucket cannot be reached, in seconds
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class ShipReport:
+    """What one :meth:`Shipper.ship` pass did."""
+
+    #: names of the objects written, relative to the store's directory in the bucket
+    shipped: list[str] = field(default_factory=list)
+    #: sealed segments not shipped yet (0 after a pass that met no error)
+    backlog: int = 0
+    #: the last WAL sequence number in the bucket
+    shipped_seq: int = 0
+
+
+class Shipper:
+    """Ships one open store's sealed segments and snapshots to ``config.replica_url``.
+
+    Example (what ``Storage`` does with it)::
+
+        shipper = Shipper(engine)       # sets the hold; the thread ships from then on
+        report = shipper.ship(seal=True)  # or now: seal the open segment, ship what is new
+        shipper.stop()
+    """
+
+    def __init__(self, engine: Engine, start_thread: bool = True) -> None:
+        config = engine.config
+        assert config.replica_url is not None
+        self.pid = current_pid()
+        self._engine = engine
+        self.objects = ObjectStore(config.replica_url)
+        self.base = store_dir(engine.wal.store_id, EPOCH)
+        self._seal_after = config.max_seal_interval_ms / 1000
+        self._poll = min(self._seal_after / 4, 0.25)
+        self._pass_lock = threading.Lock()  # one pass at a time in this process
+        self._shipped: set[str] | None = None  # names in the bucket, once listed
+        self._open_since: tuple[int, float] | None = None  # (open segment, when seen holding)
+        self._lock_fd: int | None = None
+        self.last_error: str | None = None
+        self.last_shipped_ms: int | None = None
+        self.passes = 0
+        # Before anything can be compacted away: hold from the first segment not shipped.
+        holds = engine.read(engine.meta.holds)
+        if HOLD_NAME not in holds:
+            firsts = engine.wal.segment_ids()
+            holds[HOLD_NAME] = firsts[0] if firsts else engine.applied_tail().next_seq
+            hold_wal(engine, HOLD_NAME, holds[HOLD_NAME])
+        # The hold is at the first record not known shipped.
+        self.shipped_seq = holds[HOLD_NAME] - 1
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if start_thread:
+            self._thread = threading.Thread(target=self._run, name="rstmdb-shipper", daemon=True)
+            self._thread.start()
+
+    # --- one pass ---------------------------------------------------------------------------
+
+    def ship(self, seal: bool = False) -> ShipReport:
+        """Seal the open segment first if *seal* (or if it is due), then ship every sealed
+        segment and reachable snapshot not in the bucket yet, oldest first, moving the hold
+        past what is shipped.
+
+        :raises ObjectStoreUnavailableError: the bucket cannot be reached; nothing is lost,
+            the next pass ships it
+        """
+        with self._pass_lock:
+            report = ShipReport()
+            try:
+                if seal or self._seal_due():
+                    seal_wal(self._engine)
+                    self._open_since = None
+                self._ship_pass(report)
+                self.last_error = None
+            except StorageError as exc:
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                raise
+            finally:
+                report.backlog = self.backlog()
+                report.shipped_seq = self.shipped_seq
+                self.passes += 1
+            return report
+
+    def _ship_pass(self, report: ShipReport) -> None:
+        shipped = self._bucket_names()
+        engine = self._engine
+        for segment in self._sealed():
+            if segment.name not in shipped:
+                self._ship_segment(segment, shipped, report)
+            if segment.last_seq + 1 > engine.read(engine.meta.holds).get(HOLD_NAME, 0):
+                hold_wal(engine, HOLD_NAME, segment.last_seq + 1)
+            self.shipped_seq = max(self.shipped_seq, segment.last_seq)
+        self._ship_snapshots(shipped, report)
+        if report.shipped:
+            self.last_shipped_ms = time.time_ns() // 1_000_000
+
+    def backlog(self) -> int:
+        """Sealed segments not shipped yet (as far as this process knows)."""
+        shipped = self._shipped or set()
+        return sum(1 for s in self._sealed() if s.name not in shipped)
+
+    def _seal_due(self) -> bool:
+        """Whether the open segment has held a record for ``max_seal_interval_ms``."""
+        firsts = self._engine.wal.segment_ids()
+        if not firsts or self._engine.applied_tail().applied_seq < firsts[-1]:
+            self._open_since = None  # it holds no record
+            return False
+        now = time.monotonic()
+        if self._open_since is None or self._open_since[0] != firsts[-1]:
+            self._open_since = (firsts[-1], now)
+        return now - self._open_since[1] >= self._seal_after
+
+    def _bucket_names(self) -> set[str]:
+        if self._shipped is None:
+            prefix = f"{self.base}/"
+            self._shipped = {n[len(prefix) :] for n in self.objects.names(prefix)}
+        return self._shipped
+
+    def _sealed(self) -> list[ShippedSegment]:
+        """The sealed segments present: every one but the last (the one appended to)."""
+        firsts = self._engine.wal.segment_ids()
+        return [ShippedSegment(a, b - 1) for a, b in itertools.pairwise(firsts)]
+
+    def _ship_segment(self, segment: ShippedSegment, shipped: set[str], report: ShipReport) -> None:
+        path = self._engine.wal.directory / segment_name(segment.first_seq)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            # Compaction deletes only what the hold has passed: another process shipped it.
+            shipped.add(segment.name)
+            return
+        except OSError as exc:
+            raise StorageError(f"reading {path} to ship it: {exc.strerror or exc}") from exc
+        earlier = [s for s in map(parse_segment, shipped) if s and s.last_seq < segment.first_seq]
+        metadata = {
+            **self._identity(),
+            "first-seq": str(segment.first_seq),
+            "last-seq": str(segment.last_seq),
+            "prev-last-seq": str(max((s.last_seq for s in earlier), default=0)),
+        }
+        if self.objects.put_once(f"{self.base}/{segment.name}", data, metadata):
+            report.shipped.append(segment.name)
+        shipped.add(segment.name)
+
+    def _ship_snapshots(self, shipped: set[str], report: ShipReport) -> None:
+        """Ship the snapshots not in the bucket yet that the WAL shipped reaches: a snapshot
+        newer than the last shipped record waits for the segment holding it, so that the
+        newest state in the bucket is always the last shipped record."""
+        directory = self._engine.config.path / SNAPSHOTS_DIR
+        have = {seq for seq in map(parse_manifest, shipped) if seq is not None}
+        for seq in published_seqs(directory):
+            if seq in have or seq > self.shipped_seq:
+                continue
+            stem = f"{seq:020d}"
+            try:
+                files = [
+                    (directory / (stem + s)).read_bytes() for s in (DATA_SUFFIX, MANIFEST_SUFFIX)
+                ]
+            except FileNotFoundError:
+                continue  # compacted away meanwhile: a newer one is shipped instead
+            except OSError as exc:
+                raise StorageError(f"reading snapshot {stem} to ship it: {exc}") from exc
+            metadata = {**self._identity(), "seq": str(seq)}
+            for name, data in zip(snapshot_objects(seq), files, strict=True):
+                if self.objects.put_once(f"{self.base}/{name}", data, metadata):
+                    report.shipped.append(name)
+                shipped.add(name)
+
+    def _identity(self) -> dict[str, str]:
+        return {"store-id": self._engine.wal.store_id.hex(), "epoch": str(EPOCH)}
+
+    # --- the thread -------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """See :meth:`rstmdb_storage.Storage.replication_status`."""
+        applied = self._engine.applied_tail().applied_seq
+        return {
+            "url": self.objects.url,
+            "shipping": self._lock_fd is not None,
+            "shipped_seq": self.shipped_seq,
+            "lag_seq": max(applied - self.shipped_seq, 0),
+            "backlog": self.backlog(),
+            "last_error": self.last_error,
+            "last_shipped_ms": self.last_shipped_ms,
+        }
+
+    def _run(self) -> None:
+        wait = self._poll
+        while not self._stop.wait(wait):
+            if not self._leading():
+                wait = 1.0  # another process ships; take over if it goes
+                continue
+            try:
+                self.ship()
+                wait = self._poll
+            except StorageError as exc:  # the bucket is away, or the store failed: again later
+                wait = min(max(wait * 2, 1.0), MAX_BACKOFF)
+                log.warning("shipping %s failed (next try in %.0f s): %s", self.base, wait, exc)
+            except Exception as exc:  # a thread must not die silently
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                log.exception("shipping %s failed", self.base)
+                wait = MAX_BACKOFF
+
+    def _leading(self) -> bool:
+        """Whether this process holds the shipping lock (taking it if it is free)."""
+        if self._lock_fd is not None:
+            return True
+        path = self._engine.config.path / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._engine.config.file_mode)
+        except OSError as exc:
+            self.last_error = f"opening {path}: {exc.strerror or exc}"
+            return False
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno not in (errno.EACCES, errno.EAGAIN):
+                self.last_error = f"locking {path}: {exc.strerror or exc}"
+            return False
+        self._lock_fd = fd
+        return True
+
+    def restarted(self) -> Shipper:
+        """A new shipper for the same store, in a forked child (threads do not survive a fork)."""
+        return Shipper(self._engine)
+
+    def stop(self, final_pass: bool = True) -> None:
+        """Stop the thread; first, if this process ships and the last pass reached the bucket,
+        seal and ship what is left, so that a store closed cleanly leaves nothing unshipped."""
+        if self.pid != current_pid():
+            return
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        if final_pass and self._lock_fd is not None and self.last_error is None:
+            try:
+                self.ship(seal=True)
+            except StorageError as exc:  # kept in last_error; closing must not fail for it
+                log.warning("shipping %s on close failed: %s", self.base, exc)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None

