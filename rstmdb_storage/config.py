@@ -172,6 +172,12 @@ class StorageConfig:
     #: with ``replica_url``: the open WAL segment is sealed (and shipped) once it has held a
     #: record this long, though not full: how much a lost host can take with it
     max_seal_interval_ms: int = 1000
+    #: open as a replica of the store that ships to this URL (``s3://bucket/prefix``): an
+    #: empty ``data_dir`` is restored from the bucket, then a thread applies what the primary
+    #: ships; writes are refused (see :mod:`rstmdb_storage.replication.following`)
+    replica_of: str | None = None
+    #: on a replica: how often the bucket is asked for new segments
+    replica_poll_interval_ms: int = 1000
 
     @classmethod
     def of(cls, config: StorageConfig | str | os.PathLike[str]) -> StorageConfig:
@@ -224,16 +230,25 @@ class StorageConfig:
             "idempotency_retention_ms", self.idempotency_retention_ms, minimum=1, maximum=2**62
         )
         _check_int("file_mode", self.file_mode, minimum=0o400, maximum=0o777)
-        if self.replica_url is not None and not (
-            isinstance(self.replica_url, str)
-            and self.replica_url.startswith("s3://")
-            and self.replica_url[5:].strip("/")
-        ):
+        for name in ("replica_url", "replica_of"):
+            url = getattr(self, name)
+            if url is not None and not (
+                isinstance(url, str) and url.startswith("s3://") and url[5:].strip("/")
+            ):
+                raise ConfigError(
+                    f"{name}: need an object store URL (s3://bucket/prefix) or None, "
+                    f"got {shown(url)}"
+                )
+        if self.replica_of is not None and (self.replica_url is not None or self.read_only):
             raise ConfigError(
-                f"replica_url: need an object store URL (s3://bucket/prefix) or None, "
-                f"got {shown(self.replica_url)}"
+                "replica_of: a replica neither ships (replica_url) nor opens read-only (its "
+                "thread applies what the bucket holds; lookup processes open the directory "
+                "with read_only=True and no replica_of)"
             )
         _check_int("max_seal_interval_ms", self.max_seal_interval_ms, minimum=1, maximum=2**31 - 1)
+        _check_int(
+            "replica_poll_interval_ms", self.replica_poll_interval_ms, minimum=1, maximum=2**31 - 1
+        )
 
 
 def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:

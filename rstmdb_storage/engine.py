@@ -106,6 +106,9 @@ class Engine:
         #: the thread shipping to ``config.replica_url`` (``replication.shipping.Shipper``),
         #: started by ``opening``; None without one
         self.shipper: Any = None
+        #: on a replica, the thread applying what the bucket holds
+        #: (``replication.following.Follower``); None elsewhere
+        self.follower: Any = None
         #: WAL segments left by the last automatic compaction (retention or holds may keep
         #: more than ``max_wal_segments``; then only a new segment makes it due again)
         self.segments_left = 0

@@ -43,6 +43,8 @@ from .fsutil import fsync_dir, make_dir, network_filesystem, os_error
 from .maintenance import Flusher, checkpoint
 from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, recover
+from .replication.bucket_restore import restore_from_bucket
+from .replication.following import Follower
 from .replication.shipping import Shipper
 from .snapshots import (
     Progress,
@@ -75,6 +77,8 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
         )
     root = config.path
     refuse_unfinished_restore(config)
+    if config.replica_of is not None and not config.holds_store():
+        restore_from_bucket(config.replica_of, root, None, None, progress)  # a new replica
     if not config.create or config.read_only:
         require_store(config)
     if config.read_only:
@@ -130,6 +134,8 @@ def release(engine: Engine, checkpoint_first: bool) -> None:
     try:
         if engine.shipper is not None:
             engine.shipper.stop(final_pass=checkpoint_first)
+        if engine.follower is not None:
+            engine.follower.stop()
         if engine.flusher is not None:
             engine.flusher.stop()
             if checkpoint_first and not engine.env.stale and engine.wal.usable:
@@ -224,6 +230,8 @@ def _open_environment(
         recover(engine, progress, rebuilt=rebuilt)
         if config.replica_url is not None:
             engine.shipper = Shipper(engine)
+        if config.replica_of is not None:
+            engine.follower = Follower(engine)
     except BaseException:
         release(engine, checkpoint_first=False)
         raise

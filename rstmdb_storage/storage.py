@@ -257,30 +257,64 @@ class Storage(Lookups):
         return self._shipper().ship(seal=True)
 
     @typed_calls
+    def catch_up(self) -> int:
+        """On a replica (``config.replica_of``): apply, now, every segment the bucket holds
+        past the last record applied here (the background thread does the same every
+        ``replica_poll_interval_ms``); return the last sequence number applied.
+
+        Example::
+
+            config = StorageConfig(data_dir="/var/lib/replica", replica_of="s3://backups/rstmdb")
+            with Storage.open(config) as replica:
+                replica.catch_up()
+                replica.get_instance("order-1")
+
+        :raises InvalidInputError: the store is not a replica
+        :raises WalGapError, CorruptionError: the bucket's next segment does not join, or fails
+            its checks (the error names it); the replica stays at its last good record
+        :raises ObjectStoreUnavailableError: the bucket cannot be reached
+        """
+        follower = self._engine.follower
+        if follower is None:
+            raise InvalidInputError(f"{self.config.path} was not opened with a replica_of")
+        return follower.catch_up()
+
+    @typed_calls
     def replication_status(self) -> dict[str, Any]:
-        """How shipping to ``config.replica_url`` goes, as this process sees it: ``url``,
-        ``shipping`` (whether this process is the one shipping: one of the processes that
-        have the store open ships at a time), ``shipped_seq`` (the last record in the bucket),
-        ``lag_seq`` (records applied here and not in the bucket yet), ``backlog`` (sealed
-        segments not shipped yet), ``last_error`` (of the last pass, or None) and
-        ``last_shipped_ms`` (Unix ms of the last object written, or None).
+        """How replication goes, as this process sees it.
+
+        On a primary (``config.replica_url``): ``role`` "primary", ``url``, ``shipping``
+        (whether this process is the one shipping: of the processes that have the store open,
+        one ships at a time), ``shipped_seq`` (the last record in the bucket), ``lag_seq``
+        (records applied here and not in the bucket yet), ``backlog`` (sealed segments not
+        shipped yet), ``last_error`` (of the last pass, or None) and ``last_shipped_ms`` (Unix
+        ms of the last object written, or None).
+
+        On a replica (``config.replica_of``): ``role`` "replica", ``url``, ``following``,
+        ``applied_seq``, ``bucket_seq`` (the last record the bucket was seen to hold),
+        ``lag_seq`` (their difference), ``lag_seconds`` (since the last poll that found
+        nothing left to apply: everything shipped before it is applied here; None before the
+        first) and ``last_error`` (why the replica stopped, naming the object, or None).
 
         Example::
 
             status = storage.replication_status()
             if status["last_error"]:
-                print(status["backlog"], "segments wait:", status["last_error"])
+                print(status["lag_seq"], "records behind:", status["last_error"])
 
-        :raises InvalidInputError: the store was not opened with a ``replica_url``
+        :raises InvalidInputError: the store neither ships nor follows
         """
+        engine = self._engine
+        if engine.follower is not None:
+            return engine.follower.status()
         return self._shipper().status()
 
     def _shipper(self) -> Any:
         shipper = self._engine.shipper
         if shipper is None:
             raise InvalidInputError(
-                f"{self.config.path} was not opened with a replica_url (or is read-only): "
-                f"nothing ships"
+                f"{self.config.path} was opened with neither a replica_url nor a replica_of "
+                f"(or read-only): nothing ships"
             )
         return shipper
 

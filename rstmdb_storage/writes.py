@@ -53,7 +53,7 @@ from .changes import (
 )
 from .config import DB_IDEMPOTENCY, WAL_DIR
 from .engine import Engine
-from .errors import ConflictError, InstanceNotFoundError, StorageError
+from .errors import ConflictError, InstanceNotFoundError, ReadOnlyError, StorageError
 from .failpoints import failpoint
 from .model import Instance, check_name
 from .query import get_instance, remembered
@@ -75,6 +75,10 @@ def commit(engine: Engine, changes: list[Change], idempotency_key: str | None = 
         written
     """
     config = engine.config
+    if config.replica_of is not None:
+        raise ReadOnlyError(
+            f"storage at {config.path} is a replica of {config.replica_of}: write to its primary"
+        )
     if idempotency_key is not None:
         check_name("idempotency_key", idempotency_key)
         changes = [*changes, IdempotencyKey(idempotency_key, config.idempotency_retention_ms)]

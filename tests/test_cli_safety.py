@@ -102,6 +102,7 @@ def bad_paths(tmp_path: Path) -> dict[str, Path]:
         ["hold", "x"],
         ["put", '{"id": "x", "machine": "m", "version": 1, "state": "s"}'],
         ["backup", "/tmp/never"],
+        ["replicate", "s3://never/p"],
     ],
     ids=lambda command: command[0],
 )

@@ -34,11 +34,11 @@ LAYERS = [
     {"replay", "recovery", "scrub"},
     {"replication", "replication.objects", "replication.layout", "replication.bucket_restore"},
     {"maintenance", "inspection"},
-    {"writes", "replication.shipping", "opening", "lookups"},
+    {"writes", "replication.shipping", "replication.following", "opening", "lookups"},
     {"storage"},
     {"__init__"},
     {"cli.common"},
-    {"cli.inspect", "cli.change"},
+    {"cli.inspect", "cli.change", "cli.replicate"},
     {"cli"},
     {"__main__"},
 ]

@@ -12,14 +12,14 @@ import logging
 
 import click
 
-from . import change, inspect
+from . import change, inspect, replicate
 from .common import CONTEXT
 
 
 @click.group(context_settings=CONTEXT)
 @click.version_option(package_name="rstmdb-storage")
 def main() -> None:
-    """Inspect, check, change, back up and restore an rstmdb-storage data directory.
+    """Inspect, check, change, back up, restore and replicate an rstmdb-storage data directory.
 
     Inspections (info, get, list, wal, snapshots, stats, verify, dump, machines, holds) only
     read. Exit codes: 0 ok, 1 a problem found or an operation failed, 2 bad usage or not a
@@ -33,3 +33,4 @@ def main() -> None:
 
 inspect.register(main)
 change.register(main)
+replicate.register(main)

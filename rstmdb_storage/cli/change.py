@@ -281,7 +281,8 @@ def backup(data_dir: str, target: str, as_json: bool) -> None:
 def restore(source: str, target: str, seq: int | None, at_time: str | None, as_json: bool) -> None:
     """Build in TARGET (new or empty) a store holding SOURCE's state at a WAL sequence number
     or a time: point-in-time restore from a snapshot and the WAL after it. SOURCE may be a
-    live store or a backup; it is only read.
+    live store or a backup; it is only read. It may also be the bucket a store ships to
+    (s3://BUCKET/PREFIX: disaster recovery onto an empty disk).
 
     Example: rstmdb-storage restore /var/lib/rstmdb /tmp/restored --time 2026-11-25T14:30:00Z
     """

@@ -111,26 +111,34 @@ class ObjectStore:
 
         :raises CorruptionError: the bytes do not match their checksum
         """
+        return self.fetch(name)[0]
+
+    def fetch(self, name: str) -> tuple[bytes, dict[str, str]]:
+        """:meth:`get`, with the object's metadata."""
         response = self._call("get_object", Bucket=self.bucket, Key=self.key(name))
         try:
             data = response["Body"].read()
         except Exception as exc:  # botocore's read errors: the connection went
             raise ObjectStoreUnavailableError(f"reading {self.where(name)}: {exc}") from exc
-        expected = response.get("Metadata", {}).get(CRC_METADATA)
+        metadata = response.get("Metadata", {})
+        expected = metadata.get(CRC_METADATA)
         if expected is None or expected != f"{crc32c(data):08x}":
             raise CorruptionError(
                 f"{self.where(name)}: its bytes do not match the CRC-32C written with them "
                 f"({expected or 'none'})",
                 path=self.where(name),
             )
-        return data
+        return data, metadata
 
-    def names(self, under: str = "") -> Iterator[str]:
-        """The names of every object under *under* (relative to the prefix), in key order."""
+    def names(self, under: str = "", after: str | None = None) -> Iterator[str]:
+        """The names of every object under *under* (relative to the prefix), in key order;
+        only those after the name *after* when given."""
         start = self.key(under)
         token = None
         while True:
             args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": start}
+            if after is not None:
+                args["StartAfter"] = self.key(after)
             if token:
                 args["ContinuationToken"] = token
             page = self._call("list_objects_v2", **args)

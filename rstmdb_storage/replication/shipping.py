@@ -37,10 +37,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import SNAPSHOTS_DIR
+from ..config import SNAPSHOTS_DIR, StorageConfig
 from ..engine import Engine
 from ..errors import StorageError
-from ..fsutil import current_pid
+from ..fsutil import current_pid, os_error
 from ..maintenance import hold_wal
 from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, published_seqs
 from ..wal.format import segment_name
@@ -63,6 +63,26 @@ HOLD_NAME = "replication"
 LOCK_NAME = "replication.lock"
 #: the longest wait between two tries while the bucket cannot be reached, in seconds
 MAX_BACKOFF = 30.0
+
+
+def take_lock(config: StorageConfig) -> int | None:
+    """The descriptor holding the POSIX lock on ``<data_dir>/replication.lock`` if this
+    process could take it now, else None: of the processes that have a store open, the one
+    holding it ships (or, on a replica, follows). Not inherited by a forked child, and dropped
+    by a killed process, so that another takes over."""
+    path = config.path / LOCK_NAME
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, config.file_mode)
+    except OSError as exc:
+        raise os_error(exc, f"opening {path}") from exc
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        os.close(fd)
+        if exc.errno in (errno.EACCES, errno.EAGAIN):
+            return None  # another process holds it
+        raise os_error(exc, f"locking {path}") from exc
+    return fd
 
 
 @dataclass
@@ -238,6 +258,7 @@ class Shipper:
         """See :meth:`rstmdb_storage.Storage.replication_status`."""
         applied = self._engine.applied_tail().applied_seq
         return {
+            "role": "primary",
             "url": self.objects.url,
             "shipping": self._lock_fd is not None,
             "shipped_seq": self.shipped_seq,
@@ -265,24 +286,13 @@ class Shipper:
                 wait = MAX_BACKOFF
 
     def _leading(self) -> bool:
-        """Whether this process holds the shipping lock (taking it if it is free)."""
-        if self._lock_fd is not None:
-            return True
-        path = self._engine.config.path / LOCK_NAME
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, self._engine.config.file_mode)
-        except OSError as exc:
-            self.last_error = f"opening {path}: {exc.strerror or exc}"
-            return False
-        try:
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            os.close(fd)
-            if exc.errno not in (errno.EACCES, errno.EAGAIN):
-                self.last_error = f"locking {path}: {exc.strerror or exc}"
-            return False
-        self._lock_fd = fd
-        return True
+        """Whether this process holds the replication lock (taking it if it is free)."""
+        if self._lock_fd is None:
+            try:
+                self._lock_fd = take_lock(self._engine.config)
+            except StorageError as exc:
+                self.last_error = str(exc)
+        return self._lock_fd is not None
 
     def restarted(self) -> Shipper:
         """A new shipper for the same store, in a forked child (threads do not survive a fork)."""

@@ -154,6 +154,14 @@ class Wal:
             fsync_dir(self.directory)
         return freed
 
+    def adopt_segment(self, first_seq: int, data: bytes) -> None:
+        """Put *data*, a whole sealed segment (checked with
+        :func:`~.decoder.check_sealed_segment`), in place of segment *first_seq*, which the
+        caller knows holds no record: the WAL of a replica grows so, by whole segments from
+        the bucket its primary ships to. Replay then applies it."""
+        self._forget(first_seq)
+        write_file_atomic(self.directory / segment_name(first_seq), data, self.file_mode)
+
     def start(self) -> WalTail:
         """Create the first segment of a new store; return the tail of the empty log."""
         self._create_segment(1)

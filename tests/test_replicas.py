@@ -1,0 +1,250 @@
+"""Replicas: stores that follow the bucket a primary ships to (``StorageConfig.replica_of``),
+against the real S3 server of ``s3server.py``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from click.testing import CliRunner
+from helpers import order
+
+from rstmdb_storage import (
+    ConfigError,
+    CorruptionError,
+    InvalidInputError,
+    ReadOnlyError,
+    Storage,
+    StorageConfig,
+    WalGapError,
+)
+from rstmdb_storage.cli import main
+from rstmdb_storage.replication.objects import parse_url
+
+
+@pytest.fixture
+def primary_config(config: StorageConfig, s3_url: str) -> StorageConfig:
+    return dataclasses.replace(config, replica_url=s3_url)
+
+
+@pytest.fixture
+def replica_config(tmp_path: Path, s3_url: str) -> StorageConfig:
+    return StorageConfig(data_dir=tmp_path / "replica", replica_of=s3_url)
+
+
+def fill(storage: Storage, start: int, count: int, state: str = "pending") -> None:
+    for i in range(start, start + count):
+        storage.put_instance(order(f"o{i}", state=state, ctx={"pad": "p" * 300}))
+
+
+def everything(storage: Storage) -> tuple[list, list, list]:
+    return (
+        list(storage.iter_instances()),
+        list(storage.list_by_state("order", "pending")),
+        list(storage.list_by_state("order", "shipped")),
+    )
+
+
+def segment_keys(url: str) -> list[str]:
+    bucket, prefix = parse_url(url)
+    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return sorted(i["Key"] for i in listing.get("Contents", []) if i["Key"].endswith(".seg"))
+
+
+def wait_until(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_replica_starts_from_the_bucket_and_follows_what_the_primary_ships(
+    primary_config: StorageConfig, replica_config: StorageConfig
+) -> None:
+    with Storage.open(primary_config) as primary:
+        fill(primary, 0, 200)
+        primary.create_snapshot()
+        fill(primary, 200, 100)
+        primary.ship()
+        with Storage.open(replica_config) as replica:  # restored from the bucket
+            assert replica.applied_seq == 300
+            fill(primary, 300, 200, state="shipped")
+            primary.delete_instance("o7")
+            shipped = primary.ship().shipped_seq
+            assert replica.catch_up() == shipped == primary.applied_seq
+            assert everything(replica) == everything(primary)
+            status = replica.replication_status()
+            assert status["role"] == "replica" and status["lag_seq"] == 0
+            assert status["bucket_seq"] == shipped and status["last_error"] is None
+    with Storage.open(replica_config) as replica:  # opened again: goes on where it was
+        assert replica.applied_seq == shipped
+        assert replica.catch_up() == shipped
+
+
+def test_a_replica_applies_by_itself_within_its_poll_interval(
+    primary_config: StorageConfig, replica_config: StorageConfig
+) -> None:
+    primary_config = dataclasses.replace(primary_config, max_seal_interval_ms=50)
+    replica_config = dataclasses.replace(replica_config, replica_poll_interval_ms=50)
+    with Storage.open(primary_config) as primary:
+        fill(primary, 0, 10)
+        primary.ship()
+        with Storage.open(replica_config) as replica:
+            fill(primary, 10, 5)
+            assert wait_until(lambda: replica.applied_seq == 15)
+            assert replica.get_instance("o14") == primary.get_instance("o14")
+            assert replica.replication_status()["following"]
+
+
+def test_a_replica_refuses_writes(
+    primary_config: StorageConfig, replica_config: StorageConfig
+) -> None:
+    with Storage.open(primary_config) as primary:
+        fill(primary, 0, 5)
+        primary.ship()
+    with Storage.open(replica_config) as replica:
+        with pytest.raises(ReadOnlyError, match="replica"):
+            replica.put_instance(order("new"))
+        with pytest.raises(ReadOnlyError, match="replica"):
+            replica.delete_instance("o1")
+        with pytest.raises(ReadOnlyError, match="replica"), replica.batch() as batch:
+            batch.put_instance(order("new"))
+        assert replica.applied_seq == 5 and replica.count_instances() == 5
+
+
+def test_lookup_processes_read_the_replica_while_it_applies(
+    primary_config: StorageConfig, replica_config: StorageConfig
+) -> None:
+    with Storage.open(primary_config) as primary:
+        fill(primary, 0, 5)
+        primary.ship()
+        with Storage.open(replica_config) as replica:
+            reader = Storage.open(
+                dataclasses.replace(replica_config, replica_of=None, read_only=True)
+            )
+            with reader:
+                assert reader.count_instances() == 5
+                fill(primary, 5, 300)
+                primary.ship()
+                replica.catch_up()
+                assert everything(reader) == everything(primary)
+
+
+def damage(url: str, key: str, metadata_change: dict[str, str] | None = None) -> None:
+    """Write *key* over: one byte flipped keeping its metadata (so its CRC), or with
+    *metadata_change* applied to its metadata and the bytes kept."""
+    bucket, _ = parse_url(url)
+    client = boto3.client("s3")
+    original = client.get_object(Bucket=bucket, Key=key)
+    body = bytearray(original["Body"].read())
+    metadata = dict(original["Metadata"])
+    if metadata_change is None:
+        body[300] ^= 0x04
+    else:
+        metadata.update(metadata_change)
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body), Metadata=metadata)
+
+
+@pytest.mark.parametrize(
+    ("harm", "error", "said"),
+    [
+        ("flip", CorruptionError, "do not match the CRC-32C"),
+        ("prev", CorruptionError, "the segment before it ends at 1"),
+        ("delete", WalGapError, "are not in the bucket"),
+    ],
+)
+def test_a_replica_stops_at_the_last_good_record_and_names_the_object(
+    primary_config: StorageConfig,
+    replica_config: StorageConfig,
+    s3_url: str,
+    harm: str,
+    error: type[Exception],
+    said: str,
+) -> None:
+    with Storage.open(primary_config) as primary:
+        fill(primary, 0, 100)
+        primary.ship()
+        with Storage.open(replica_config) as replica:
+            good = replica.applied_seq
+            fill(primary, 100, 400)  # several segments more
+            primary.ship()
+            keys = segment_keys(s3_url)
+            harmed = next(k for k in keys if int(k[-37:-21], 16) == good + 1)
+            if harm == "delete":
+                bucket, _ = parse_url(s3_url)
+                boto3.client("s3").delete_object(Bucket=bucket, Key=harmed)
+                named = keys[keys.index(harmed) + 1]  # where the gap shows
+            else:
+                damage(s3_url, harmed, {"prev-last-seq": "1"} if harm == "prev" else None)
+                named = harmed
+            with pytest.raises(error, match=said):
+                replica.catch_up()
+            # Stopped: nothing after the harm is applied, nothing skipped, lookups still work.
+            assert replica.applied_seq == good
+            assert replica.count_instances() == 100
+            assert named.rpartition("/")[2] in replica.replication_status()["last_error"]
+
+
+def test_replica_settings_that_cannot_work_are_refused(
+    replica_config: StorageConfig, s3_url: str, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="replica_of"):
+        Storage.open(dataclasses.replace(replica_config, read_only=True))
+    with pytest.raises(ConfigError, match="replica_of"):
+        Storage.open(dataclasses.replace(replica_config, replica_url=s3_url))
+    with pytest.raises(InvalidInputError, match="no shipped store"):
+        Storage.open(replica_config)  # nothing shipped yet
+    assert not replica_config.path.exists()
+    with Storage.open(tmp_path / "plain") as plain, pytest.raises(InvalidInputError):
+        plain.catch_up()
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def run(*args: object) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_replicate_follow_and_restore_from_the_command_line(
+    data_dir: Path, s3_url: str, tmp_path: Path
+) -> None:
+    with Storage.open(data_dir) as storage:
+        fill(storage, 0, 50)
+    code, out, err = run("replicate", data_dir, s3_url, "--once")
+    assert code == 0, err
+    assert json.loads(out)["shipped_seq"] == 50
+
+    code, out, err = run("follow", s3_url, tmp_path / "replica", "--once")
+    assert code == 0, err
+    status = json.loads(out)
+    assert (status["role"], status["applied_seq"], status["lag_seq"]) == ("replica", 50, 0)
+
+    code, out, err = run("restore", s3_url, tmp_path / "restored", "--seq", 20, "--json")
+    assert code == 0, err
+    assert json.loads(out)["seq"] == 20
+    with Storage.open(tmp_path / "restored") as restored:
+        assert restored.count_instances() == 20
+
+
+def test_follow_stops_at_a_damaged_object_with_one_line_and_exit_1(
+    data_dir: Path, s3_url: str, tmp_path: Path
+) -> None:
+    config = StorageConfig(data_dir=data_dir, replica_url=s3_url)
+    with Storage.open(config) as storage:
+        fill(storage, 0, 10)
+        storage.ship()
+        assert run("follow", s3_url, tmp_path / "replica", "--once")[0] == 0
+        fill(storage, 10, 10)
+        storage.ship()
+    damage(s3_url, segment_keys(s3_url)[-1])
+    code, out, err = run("follow", s3_url, tmp_path / "replica", "--once")
+    assert (code, out) == (1, "")
+    assert err.startswith("error: s3://") and err.count("\n") == 1
