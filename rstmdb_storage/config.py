@@ -172,6 +172,10 @@ class StorageConfig:
     #: with ``replica_url``: the open WAL segment is sealed (and shipped) once it has held a
     #: record this long, though not full: how much a lost host can take with it
     max_seal_interval_ms: int = 1000
+    #: with ``replica_url``: how long the single-writer lease in the bucket holds without
+    #: renewal (see :mod:`rstmdb_storage.replication.lease`): how soon another writer may
+    #: take over from one that died
+    lease_ttl_ms: int = 30_000
     #: open as a replica of the store that ships to this URL (``s3://bucket/prefix``): an
     #: empty ``data_dir`` is restored from the bucket, then a thread applies what the primary
     #: ships; writes are refused (see :mod:`rstmdb_storage.replication.following`)
@@ -246,6 +250,7 @@ class StorageConfig:
                 "with read_only=True and no replica_of)"
             )
         _check_int("max_seal_interval_ms", self.max_seal_interval_ms, minimum=1, maximum=2**31 - 1)
+        _check_int("lease_ttl_ms", self.lease_ttl_ms, minimum=100, maximum=2**31 - 1)
         _check_int(
             "replica_poll_interval_ms", self.replica_poll_interval_ms, minimum=1, maximum=2**31 - 1
         )

@@ -153,3 +153,8 @@ class ObjectStoreError(StorageError):
 class ObjectStoreUnavailableError(ObjectStoreError):
     """Raised when the object store cannot be reached; nothing was shipped or fetched, and
     shipping goes on from where it stopped once it can."""
+
+
+class LeaseHeldError(ObjectStoreError):
+    """Raised when another writer holds the lease of the store id in the bucket (see
+    :mod:`rstmdb_storage.replication.lease`): one store ships to a bucket at a time."""

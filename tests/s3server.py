@@ -55,36 +55,53 @@ def _weed() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    directory = tmp_path_factory.mktemp("weed")
+@contextlib.contextmanager
+def weed_server(directory: Path) -> Iterator[str]:
+    """``weed mini`` serving S3 on 127.0.0.1, with its files in *directory*: its endpoint
+    (``http://127.0.0.1:PORT``) once it answers; stopped by its pid at the end. Also used by
+    the benchmark (``scripts/bench/replication.py``)."""
     ports = dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS)), strict=True))
     command = [_weed(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     command += [f"-{option}={port}" for option, port in ports.items()]
-    log = open(directory / "weed.log", "wb")  # noqa: SIM115 (closed at the end)
-    server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    with open(directory / "weed.log", "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            with s3_environment(endpoint):
+                _wait_until_it_answers(server, directory)
+            yield endpoint
+        finally:
+            os.kill(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+
+@contextlib.contextmanager
+def s3_environment(endpoint: str) -> Iterator[None]:
+    """boto3's environment variables set for *endpoint* (any credentials do for weed mini),
+    and put back as they were at the end."""
     saved = {k: os.environ.get(k) for k in _ENV}
     os.environ.update(
         AWS_ENDPOINT_URL=endpoint, AWS_ACCESS_KEY_ID="test", AWS_SECRET_ACCESS_KEY="test",
         AWS_DEFAULT_REGION="us-east-1",
     )  # fmt: skip
     try:
-        _wait_until_it_answers(server, directory)
-        yield endpoint
+        yield
     finally:
-        os.kill(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-        log.close()
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with weed_server(tmp_path_factory.mktemp("weed")) as endpoint, s3_environment(endpoint):
+        yield endpoint
 
 
 _ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")

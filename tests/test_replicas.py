@@ -218,20 +218,27 @@ def test_replicate_follow_and_restore_from_the_command_line(
 ) -> None:
     with Storage.open(data_dir) as storage:
         fill(storage, 0, 50)
+    # The bucket's history starts here: a snapshot at 50, then the WAL after it.
     code, out, err = run("replicate", data_dir, s3_url, "--once")
     assert code == 0, err
     assert json.loads(out)["shipped_seq"] == 50
+    with Storage.open(data_dir) as storage:
+        fill(storage, 50, 20)
+    code, out, err = run("replicate", data_dir, s3_url, "--once")
+    assert (code, json.loads(out)["shipped_seq"]) == (0, 70), err
 
     code, out, err = run("follow", s3_url, tmp_path / "replica", "--once")
     assert code == 0, err
     status = json.loads(out)
-    assert (status["role"], status["applied_seq"], status["lag_seq"]) == ("replica", 50, 0)
+    assert (status["role"], status["applied_seq"], status["lag_seq"]) == ("replica", 70, 0)
 
-    code, out, err = run("restore", s3_url, tmp_path / "restored", "--seq", 20, "--json")
+    code, out, err = run("restore", s3_url, tmp_path / "restored", "--seq", 60, "--json")
     assert code == 0, err
-    assert json.loads(out)["seq"] == 20
+    assert json.loads(out)["seq"] == 60
     with Storage.open(tmp_path / "restored") as restored:
-        assert restored.count_instances() == 20
+        assert restored.count_instances() == 60
+    code, _, err = run("restore", s3_url, tmp_path / "too-early", "--seq", 20)
+    assert code == 2 and "reaches sequence 20" in err  # before the bucket's history
 
 
 def test_follow_stops_at_a_damaged_object_with_one_line_and_exit_1(

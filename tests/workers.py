@@ -24,7 +24,8 @@ Commands::
     pair-writer DATA_DIR SEGMENT_SIZE BATCHES          wait for "go", write BATCHES batches
     torn-appender DATA_DIR                             under the append lock, write half a
                                                        record, report, and wait to be killed
-    shipping-writer DATA_DIR URL SEGMENT_SIZE SEAL_MS  put w1, w2, ... shipping to URL, until
+    shipping-writer DATA_DIR URL SEGMENT_SIZE SEAL_MS [LEASE_MS]
+                                                       put w1, w2, ... shipping to URL, until
                                                        killed (stdout)
 """
 
@@ -332,7 +333,9 @@ def torn_appender(data_dir: str) -> None:
     storage.close()
 
 
-def shipping_writer(data_dir: str, url: str, segment_size: str, seal_ms: str) -> None:
+def shipping_writer(
+    data_dir: str, url: str, segment_size: str, seal_ms: str, lease_ms: str = "30000"
+) -> None:
     """Put instance ``w<n>`` (one record each, so its sequence number is *n* in a new store)
     until killed, shipping to URL: announce each put before ("try") and after ("ack"), and
     every 20 acks the last sequence number the bucket holds ("shipped"). Automatic snapshots
@@ -344,6 +347,7 @@ def shipping_writer(data_dir: str, url: str, segment_size: str, seal_ms: str) ->
         max_wal_segments=2,
         replica_url=url,
         max_seal_interval_ms=int(seal_ms),
+        lease_ttl_ms=int(lease_ms),
     )
     out = sys.stdout
     with Storage.open(config) as storage:

@@ -13,7 +13,6 @@ that shipped them.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,11 +24,9 @@ from ..recovery import check_target, restore
 from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, Progress
 from ..wal.encoder import encode_segment_header
 from ..wal.format import segment_name
-from .layout import ShippedSegment, parse_manifest, parse_segment, snapshot_objects
+from .layout import STORE_ID, ShippedSegment, parse_manifest, parse_segment, snapshot_objects
+from .lease import read_epochs
 from .objects import ObjectStore
-
-_STORE_ID = re.compile(r"[0-9a-f]{32}")
-_EPOCH = re.compile(r"e[1-9][0-9]{0,8}")
 
 
 def restore_from_bucket(
@@ -43,7 +40,8 @@ def restore_from_bucket(
     return the sequence number restored to (see :meth:`rstmdb_storage.Storage.restore`)."""
     target_path = check_target(target, "restore target")
     objects = ObjectStore(url)
-    base = _store_dir(objects)
+    store = the_store(objects)
+    base = f"{store}/e{_epoch_for(objects, store, seq)}"
     target_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".rstmdb-download-", dir=target_path.parent))
     try:
@@ -53,23 +51,30 @@ def restore_from_bucket(
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _store_dir(objects: ObjectStore) -> str:
-    """``<store-id>/e<epoch>`` of the one store under the prefix (its newest epoch)."""
-    dirs: dict[str, int] = {}
-    for name in objects.names():
-        store_id, _, rest = name.partition("/")
-        epoch = rest.partition("/")[0]
-        if _STORE_ID.fullmatch(store_id) and _EPOCH.fullmatch(epoch):
-            dirs[store_id] = max(dirs.get(store_id, 0), int(epoch[1:]))
-    if not dirs:
+def the_store(objects: ObjectStore) -> str:
+    """The id (hex) of the one store under the URL's prefix."""
+    stores = [name for name in objects.folders() if STORE_ID.fullmatch(name)]
+    if not stores:
         raise InvalidInputError(f"{objects.url} holds no shipped store")
-    if len(dirs) > 1:
+    if len(stores) > 1:
         raise InvalidInputError(
-            f"{objects.url} holds {len(dirs)} stores ({', '.join(sorted(dirs))}): each store "
+            f"{objects.url} holds {len(stores)} stores ({', '.join(stores)}): each store "
             f"ships to a prefix of its own; restore from that one"
         )
-    ((store_id, epoch),) = dirs.items()
-    return f"{store_id}/e{epoch}"
+    return stores[0]
+
+
+def _epoch_for(objects: ObjectStore, store: str, seq: int | None) -> int:
+    """The newest epoch that holds *seq* (its snapshot is at or before it); the newest for
+    None. (By time, the newest: an older epoch's records after a newer one began are another
+    writer's history.)"""
+    known = read_epochs(objects, store)
+    chosen = [epoch for epoch, begins in known.items() if seq is None or begins.snapshot_seq <= seq]
+    if not chosen:
+        raise InvalidInputError(
+            f"{objects.url} holds no epoch of store {store} that reaches sequence {seq}"
+        )
+    return chosen[-1]
 
 
 def _download(
@@ -107,11 +112,10 @@ def _download(
         data = objects.get(f"{base}/{segment.name}")
         write_file_atomic(staging / WAL_DIR / segment_name(segment.first_seq), data, 0o600)
         previous = segment
-    if previous is not None:
-        # Every shipped segment is sealed; the live store had started the next one, empty,
-        # and a snapshot taken since records its tail there. Started again here, as a header
-        # alone (appends extend it), the WAL goes on where the snapshot says it does.
-        next_seq = previous.last_seq + 1
-        store_id = bytes.fromhex(base.partition("/")[0])
-        header = encode_segment_header(next_seq, store_id)
-        write_file_atomic(staging / WAL_DIR / segment_name(next_seq), header, 0o600)
+    # Every shipped segment is sealed; the live store had started the next one, empty, and a
+    # snapshot taken since records its tail there. Started again here, as a header alone
+    # (appends extend it), the WAL goes on where the snapshot says it does.
+    next_seq = previous.last_seq + 1 if previous is not None else after + 1
+    store_id = bytes.fromhex(base.partition("/")[0])
+    header = encode_segment_header(next_seq, store_id)
+    write_file_atomic(staging / WAL_DIR / segment_name(next_seq), header, 0o600)

@@ -37,7 +37,8 @@ from ..fsutil import current_pid
 from ..replay import replay
 from ..wal.decoder import check_sealed_segment
 from ..wal.format import SEGMENT_HEADER_SIZE
-from .layout import EPOCH, ShippedSegment, parse_segment, store_dir
+from .layout import ShippedSegment, parse_segment
+from .lease import read_epochs
 from .objects import ObjectStore
 from .shipping import MAX_BACKOFF, take_lock
 
@@ -61,7 +62,10 @@ class Follower:
         self.pid = current_pid()
         self._engine = engine
         self.objects = ObjectStore(config.replica_of)
-        self.base = store_dir(engine.wal.store_id, EPOCH)
+        self._store = engine.wal.store_id.hex()
+        #: the epoch followed (found at the first pass), and its directory
+        self.epoch: int | None = None
+        self.base = ""
         self._poll = config.replica_poll_interval_ms / 1000
         self._pass_lock = threading.Lock()
         self._lock_fd: int | None = None
@@ -93,6 +97,43 @@ class Follower:
             return applied
 
     def _apply_new(self) -> int:
+        if self.epoch is None:
+            self._follow_epoch(self._first_epoch())
+        while True:
+            applied = self._apply_epoch()
+            later = read_epochs(self.objects, self._store, newer_than=self.epoch or 0)
+            if not later:
+                return applied
+            epoch, begins = next(iter(later.items()))
+            start = begins.start_seq
+            if start != applied:
+                raise WalGapError(
+                    f"{self.objects.where(f'{self._store}/e{epoch}')}: a new writer of the "
+                    f"store began epoch {epoch} at sequence {start}, but epoch {self.epoch} "
+                    f"ends at {applied} in the bucket and here: the replica cannot follow "
+                    f"across; restore it again (into an empty directory)",
+                    path=self.objects.where(f"{self._store}/e{epoch}"),
+                )
+            self._follow_epoch(epoch)
+
+    def _first_epoch(self) -> int:
+        """The newest epoch that holds the record after this replica's last."""
+        applied = self._engine.applied_tail().applied_seq
+        known = read_epochs(self.objects, self._store)
+        reaching = [epoch for epoch, begins in known.items() if begins.start_seq <= applied]
+        if not reaching:
+            raise WalGapError(
+                f"{self.objects.url} holds no epoch of store {self._store} that reaches this "
+                f"replica's last record ({applied})",
+                path=self.objects.url,
+            )
+        return reaching[-1]
+
+    def _follow_epoch(self, epoch: int) -> None:
+        self.epoch, self.base = epoch, f"{self._store}/e{epoch}"
+
+    def _apply_epoch(self) -> int:
+        """Apply what the epoch followed holds past the last record applied; return it."""
         engine = self._engine
         tail = engine.applied_tail()
         after = f"{self.base}/wal/{tail.applied_seq:016x}.seg"  # sorts before <next>-...
@@ -144,6 +185,7 @@ class Follower:
         return {
             "role": "replica",
             "url": self.objects.url,
+            "epoch": self.epoch,
             "following": self._lock_fd is not None,
             "applied_seq": applied,
             "bucket_seq": self.bucket_seq,
@@ -172,10 +214,10 @@ class Follower:
                     if isinstance(exc, CorruptionError)
                     else min(max(wait * 2, 1.0), MAX_BACKOFF)
                 )
-                log.warning("following %s stopped (next try in %.0f s): %s", self.base, wait, exc)
+                log.warning("following %s stopped (next try in %.0f s): %s", self._store, wait, exc)
             except Exception as exc:  # a thread must not die silently
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("following %s failed", self.base)
+                log.exception("following %s failed", self._store)
                 wait = MAX_BACKOFF
 
     def stop(self) -> None:

@@ -106,15 +106,44 @@ class ObjectStore:
             raise ObjectStoreError(f"{self.where(name)} exists with other content")
         return False
 
+    def put_conditional(self, name: str, data: bytes, etag: str | None) -> str:
+        """Write *data* under *name* only if the object there is still the one with *etag*
+        (``If-Match``), or, with *etag* None, only if there is none (``If-None-Match: *``);
+        return the new ETag.
+
+        :raises ObjectStoreError: with ``code`` "PreconditionFailed" when the object changed
+        """
+        crc = crc32c(data)
+        condition = {"IfNoneMatch": "*"} if etag is None else {"IfMatch": etag}
+        response = self._call(
+            "put_object",
+            Bucket=self.bucket,
+            Key=self.key(name),
+            Body=data,
+            ChecksumCRC32C=base64.b64encode(crc.to_bytes(4, "big")).decode(),
+            Metadata={CRC_METADATA: f"{crc:08x}"},
+            **condition,
+        )
+        return response["ETag"]
+
+    def get_versioned(self, name: str) -> tuple[bytes, str]:
+        """:meth:`get`, with the object's ETag (for :meth:`put_conditional`)."""
+        data, _, etag = self._get(name)
+        return data, etag
+
     def get(self, name: str) -> bytes:
         """The bytes of *name*, their CRC-32C checked against the one written with them.
 
         :raises CorruptionError: the bytes do not match their checksum
         """
-        return self.fetch(name)[0]
+        return self._get(name)[0]
 
     def fetch(self, name: str) -> tuple[bytes, dict[str, str]]:
         """:meth:`get`, with the object's metadata."""
+        data, metadata, _ = self._get(name)
+        return data, metadata
+
+    def _get(self, name: str) -> tuple[bytes, dict[str, str], str]:
         response = self._call("get_object", Bucket=self.bucket, Key=self.key(name))
         try:
             data = response["Body"].read()
@@ -128,7 +157,7 @@ class ObjectStore:
                 f"({expected or 'none'})",
                 path=self.where(name),
             )
-        return data, metadata
+        return data, metadata, response["ETag"]
 
     def names(self, under: str = "", after: str | None = None) -> Iterator[str]:
         """The names of every object under *under* (relative to the prefix), in key order;
@@ -147,6 +176,22 @@ class ObjectStore:
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    def folders(self, under: str = "") -> list[str]:
+        """The names of the "directories" right under *under* (relative to it, without the
+        slash): the common prefixes of a listing by ``/``."""
+        start = self.key(under) if under else (f"{self.prefix}/" if self.prefix else "")
+        found: list[str] = []
+        token = None
+        while True:
+            args: dict[str, Any] = {"Bucket": self.bucket, "Prefix": start, "Delimiter": "/"}
+            if token:
+                args["ContinuationToken"] = token
+            page = self._call("list_objects_v2", **args)
+            found += [p["Prefix"][len(start) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return found
 
     def _call(self, method: str, **args: Any) -> Any:
         client = self._client or self._connect()

@@ -39,20 +39,15 @@ from typing import Any
 
 from ..config import SNAPSHOTS_DIR, StorageConfig
 from ..engine import Engine
-from ..errors import StorageError
+from ..errors import LeaseHeldError, ObjectStoreUnavailableError, StorageError
 from ..fsutil import current_pid, os_error
-from ..maintenance import hold_wal
+from ..maintenance import create_snapshot, hold_wal
+from ..replay import replay
 from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, published_seqs
 from ..wal.format import segment_name
 from ..writes import seal_wal
-from .layout import (
-    EPOCH,
-    ShippedSegment,
-    parse_manifest,
-    parse_segment,
-    snapshot_objects,
-    store_dir,
-)
+from .layout import ShippedSegment, parse_manifest, snapshot_objects
+from .lease import Epoch, LeaseKeeper, begin_epoch, holder_of, read_epochs
 from .objects import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -107,22 +102,28 @@ class Shipper:
         shipper.stop()
     """
 
-    def __init__(self, engine: Engine, start_thread: bool = True) -> None:
+    def __init__(self, engine: Engine) -> None:
         config = engine.config
         assert config.replica_url is not None
         self.pid = current_pid()
         self._engine = engine
         self.objects = ObjectStore(config.replica_url)
-        self.base = store_dir(engine.wal.store_id, EPOCH)
+        self._store = engine.wal.store_id.hex()
+        self._lease = LeaseKeeper(
+            self.objects, self._store, holder_of(config.path, config.file_mode), config.lease_ttl_ms
+        )
+        #: the epoch shipped under (None until the lease is held), and the record it starts at
+        self.epoch: int | None = None
+        self.epoch_start = 0
+        self.base = ""  # <store-id>/e<epoch>, once the lease is held
         self._seal_after = config.max_seal_interval_ms / 1000
         self._poll = min(self._seal_after / 4, 0.25)
         self._pass_lock = threading.Lock()  # one pass at a time in this process
-        self._shipped: set[str] | None = None  # names in the bucket, once listed
+        self._shipped: set[str] | None = None  # names in the epoch's directory, once listed
         self._open_since: tuple[int, float] | None = None  # (open segment, when seen holding)
         self._lock_fd: int | None = None
         self.last_error: str | None = None
         self.last_shipped_ms: int | None = None
-        self.passes = 0
         # Before anything can be compacted away: hold from the first segment not shipped.
         holds = engine.read(engine.meta.holds)
         if HOLD_NAME not in holds:
@@ -131,11 +132,41 @@ class Shipper:
             hold_wal(engine, HOLD_NAME, holds[HOLD_NAME])
         # The hold is at the first record not known shipped.
         self.shipped_seq = holds[HOLD_NAME] - 1
+        try:
+            with self._pass_lock:
+                self._take_lease()  # a second writer is refused here, at open
+        except ObjectStoreUnavailableError as exc:  # taken before the first upload instead
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            log.warning("%s: the lease is taken once the bucket answers: %s", config.path, exc)
         self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if start_thread:
-            self._thread = threading.Thread(target=self._run, name="rstmdb-shipper", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="rstmdb-shipper", daemon=True)
+        self._thread.start()
+
+    # --- the lease and the epoch ------------------------------------------------------------
+
+    def _take_lease(self) -> None:
+        """Take the lease; begin its epoch if this writer has not shipped under it yet, and
+        ship from there."""
+        known = read_epochs(self.objects, self._store)
+        epoch = self._lease.acquire(list(known))
+        begins = known.get(epoch) or self._begin_epoch(epoch)
+        self.epoch, self.epoch_start = epoch, begins.start_seq
+        self.base = f"{self._store}/e{epoch}"
+        self.shipped_seq = max(self.shipped_seq, begins.start_seq)
+        self._shipped = None
+
+    def _begin_epoch(self, epoch: int) -> Epoch:
+        """An epoch restores alone: it ships the segments after the end of the last sealed
+        one, from a snapshot taken after it (a replica switching epochs goes on from there)."""
+        engine = self._engine
+        seal_wal(engine)
+        start = engine.wal.segment_ids()[-1] - 1
+        replay(engine, strict=False)  # records other processes appended, applied first
+        applied = engine.applied_tail().applied_seq
+        begins = Epoch(start, create_snapshot(engine, None).seq if applied else 0)
+        hold_wal(engine, HOLD_NAME, start + 1)  # what came before is not shipped here
+        begin_epoch(self.objects, self._store, epoch, begins)
+        return begins
 
     # --- one pass ---------------------------------------------------------------------------
 
@@ -146,10 +177,15 @@ class Shipper:
 
         :raises ObjectStoreUnavailableError: the bucket cannot be reached; nothing is lost,
             the next pass ships it
+        :raises LeaseHeldError: another writer holds the lease (nothing is shipped)
         """
         with self._pass_lock:
             report = ShipReport()
             try:
+                if self.epoch is None:
+                    self._take_lease()
+                else:
+                    self._renew_lease()
                 if seal or self._seal_due():
                     seal_wal(self._engine)
                     self._open_since = None
@@ -161,13 +197,21 @@ class Shipper:
             finally:
                 report.backlog = self.backlog()
                 report.shipped_seq = self.shipped_seq
-                self.passes += 1
             return report
+
+    def _renew_lease(self) -> None:
+        try:
+            self._lease.renew_if_due()
+        except LeaseHeldError:
+            self.epoch = None  # lost: taken again (under a new epoch) only once it expires
+            raise
 
     def _ship_pass(self, report: ShipReport) -> None:
         shipped = self._bucket_names()
         engine = self._engine
         for segment in self._sealed():
+            if segment.last_seq <= self.epoch_start:
+                continue  # before this epoch: its snapshot holds it
             if segment.name not in shipped:
                 self._ship_segment(segment, shipped, report)
             if segment.last_seq + 1 > engine.read(engine.meta.holds).get(HOLD_NAME, 0):
@@ -180,7 +224,8 @@ class Shipper:
     def backlog(self) -> int:
         """Sealed segments not shipped yet (as far as this process knows)."""
         shipped = self._shipped or set()
-        return sum(1 for s in self._sealed() if s.name not in shipped)
+        start = self.epoch_start
+        return sum(1 for s in self._sealed() if s.last_seq > start and s.name not in shipped)
 
     def _seal_due(self) -> bool:
         """Whether the open segment has held a record for ``max_seal_interval_ms``."""
@@ -214,12 +259,11 @@ class Shipper:
             return
         except OSError as exc:
             raise StorageError(f"reading {path} to ship it: {exc.strerror or exc}") from exc
-        earlier = [s for s in map(parse_segment, shipped) if s and s.last_seq < segment.first_seq]
         metadata = {
             **self._identity(),
             "first-seq": str(segment.first_seq),
             "last-seq": str(segment.last_seq),
-            "prev-last-seq": str(max((s.last_seq for s in earlier), default=0)),
+            "prev-last-seq": str(segment.first_seq - 1),
         }
         if self.objects.put_once(f"{self.base}/{segment.name}", data, metadata):
             report.shipped.append(segment.name)
@@ -232,7 +276,7 @@ class Shipper:
         directory = self._engine.config.path / SNAPSHOTS_DIR
         have = {seq for seq in map(parse_manifest, shipped) if seq is not None}
         for seq in published_seqs(directory):
-            if seq in have or seq > self.shipped_seq:
+            if seq in have or not self.epoch_start <= seq <= self.shipped_seq:
                 continue
             stem = f"{seq:020d}"
             try:
@@ -250,7 +294,7 @@ class Shipper:
                 shipped.add(name)
 
     def _identity(self) -> dict[str, str]:
-        return {"store-id": self._engine.wal.store_id.hex(), "epoch": str(EPOCH)}
+        return {"store-id": self._store, "epoch": str(self.epoch)}
 
     # --- the thread -------------------------------------------------------------------------
 
@@ -260,6 +304,7 @@ class Shipper:
         return {
             "role": "primary",
             "url": self.objects.url,
+            "epoch": self.epoch,
             "shipping": self._lock_fd is not None,
             "shipped_seq": self.shipped_seq,
             "lag_seq": max(applied - self.shipped_seq, 0),
@@ -299,16 +344,18 @@ class Shipper:
         return Shipper(self._engine)
 
     def stop(self, final_pass: bool = True) -> None:
-        """Stop the thread; first, if this process ships and the last pass reached the bucket,
-        seal and ship what is left, so that a store closed cleanly leaves nothing unshipped."""
+        """Stop the thread; then, if this process ships (or may: no other does) and the last
+        pass reached the bucket, seal and ship what is left, and let the lease go: a store
+        closed cleanly leaves nothing unshipped, and the next writer need not wait."""
         if self.pid != current_pid():
             return
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
-        if final_pass and self._lock_fd is not None and self.last_error is None:
+        if final_pass and self.last_error is None and self._leading():
             try:
                 self.ship(seal=True)
+                self._lease.release()
             except StorageError as exc:  # kept in last_error; closing must not fail for it
                 log.warning("shipping %s on close failed: %s", self.base, exc)
         if self._lock_fd is not None:

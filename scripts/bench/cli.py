@@ -19,6 +19,7 @@ from bench.chart import write_chart
 from bench.comparisons import NAMES, ROWS, SECTIONS, Result, Row, Section
 from bench.data import fields_of, make_instance
 from bench.readme import rewrite_readme
+from bench.replication import run_replication
 from bench.report import print_facts, print_results, results_json, table_notes
 from bench.scale import run_memory, run_scale
 from bench.settings import REPO_ROOT, parse_args, settings_from
@@ -150,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
             problems.append(f"API check: {exc!r}")
         results = run_rows(bench, rows, problems)
         section_lines = run_sections(bench, sections, problems)
-        for option, run in (("scale", run_scale), ("memory", run_memory)):
-            if getattr(settings, "scale" if option == "scale" else "memory_instances"):
+        for option, wanted, run in (
+            ("scale", settings.scale, run_scale),
+            ("memory", settings.memory_instances, run_memory),
+            ("replication", settings.replication_instances, run_replication),
+        ):
+            if wanted:
                 t0 = time.perf_counter()
                 try:
                     figures, lines = run(bench)

@@ -37,6 +37,8 @@ class Settings:
     """Store sizes of ``--scale`` (none: no scale run)."""
     memory_instances: int
     """Instances in the store of ``--memory`` (0: no memory run)."""
+    replication_instances: int
+    """Instances in the disaster-recovery store of ``--replication`` (0: no replication run)."""
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -56,6 +58,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
         mp_idle=not quick,
         scale=parse_sizes(args.scale) if args.scale else (),
         memory_instances=(args.memory_instances or 1_000_000) if args.memory else 0,
+        replication_instances=(
+            (args.replication_instances or (20_000 if quick else 1_000_000))
+            if args.replication
+            else 0
+        ),
     )
 
 
@@ -147,6 +154,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--memory-instances", type=parse_size, help="instances of the --memory store (default 1M)"
+    )
+    parser.add_argument(
+        "--replication",
+        action="store_true",
+        help="also time shipping to a bucket and following it (a weed mini server on "
+        "127.0.0.1): puts with shipping on against off, replica lag, shipping throughput, "
+        "replica lookups, disaster recovery against a plain download",
+    )
+    parser.add_argument(
+        "--replication-instances",
+        type=parse_size,
+        help="instances of the --replication disaster-recovery store (default 1M, quick 20k)",
     )
     parser.add_argument(
         "--only",
