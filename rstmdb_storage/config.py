@@ -176,6 +176,10 @@ class StorageConfig:
     #: renewal (see :mod:`rstmdb_storage.replication.lease`): how soon another writer may
     #: take over from one that died
     lease_ttl_ms: int = 30_000
+    #: with ``replica_url``: when ``data_dir`` holds no store and the bucket holds one (a
+    #: host whose disk was lost), restore it from the bucket before opening, rather than
+    #: start a new, empty store (a bucket that cannot be reached fails the open)
+    restore_if_missing: bool = False
     #: open as a replica of the store that ships to this URL (``s3://bucket/prefix``): an
     #: empty ``data_dir`` is restored from the bucket, then a thread applies what the primary
     #: ships; writes are refused (see :mod:`rstmdb_storage.replication.following`)
@@ -205,7 +209,7 @@ class StorageConfig:
         _check_int("snapshot_interval", self.snapshot_interval, minimum=0, maximum=2**62)
         _check_int("max_wal_segments", self.max_wal_segments, minimum=1, maximum=2**31)
         _check_int("snapshots_kept", self.snapshots_kept, minimum=1, maximum=2**31)
-        for name in ("compaction_enabled", "read_only", "create"):
+        for name in ("compaction_enabled", "read_only", "create", "restore_if_missing"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}: need a bool, got {getattr(self, name)!r}")
         _check_int("wal_segment_size", self.wal_segment_size, minimum=64 * KiB, maximum=2**40)
@@ -243,6 +247,8 @@ class StorageConfig:
                     f"{name}: need an object store URL (s3://bucket/prefix) or None, "
                     f"got {shown(url)}"
                 )
+        if self.restore_if_missing and self.replica_url is None:
+            raise ConfigError("restore_if_missing: needs a replica_url to restore from")
         if self.replica_of is not None and (self.replica_url is not None or self.read_only):
             raise ConfigError(
                 "replica_of: a replica neither ships (replica_url) nor opens read-only (its "

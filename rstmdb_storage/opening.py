@@ -43,7 +43,7 @@ from .fsutil import fsync_dir, make_dir, network_filesystem, os_error
 from .maintenance import Flusher, checkpoint
 from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, recover
-from .replication.bucket_restore import restore_from_bucket
+from .replication.bucket_restore import bucket_holds_store, restore_from_bucket
 from .replication.following import Follower
 from .replication.shipping import Shipper
 from .snapshots import (
@@ -77,8 +77,13 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
         )
     root = config.path
     refuse_unfinished_restore(config)
-    if config.replica_of is not None and not config.holds_store():
-        restore_from_bucket(config.replica_of, root, None, None, progress)  # a new replica
+    if not config.holds_store():
+        # A new replica starts from the bucket; so does a primary whose disk was lost, if
+        # asked: a store shipped there is restored rather than a new, empty one started.
+        if config.replica_of is not None:
+            restore_from_bucket(config.replica_of, root, None, None, progress)
+        elif config.restore_if_missing and bucket_holds_store(config.replica_url):
+            restore_from_bucket(config.replica_url, root, None, None, progress)
     if not config.create or config.read_only:
         require_store(config)
     if config.read_only:

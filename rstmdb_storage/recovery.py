@@ -188,11 +188,14 @@ def restore_to(
     progress: Progress | None = None,
     target_role: str = "restore target",
     until_ms: int | None = None,
+    move: bool = False,
 ) -> int:
     """Build in *target* a data directory holding *source*'s state at WAL sequence *seq* (its
     newest record when None; as of the time *until_ms*, when given), to be opened next;
     return that sequence number. *wal* reads the source's WAL. Replay happens when the
     target is opened. *target_role* names the target in errors ("backup target" for a backup).
+    With *move*, the files are moved rather than copied: *source* is a staging directory of
+    the caller's, thrown away afterwards.
 
     :raises InvalidInputError: *target* is not empty, or *seq* is not covered by the source
     """
@@ -234,9 +237,10 @@ def restore_to(
         write_file_atomic(target / RESTORE_MARKER, b"", file_mode)
         for name in (WAL_DIR, SNAPSHOTS_DIR, INDEXES_DIR):
             make_dir(target / name, file_mode)
+        place = _move_file if move else copy_file_atomic
         copied = [i for i in ids if first <= i <= end.segment]
         for number, first_seq in enumerate(copied, 1):
-            copy_file_atomic(
+            place(
                 source / WAL_DIR / segment_name(first_seq),
                 target / WAL_DIR / segment_name(first_seq),
                 file_mode,
@@ -249,12 +253,24 @@ def restore_to(
         if manifest is not None:
             for suffix in (DATA_SUFFIX, MANIFEST_SUFFIX):
                 name = manifest.name + suffix
-                copy_file_atomic(
-                    source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode
-                )
+                place(source / SNAPSHOTS_DIR / name, target / SNAPSHOTS_DIR / name, file_mode)
         (target / RESTORE_MARKER).unlink()
         fsync_dir(target)
     return end.applied_seq
+
+
+def _move_file(source: Path, target: Path, mode: int) -> None:
+    """Rename *source*, a synced file of a staging directory the restore owns (a download
+    from a bucket), to *target*; copy it where a rename cannot go (another filesystem)."""
+    try:
+        os.chmod(source, mode)
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        copy_file_atomic(source, target, mode)
+        return
+    fsync_dir(target.parent)
 
 
 def seq_at_time(wal: Wal, until_ms: int) -> int:
@@ -370,6 +386,7 @@ def restore(
     seq: int | None,
     until_ms: int | None,
     progress: Progress | None,
+    move: bool = False,
 ) -> int:
     """Build in *target* the state of the data directory *source* at *seq*, or as of the
     time *until_ms* (see :meth:`rstmdb_storage.Storage.restore`); return the sequence number
@@ -385,7 +402,7 @@ def restore(
             raise InvalidInputError("restore: give seq or until_ms, not both")
         check_int63("until_ms", until_ms)
     return restore_to(
-        config.path, target_path, wal, seq, config.file_mode, progress, until_ms=until_ms
+        config.path, target_path, wal, seq, config.file_mode, progress, until_ms=until_ms, move=move
     )
 
 

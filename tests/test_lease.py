@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -128,3 +129,34 @@ def test_a_clean_close_lets_the_next_writer_take_the_lease_at_once(
         assert nxt.replication_status()["epoch"] == 2
         fill(nxt, 20, 1)
         assert nxt.ship().shipped_seq == 21
+
+
+def test_restore_if_missing_brings_a_lost_disk_back_from_the_bucket(
+    config: StorageConfig, s3_url: str
+) -> None:
+    primary_config = dataclasses.replace(config, replica_url=s3_url, restore_if_missing=True)
+    with Storage.open(primary_config) as primary:  # the bucket is empty: a new store
+        fill(primary, 0, 30)
+        before = {i.id: i for i in primary.iter_instances()}
+    shutil.rmtree(config.path)  # the disk is lost
+
+    with Storage.open(primary_config) as primary:
+        assert {i.id: i for i in primary.iter_instances()} == before
+        assert primary.replication_status()["epoch"] == 2  # another writer: a new epoch
+        fill(primary, 30, 1)
+        assert primary.ship().shipped_seq == 31
+
+
+def test_restore_if_missing_without_the_bucket_starts_nothing(
+    config: StorageConfig, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from s3server import closed_port
+
+    from rstmdb_storage import ConfigError, ObjectStoreUnavailableError
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(ObjectStoreUnavailableError):
+        Storage.open(dataclasses.replace(config, replica_url=s3_url, restore_if_missing=True))
+    assert not (config.path / "wal").exists()
+    with pytest.raises(ConfigError, match="restore_if_missing"):
+        Storage.open(dataclasses.replace(config, restore_if_missing=True))

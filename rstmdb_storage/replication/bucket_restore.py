@@ -46,9 +46,16 @@ def restore_from_bucket(
     staging = Path(tempfile.mkdtemp(prefix=".rstmdb-download-", dir=target_path.parent))
     try:
         _download(objects, base, staging, seq, until_ms)
-        return restore(staging, target_path, seq, until_ms, progress)
+        return restore(staging, target_path, seq, until_ms, progress, move=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def bucket_holds_store(url: str | None) -> bool:
+    """Whether a store shipped to *url* (a bucket that cannot be reached raises
+    :class:`~rstmdb_storage.errors.ObjectStoreUnavailableError`: no empty store is started
+    in place of one that may be there)."""
+    return url is not None and any(STORE_ID.fullmatch(n) for n in ObjectStore(url).folders())
 
 
 def the_store(objects: ObjectStore) -> str:

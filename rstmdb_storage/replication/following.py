@@ -205,9 +205,11 @@ class Follower:
                 if self._lock_fd is None:
                     wait = 1.0  # another process follows; take over if it goes
                     continue
+            started = time.monotonic()
             try:
                 self.catch_up()
-                wait = self._poll
+                # At a fixed rate: a record waits at most one interval for the next poll.
+                wait = max(self._poll - (time.monotonic() - started), 0.0)
             except StorageError as exc:
                 wait = (
                     MAX_BACKOFF

@@ -103,6 +103,11 @@ class LeaseKeeper:
             self.lease = self._write(max(current.epoch, *epochs) + 1, current.etag, now)
         return self.lease.epoch
 
+    def renewal_due(self) -> bool:
+        """Whether a third of the lease's time is gone (or it is not held)."""
+        lease = self.lease
+        return lease is None or lease.expires_ms - _now_ms() < self.ttl_ms * 2 // 3
+
     def renew_if_due(self) -> None:
         """Renew the lease when a third of its time is gone.
 
@@ -110,9 +115,8 @@ class LeaseKeeper:
         """
         lease = self.lease
         assert lease is not None
-        now = _now_ms()
-        if lease.expires_ms - now < self.ttl_ms * 2 // 3:
-            self.lease = self._write(lease.epoch, lease.etag, now)
+        if self.renewal_due():
+            self.lease = self._write(lease.epoch, lease.etag, _now_ms())
 
     def release(self) -> None:
         """Let the lease expire now (a clean close): another writer may take it at once."""

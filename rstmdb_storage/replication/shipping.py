@@ -117,10 +117,14 @@ class Shipper:
         self.epoch_start = 0
         self.base = ""  # <store-id>/e<epoch>, once the lease is held
         self._seal_after = config.max_seal_interval_ms / 1000
-        self._poll = min(self._seal_after / 4, 0.25)
+        # The open segment is checked this often: it is sealed at most this late.
+        self._poll = min(self._seal_after / 10, 0.05)
         self._pass_lock = threading.Lock()  # one pass at a time in this process
         self._shipped: set[str] | None = None  # names in the epoch's directory, once listed
-        self._open_since: tuple[int, float] | None = None  # (open segment, when seen holding)
+        #: the open segment, and when its first record was written (Unix s)
+        self._open_since: tuple[int, float] | None = None
+        self._seen: tuple[tuple[int, ...], tuple[int, ...]] | None = None  # what the last pass saw
+        self._upload_seconds = 0.0
         self._lock_fd: int | None = None
         self.last_error: str | None = None
         self.last_shipped_ms: int | None = None
@@ -228,15 +232,19 @@ class Shipper:
         return sum(1 for s in self._sealed() if s.last_seq > start and s.name not in shipped)
 
     def _seal_due(self) -> bool:
-        """Whether the open segment has held a record for ``max_seal_interval_ms``."""
+        """Whether the open segment's first record was written ``max_seal_interval_ms`` ago."""
         firsts = self._engine.wal.segment_ids()
-        if not firsts or self._engine.applied_tail().applied_seq < firsts[-1]:
-            self._open_since = None  # it holds no record
+        if not firsts:
             return False
-        now = time.monotonic()
         if self._open_since is None or self._open_since[0] != firsts[-1]:
-            self._open_since = (firsts[-1], now)
-        return now - self._open_since[1] >= self._seal_after
+            written_ms = self._engine.wal.first_record_ms(firsts[-1])
+            if written_ms is None:
+                return False  # it holds no record
+            self._open_since = (firsts[-1], written_ms / 1000)
+        # Sealed in time for its upload to end by the deadline: max_seal_interval_ms is how
+        # long a record may wait to be in the bucket (when the bucket answers promptly).
+        ahead = self._poll + self._upload_seconds
+        return time.time() - self._open_since[1] >= self._seal_after - ahead
 
     def _bucket_names(self) -> set[str]:
         if self._shipped is None:
@@ -265,8 +273,13 @@ class Shipper:
             "last-seq": str(segment.last_seq),
             "prev-last-seq": str(segment.first_seq - 1),
         }
+        started = time.monotonic()
         if self.objects.put_once(f"{self.base}/{segment.name}", data, metadata):
             report.shipped.append(segment.name)
+            # How long an upload takes, smoothed: the open segment is sealed this much early.
+            took = time.monotonic() - started
+            smoothed = 0.8 * self._upload_seconds + 0.2 * took
+            self._upload_seconds = min(smoothed, self._seal_after / 2)
         shipped.add(segment.name)
 
     def _ship_snapshots(self, shipped: set[str], report: ShipReport) -> None:
@@ -313,6 +326,18 @@ class Shipper:
             "last_shipped_ms": self.last_shipped_ms,
         }
 
+    def _work_waits(self) -> bool:
+        """Whether a pass has anything to do: a segment sealed, a snapshot published, the
+        open segment due, the lease due, or the last pass failed (cheap: two listings)."""
+        seen = (
+            tuple(self._engine.wal.segment_ids()),
+            tuple(published_seqs(self._engine.config.path / SNAPSHOTS_DIR)),
+        )
+        changed, self._seen = seen != self._seen, seen
+        return (
+            changed or self.last_error is not None or self._lease.renewal_due() or self._seal_due()
+        )
+
     def _run(self) -> None:
         wait = self._poll
         while not self._stop.wait(wait):
@@ -320,7 +345,8 @@ class Shipper:
                 wait = 1.0  # another process ships; take over if it goes
                 continue
             try:
-                self.ship()
+                if self._work_waits():
+                    self.ship()
                 wait = self._poll
             except StorageError as exc:  # the bucket is away, or the store failed: again later
                 wait = min(max(wait * 2, 1.0), MAX_BACKOFF)

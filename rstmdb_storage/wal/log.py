@@ -162,6 +162,12 @@ class Wal:
         self._forget(first_seq)
         write_file_atomic(self.directory / segment_name(first_seq), data, self.file_mode)
 
+    def first_record_ms(self, first_seq: int) -> int | None:
+        """When the first record of segment *first_seq* was written (Unix ms), or None while
+        it holds none (a shipper seals a segment once its first record is old enough)."""
+        found = decode_record(self.segment(first_seq).read, SEGMENT_HEADER_SIZE)
+        return found.timestamp_ms if isinstance(found, FramedRecord) else None
+
     def start(self) -> WalTail:
         """Create the first segment of a new store; return the tail of the empty log."""
         self._create_segment(1)
