@@ -81,6 +81,9 @@ POINTS: dict[str, str] = {
     # recovery
     "repair.after_copy_aside": "repair: the torn segment is copied aside, not yet cut",
     "restore.mid_copy": "restore/backup: the first WAL segment is copied, the rest not",
+    # replication
+    "ship.after_upload": "shipping: a segment is in the bucket, the hold not moved past it",
+    "follow.after_adopt": "replica: a shipped segment is in its WAL, not applied to LMDB",
     # races
     "transition.after_key_check": "transition: its idempotency key is not known yet, the "
     "instance not read",

@@ -12,6 +12,7 @@ with ``apply`` in one LMDB transaction (or groups it with other processes' write
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -59,7 +60,11 @@ class Storage(Lookups):
     @classmethod
     @typed_calls_without_store
     def open(
-        cls, config: StorageConfig | str | os.PathLike[str], progress: Progress | None = None
+        cls,
+        config: StorageConfig | str | os.PathLike[str],
+        progress: Progress | None = None,
+        *,
+        replica_of: str | None = None,
     ) -> Storage:
         """Open the store in ``config.data_dir`` and replay the WAL records LMDB has not
         applied yet. A new store is created there when the path holds none, unless
@@ -69,6 +74,12 @@ class Storage(Lookups):
         newest intact snapshot and the WAL after it (see :mod:`rstmdb_storage.recovery`);
         *progress*, if given, hears how that goes (see :data:`Progress`).
 
+        With *replica_of* (``s3://bucket/prefix``, the same as ``config.replica_of``), the
+        store is a replica of what a primary ships there: restored from the bucket when the
+        path holds no store, then following it (see :mod:`rstmdb_storage.replication`)::
+
+            replica = Storage.open("/var/lib/replica", replica_of="s3://backups/rstmdb")
+
         :param config: a :class:`StorageConfig`, or a path for all defaults
         :raises ConfigError: a config field is invalid
         :raises NotAStoreError: ``create=False`` or ``read_only=True`` and the path is not a
@@ -77,7 +88,10 @@ class Storage(Lookups):
         :raises CorruptionError: the WAL or LMDB fails its checks and cannot be rebuilt (never
             silently skipped); :class:`WalGapError` names the missing sequence numbers
         """
-        return cls(opening.open_engine(StorageConfig.of(config), progress))
+        config = StorageConfig.of(config)
+        if replica_of is not None:
+            config = dataclasses.replace(config, replica_of=replica_of)
+        return cls(opening.open_engine(config, progress))
 
     @typed_calls
     def close(self) -> None:
@@ -238,85 +252,62 @@ class Storage(Lookups):
 
     @typed_calls
     def ship(self) -> ShipReport:
-        """Seal the open WAL segment and ship, now, every sealed segment and snapshot not in
-        the bucket of ``config.replica_url`` yet (the background thread does the same within
-        ``max_seal_interval_ms`` of each write; this is for a test, or before a planned
-        switch-over). Returns what was shipped.
+        """Seal the open WAL segment and ship, now, what is not in the bucket of
+        ``config.replica_url`` yet (the background thread does it within
+        ``max_seal_interval_ms`` of each write; this is for tests and planned switch-overs).
 
         Example::
 
-            config = StorageConfig(data_dir="/var/lib/rstmdb", replica_url="s3://backups/rstmdb")
-            with Storage.open(config) as storage:
-                storage.put_instance(order)
-                assert storage.ship().shipped_seq == storage.applied_seq
+            assert storage.ship().shipped_seq == storage.applied_seq
 
         :raises InvalidInputError: the store was not opened with a ``replica_url``
-        :raises ObjectStoreUnavailableError: the bucket cannot be reached (nothing is lost:
-            the segments stay held, and the next pass ships them)
+        :raises ObjectStoreUnavailableError: the bucket cannot be reached (nothing is lost)
         """
-        return self._shipper().ship(seal=True)
+        return self._replication("replica_url").ship(seal=True)
 
     @typed_calls
     def catch_up(self) -> int:
-        """On a replica (``config.replica_of``): apply, now, every segment the bucket holds
-        past the last record applied here (the background thread does the same every
+        """On a replica: apply, now, every segment the bucket of ``config.replica_of`` holds
+        past the last record applied here (the background thread does it every
         ``replica_poll_interval_ms``); return the last sequence number applied.
 
         Example::
 
-            config = StorageConfig(data_dir="/var/lib/replica", replica_of="s3://backups/rstmdb")
-            with Storage.open(config) as replica:
-                replica.catch_up()
-                replica.get_instance("order-1")
+            replica.catch_up()
 
         :raises InvalidInputError: the store is not a replica
         :raises WalGapError, CorruptionError: the bucket's next segment does not join, or fails
-            its checks (the error names it); the replica stays at its last good record
-        :raises ObjectStoreUnavailableError: the bucket cannot be reached
+            its checks (named); the replica stays at its last good record
         """
-        follower = self._engine.follower
-        if follower is None:
-            raise InvalidInputError(f"{self.config.path} was not opened with a replica_of")
-        return follower.catch_up()
+        return self._replication("replica_of").catch_up()
 
     @typed_calls
     def replication_status(self) -> dict[str, Any]:
-        """How replication goes, as this process sees it.
-
-        On a primary (``config.replica_url``): ``role`` "primary", ``url``, ``shipping``
-        (whether this process is the one shipping: of the processes that have the store open,
-        one ships at a time), ``shipped_seq`` (the last record in the bucket), ``lag_seq``
-        (records applied here and not in the bucket yet), ``backlog`` (sealed segments not
-        shipped yet), ``last_error`` (of the last pass, or None) and ``last_shipped_ms`` (Unix
-        ms of the last object written, or None).
-
-        On a replica (``config.replica_of``): ``role`` "replica", ``url``, ``following``,
-        ``applied_seq``, ``bucket_seq`` (the last record the bucket was seen to hold),
-        ``lag_seq`` (their difference), ``lag_seconds`` (since the last poll that found
-        nothing left to apply: everything shipped before it is applied here; None before the
-        first) and ``last_error`` (why the replica stopped, naming the object, or None).
+        """How replication goes, as this process sees it. Both roles: ``role`` ("primary" or
+        "replica"), ``url``, ``epoch``, ``lag_seq`` and ``last_error`` (None, or why the last
+        pass failed: a replica stopped at a bad object names it). A primary: ``shipping``
+        (whether this process ships: one at a time does), ``shipped_seq``, ``backlog``
+        (sealed segments not shipped yet), ``last_shipped_ms``. A replica: ``following``,
+        ``applied_seq``, ``bucket_seq`` (the last record the bucket was seen to hold) and
+        ``lag_seconds`` (since the last poll that left nothing to apply; None before one).
 
         Example::
 
-            status = storage.replication_status()
-            if status["last_error"]:
-                print(status["lag_seq"], "records behind:", status["last_error"])
+            if storage.replication_status()["last_error"]: ...
 
         :raises InvalidInputError: the store neither ships nor follows
         """
-        engine = self._engine
-        if engine.follower is not None:
-            return engine.follower.status()
-        return self._shipper().status()
+        setting = "replica_of" if self.config.replica_of is not None else "replica_url"
+        return self._replication(setting).status()
 
-    def _shipper(self) -> Any:
-        shipper = self._engine.shipper
-        if shipper is None:
+    def _replication(self, setting: str) -> Any:
+        """The shipper (``replica_url``) or the follower (``replica_of``) of this store."""
+        part = self._engine.shipper if setting == "replica_url" else self._engine.follower
+        if part is None:
             raise InvalidInputError(
-                f"{self.config.path} was opened with neither a replica_url nor a replica_of "
-                f"(or read-only): nothing ships"
+                f"{self.config.path} was not opened with a {setting} (or is read-only)"
             )
-        return shipper
+        return part
 
     @classmethod
     @typed_calls_without_store

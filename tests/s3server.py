@@ -28,14 +28,20 @@ PORT_OPTIONS = [
 START_TIMEOUT = 60
 
 
+def free_ports() -> dict[str, int]:
+    """A port for each of :data:`PORT_OPTIONS`, free now (with its gRPC twin)."""
+    return dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS)), strict=True))
+
+
 def _free_ports(count: int) -> list[int]:
-    """Ports free now, with their +10000 gRPC twins free too."""
+    """Ports free now, with their +10000 gRPC twins free too, none the twin of another."""
     ports: list[int] = []
     while len(ports) < count:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        if port + 10000 < 65536 and port not in ports and _free(port + 10000):
+        taken = {*ports, *(p + 10000 for p in ports)}
+        if port + 10000 < 65536 and not {port, port + 10000} & taken and _free(port + 10000):
             ports.append(port)
     return ports
 
@@ -56,11 +62,12 @@ def _weed() -> str:
 
 
 @contextlib.contextmanager
-def weed_server(directory: Path) -> Iterator[str]:
-    """``weed mini`` serving S3 on 127.0.0.1, with its files in *directory*: its endpoint
-    (``http://127.0.0.1:PORT``) once it answers; stopped by its pid at the end. Also used by
-    the benchmark (``scripts/bench/replication.py``)."""
-    ports = dict(zip(PORT_OPTIONS, _free_ports(len(PORT_OPTIONS)), strict=True))
+def weed_server(directory: Path, ports: dict[str, int] | None = None) -> Iterator[str]:
+    """``weed mini`` serving S3 on 127.0.0.1, with its files in *directory*, on *ports*
+    (free ones when None: see :func:`free_ports`): its endpoint (``http://127.0.0.1:PORT``)
+    once it answers; stopped by its pid at the end. Also used by the benchmark
+    (``scripts/bench/replication.py``)."""
+    ports = ports or free_ports()
     command = [_weed(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
     command += [f"-{option}={port}" for option, port in ports.items()]
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
@@ -71,7 +78,8 @@ def weed_server(directory: Path) -> Iterator[str]:
                 _wait_until_it_answers(server, directory)
             yield endpoint
         finally:
-            os.kill(server.pid, signal.SIGTERM)
+            if server.poll() is None:
+                os.kill(server.pid, signal.SIGTERM)
             try:
                 server.wait(timeout=20)
             except subprocess.TimeoutExpired:

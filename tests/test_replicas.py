@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 from click.testing import CliRunner
-from helpers import order
+from helpers import order, start_armed_worker
 
 from rstmdb_storage import (
     ConfigError,
@@ -103,12 +104,12 @@ def test_a_replica_applies_by_itself_within_its_poll_interval(
 
 
 def test_a_replica_refuses_writes(
-    primary_config: StorageConfig, replica_config: StorageConfig
+    primary_config: StorageConfig, replica_config: StorageConfig, s3_url: str
 ) -> None:
     with Storage.open(primary_config) as primary:
         fill(primary, 0, 5)
         primary.ship()
-    with Storage.open(replica_config) as replica:
+    with Storage.open(replica_config.path, replica_of=s3_url) as replica:  # the short form
         with pytest.raises(ReadOnlyError, match="replica"):
             replica.put_instance(order("new"))
         with pytest.raises(ReadOnlyError, match="replica"):
@@ -255,3 +256,48 @@ def test_follow_stops_at_a_damaged_object_with_one_line_and_exit_1(
     code, out, err = run("follow", s3_url, tmp_path / "replica", "--once")
     assert (code, out) == (1, "")
     assert err.startswith("error: s3://") and err.count("\n") == 1
+
+
+# --- killed at a step of shipping or following ----------------------------------------------
+
+
+def test_a_primary_killed_right_after_an_upload_ships_on_without_a_duplicate(
+    data_dir: Path, s3_url: str, tmp_path: Path
+) -> None:
+    worker = start_armed_worker(
+        "ship.after_upload=1*off->kill", "shipping-writer", data_dir, s3_url, 64 * 1024, 50
+    )
+    worker.communicate(timeout=120)
+    assert worker.returncode == -signal.SIGKILL  # killed at the point: the hold not moved yet
+    uploaded = segment_keys(s3_url)
+    assert len(uploaded) == 2
+
+    with Storage.open(StorageConfig(data_dir=data_dir, replica_url=s3_url)) as storage:
+        report = storage.ship()
+        assert not set(report.shipped) & {k.rpartition("/e1/")[2] for k in uploaded}
+        assert report.shipped_seq == storage.applied_seq
+    assert Storage.restore(s3_url, tmp_path / "restored") == report.shipped_seq
+    with Storage.open(tmp_path / "restored") as restored:
+        assert restored.verify() == []
+        assert restored.count_instances() == report.shipped_seq
+
+
+def test_a_replica_killed_between_taking_a_segment_and_applying_it_catches_up(
+    primary_config: StorageConfig, replica_config: StorageConfig, s3_url: str
+) -> None:
+    with Storage.open(primary_config) as primary:
+        fill(primary, 0, 50)
+        primary.ship()
+        with Storage.open(replica_config):
+            pass  # restored from the bucket
+        fill(primary, 50, 300)
+        primary.ship()
+        follower = start_armed_worker(
+            "follow.after_adopt=1*off->kill", "follower", s3_url, replica_config.path
+        )
+        follower.communicate(timeout=120)
+        assert follower.returncode == -signal.SIGKILL
+        with Storage.open(replica_config) as replica:
+            assert replica.catch_up() == primary.applied_seq
+            assert everything(replica) == everything(primary)
+            assert replica.verify() == []

@@ -12,7 +12,7 @@ from pathlib import Path
 import boto3
 import pytest
 from helpers import order, start_worker
-from s3server import StallingProxy, closed_port
+from s3server import StallingProxy, closed_port, free_ports, weed_server
 from workers import shipped_instance
 
 from rstmdb_storage import (
@@ -311,3 +311,54 @@ def test_an_upload_cut_off_half_way_leaves_nothing_and_the_next_one_ships_it(
         assert report.backlog == 0 and report.shipped_seq == storage.applied_seq
     assert Storage.restore(s3_url, tmp_path / "restored") == report.shipped_seq
     assert contents(tmp_path / "restored") == contents(data_dir)
+
+
+def test_a_server_stopped_while_the_store_writes_gets_the_backlog_when_it_is_back(
+    data_dir: Path, tmp_path: Path, s3_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bucket's server itself stopped and started again (its own weed mini, on the same
+    ports and files): the store's thread ships the backlog by itself once it answers."""
+    server_dir, ports = tmp_path / "weed", free_ports()
+    server_dir.mkdir()
+    with weed_server(server_dir, ports) as endpoint:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        boto3.client("s3").create_bucket(Bucket="stopped")
+        url = "s3://stopped/store"
+        config = StorageConfig(data_dir=data_dir, replica_url=url, wal_segment_size=64 * 1024)
+        storage = Storage.open(config)
+        fill(storage, 0, 100)
+        storage.ship()
+    try:
+        fill(storage, 100, 300)  # the server is down: writes go on
+        with pytest.raises(ObjectStoreUnavailableError):
+            storage.ship()
+        assert storage.replication_status()["backlog"] > 0
+        with weed_server(server_dir, ports):
+            # The thread tries again by itself (backing off, at most 30 s apart).
+            assert wait_until(lambda: storage.replication_status()["backlog"] == 0, 60)
+            storage.ship()
+            assert Storage.restore(url, tmp_path / "restored") == 400
+    finally:
+        storage.close()
+    assert contents(tmp_path / "restored") == contents(data_dir)
+
+
+def test_uploads_left_unfinished_under_the_store_are_aborted_when_shipping_starts(
+    shipping: StorageConfig, s3_url: str
+) -> None:
+    with Storage.open(shipping) as storage:
+        fill(storage, 0, 5)
+        store = storage.store_id.hex()
+    bucket, prefix = parse_url(s3_url)
+    client = boto3.client("s3")
+    key = f"{prefix}/{store}/e1/snap/00000000000000ff.snap"  # as a tool that died would leave
+    upload = client.create_multipart_upload(Bucket=bucket, Key=key)
+    client.upload_part(
+        Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024
+    )
+    elsewhere = client.create_multipart_upload(Bucket=bucket, Key="not-ours/big.bin")
+
+    with Storage.open(shipping):
+        pass
+    left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
+    assert [u["UploadId"] for u in left] == [elsewhere["UploadId"]]  # ours only

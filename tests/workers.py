@@ -27,6 +27,8 @@ Commands::
     shipping-writer DATA_DIR URL SEGMENT_SIZE SEAL_MS [LEASE_MS]
                                                        put w1, w2, ... shipping to URL, until
                                                        killed (stdout)
+    follower URL DATA_DIR                              open DATA_DIR as a replica of URL, catch
+                                                       up, report (stdout)
 """
 
 from __future__ import annotations
@@ -362,6 +364,12 @@ def shipping_writer(
                 emit(out, event="shipped", seq=storage.replication_status()["shipped_seq"])
 
 
+def follower(url: str, data_dir: str) -> None:
+    """Open DATA_DIR as a replica of URL, apply what the bucket holds, report, close."""
+    with Storage.open(data_dir, replica_of=url) as replica:
+        emit(sys.stdout, event="caught-up", applied_seq=replica.catch_up())
+
+
 def shipped_instance(n: int) -> Instance:
     return Instance(
         id=f"w{n}", machine="order", version=1, state="pending", ctx={"n": n, "pad": "x" * 200}
@@ -370,6 +378,7 @@ def shipped_instance(n: int) -> Instance:
 
 COMMANDS = {
     "shipping-writer": shipping_writer,
+    "follower": follower,
     "crash-writer": crash_writer,
     "opener": opener,
     "call": call,

@@ -102,8 +102,7 @@ def _download(
         data_name, manifest_name = snapshot_objects(snapshot_seq)
         stem = f"{snapshot_seq:020d}"
         for name, suffix in ((data_name, DATA_SUFFIX), (manifest_name, MANIFEST_SUFFIX)):
-            data = objects.get(f"{base}/{name}")
-            write_file_atomic(staging / SNAPSHOTS_DIR / (stem + suffix), data, 0o600)
+            objects.download(f"{base}/{name}", staging / SNAPSHOTS_DIR / (stem + suffix), 0o600)
     after = chosen[0] if chosen else 0
     # From the segment the snapshot ends in: the WAL must reach it, though it adds nothing.
     needed = [s for s in segments if s.last_seq >= after and (seq is None or s.first_seq <= seq)]
@@ -116,8 +115,9 @@ def _download(
                 f"records {previous.last_seq + 1} to {segment.first_seq - 1} were not shipped",
                 path=objects.where(f"{base}/{segment.name}"),
             )
-        data = objects.get(f"{base}/{segment.name}")
-        write_file_atomic(staging / WAL_DIR / segment_name(segment.first_seq), data, 0o600)
+        objects.download(
+            f"{base}/{segment.name}", staging / WAL_DIR / segment_name(segment.first_seq), 0o600
+        )
         previous = segment
     # Every shipped segment is sealed; the live store had started the next one, empty, and a
     # snapshot taken since records its tail there. Started again here, as a header alone

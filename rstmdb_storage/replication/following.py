@@ -33,6 +33,7 @@ from typing import Any
 
 from ..engine import Engine
 from ..errors import CorruptionError, StorageError, WalGapError
+from ..failpoints import failpoint
 from ..fsutil import current_pid
 from ..replay import replay
 from ..wal.decoder import check_sealed_segment
@@ -176,6 +177,7 @@ class Follower:
                     f"{tail.segment}): was it written to as a primary?"
                 )
             engine.wal.adopt_segment(segment.first_seq, data)
+            failpoint("follow.after_adopt")
             replay(engine, strict=False)
 
     def status(self) -> dict[str, Any]:

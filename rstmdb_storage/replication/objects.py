@@ -20,7 +20,8 @@ from __future__ import annotations
 import base64
 import importlib.util
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from crc32c import crc32c
@@ -31,10 +32,24 @@ from ..errors import (
     InvalidTypeError,
     ObjectStoreError,
     ObjectStoreUnavailableError,
+    StorageError,
 )
+from ..fsutil import atomic_file, write_all
 
 #: metadata key holding the body's CRC-32C, as 8 hex digits
 CRC_METADATA = "crc32c"
+_CHUNK = 1 << 20
+
+
+def _crc_and_size(body: bytes | BinaryIO) -> tuple[int, int]:
+    """The CRC-32C and size of *body*; a file is read through and put back at its start."""
+    if isinstance(body, bytes):
+        return crc32c(body), len(body)
+    crc, size = 0, 0
+    while chunk := body.read(_CHUNK):
+        crc, size = crc32c(chunk, crc), size + len(chunk)
+    body.seek(0)
+    return crc, size
 
 
 def parse_url(url: object) -> tuple[str, str]:
@@ -81,19 +96,20 @@ class ObjectStore:
     def where(self, name: str) -> str:
         return f"s3://{self.bucket}/{self.key(name)}"
 
-    def put_once(self, name: str, data: bytes, metadata: dict[str, str]) -> bool:
-        """Write *data* under *name* unless an object is there: True if written, False if the
-        same bytes were there already (a retry of an upload that succeeded).
+    def put_once(self, name: str, body: bytes | BinaryIO, metadata: dict[str, str]) -> bool:
+        """Write *body* (bytes, or a file open for reading, streamed from its start) under
+        *name* unless an object is there: True if written, False if the same content was
+        there already (a retry of an upload that succeeded: same size and CRC-32C).
 
-        :raises ObjectStoreError: an object with other bytes is there
+        :raises ObjectStoreError: an object with other content is there
         """
-        crc = crc32c(data)
+        crc, size = _crc_and_size(body)
         try:
             self._call(
                 "put_object",
                 Bucket=self.bucket,
                 Key=self.key(name),
-                Body=data,
+                Body=body,
                 IfNoneMatch="*",
                 ChecksumCRC32C=base64.b64encode(crc.to_bytes(4, "big")).decode(),
                 Metadata={**metadata, CRC_METADATA: f"{crc:08x}"},
@@ -102,9 +118,32 @@ class ObjectStore:
         except ObjectStoreError as exc:
             if getattr(exc, "code", None) != "PreconditionFailed":
                 raise
-        if self.get(name) != data:
+        there = self._call("head_object", Bucket=self.bucket, Key=self.key(name))
+        if (there.get("Metadata", {}).get(CRC_METADATA), there["ContentLength"]) != (
+            f"{crc:08x}",
+            size,
+        ):
             raise ObjectStoreError(f"{self.where(name)} exists with other content")
         return False
+
+    def download(self, name: str, path: Path, mode: int) -> None:
+        """Stream *name* into the file *path* (written atomically), checking its CRC-32C as
+        :meth:`get` does, with memory bounded by one chunk whatever the object's size.
+
+        :raises CorruptionError: the bytes do not match their checksum (nothing is written)
+        """
+        response = self._call("get_object", Bucket=self.bucket, Key=self.key(name))
+        crc, offset = 0, 0
+        with atomic_file(path, mode) as fd:
+            try:
+                for chunk in response["Body"].iter_chunks(_CHUNK):
+                    write_all(fd, chunk, offset, str(path))
+                    crc, offset = crc32c(chunk, crc), offset + len(chunk)
+            except StorageError:
+                raise
+            except Exception as exc:  # botocore's read errors: the connection went
+                raise ObjectStoreUnavailableError(f"reading {self.where(name)}: {exc}") from exc
+            self._check_crc(name, response.get("Metadata", {}), crc)
 
     def put_conditional(self, name: str, data: bytes, etag: str | None) -> str:
         """Write *data* under *name* only if the object there is still the one with *etag*
@@ -150,14 +189,17 @@ class ObjectStore:
         except Exception as exc:  # botocore's read errors: the connection went
             raise ObjectStoreUnavailableError(f"reading {self.where(name)}: {exc}") from exc
         metadata = response.get("Metadata", {})
+        self._check_crc(name, metadata, crc32c(data))
+        return data, metadata, response["ETag"]
+
+    def _check_crc(self, name: str, metadata: dict[str, str], crc: int) -> None:
         expected = metadata.get(CRC_METADATA)
-        if expected is None or expected != f"{crc32c(data):08x}":
+        if expected != f"{crc:08x}":
             raise CorruptionError(
                 f"{self.where(name)}: its bytes do not match the CRC-32C written with them "
                 f"({expected or 'none'})",
                 path=self.where(name),
             )
-        return data, metadata, response["ETag"]
 
     def names(self, under: str = "", after: str | None = None) -> Iterator[str]:
         """The names of every object under *under* (relative to the prefix), in key order;
@@ -176,6 +218,30 @@ class ObjectStore:
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return
+
+    def abort_uploads(self, under: str) -> int:
+        """Abort every multipart upload begun under *under* and never completed (this package
+        writes each object with one ``PUT``; a tool that died can leave one, and its parts
+        are kept, and billed, until aborted); return how many."""
+        aborted, markers = 0, {}
+        while True:
+            page = self._call(
+                "list_multipart_uploads", Bucket=self.bucket, Prefix=self.key(under), **markers
+            )
+            for upload in page.get("Uploads", []):
+                self._call(
+                    "abort_multipart_upload",
+                    Bucket=self.bucket,
+                    Key=upload["Key"],
+                    UploadId=upload["UploadId"],
+                )
+                aborted += 1
+            if not page.get("IsTruncated"):
+                return aborted
+            markers = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
 
     def folders(self, under: str = "") -> list[str]:
         """The names of the "directories" right under *under* (relative to it, without the

@@ -27,6 +27,7 @@ resumes, with nothing skipped, once it answers. Layout and metadata: :mod:`.layo
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import itertools
@@ -34,12 +35,15 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO
 
 from ..config import SNAPSHOTS_DIR, StorageConfig
 from ..engine import Engine
 from ..errors import LeaseHeldError, ObjectStoreUnavailableError, StorageError
+from ..failpoints import failpoint
 from ..fsutil import current_pid, os_error
 from ..maintenance import create_snapshot, hold_wal
 from ..replay import replay
@@ -58,6 +62,20 @@ HOLD_NAME = "replication"
 LOCK_NAME = "replication.lock"
 #: the longest wait between two tries while the bucket cannot be reached, in seconds
 MAX_BACKOFF = 30.0
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[BinaryIO | None]:
+    """*path* open for reading, or None if it is gone."""
+    try:
+        file = open(path, "rb")  # noqa: SIM115 (closed below)
+    except FileNotFoundError:
+        yield None
+        return
+    except OSError as exc:
+        raise os_error(exc, f"opening {path} to ship it") from exc
+    with file:
+        yield file
 
 
 def take_lock(config: StorageConfig) -> int | None:
@@ -149,10 +167,12 @@ class Shipper:
     # --- the lease and the epoch ------------------------------------------------------------
 
     def _take_lease(self) -> None:
-        """Take the lease; begin its epoch if this writer has not shipped under it yet, and
-        ship from there."""
+        """Take the lease; abort uploads left unfinished under the store; begin the epoch if
+        this writer has not shipped under it yet, and ship from there."""
         known = read_epochs(self.objects, self._store)
         epoch = self._lease.acquire(list(known))
+        if self.objects.abort_uploads(f"{self._store}/"):
+            log.warning("%s: aborted uploads left unfinished under the store", self.objects.url)
         begins = known.get(epoch) or self._begin_epoch(epoch)
         self.epoch, self.epoch_start = epoch, begins.start_seq
         self.base = f"{self._store}/e{epoch}"
@@ -258,53 +278,51 @@ class Shipper:
         return [ShippedSegment(a, b - 1) for a, b in itertools.pairwise(firsts)]
 
     def _ship_segment(self, segment: ShippedSegment, shipped: set[str], report: ShipReport) -> None:
-        path = self._engine.wal.directory / segment_name(segment.first_seq)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            # Compaction deletes only what the hold has passed: another process shipped it.
-            shipped.add(segment.name)
-            return
-        except OSError as exc:
-            raise StorageError(f"reading {path} to ship it: {exc.strerror or exc}") from exc
         metadata = {
             **self._identity(),
             "first-seq": str(segment.first_seq),
             "last-seq": str(segment.last_seq),
             "prev-last-seq": str(segment.first_seq - 1),
         }
+        path = self._engine.wal.directory / segment_name(segment.first_seq)
         started = time.monotonic()
-        if self.objects.put_once(f"{self.base}/{segment.name}", data, metadata):
-            report.shipped.append(segment.name)
-            # How long an upload takes, smoothed: the open segment is sealed this much early.
-            took = time.monotonic() - started
-            smoothed = 0.8 * self._upload_seconds + 0.2 * took
-            self._upload_seconds = min(smoothed, self._seal_after / 2)
+        with _opened(path) as body:
+            # Gone: compaction deletes only what the hold has passed, so another process
+            # shipped it.
+            if body is not None and self.objects.put_once(
+                f"{self.base}/{segment.name}", body, metadata
+            ):
+                report.shipped.append(segment.name)
+                failpoint("ship.after_upload")
+                # How long an upload takes, smoothed: the open segment is sealed this early.
+                smoothed = 0.8 * self._upload_seconds + 0.2 * (time.monotonic() - started)
+                self._upload_seconds = min(smoothed, self._seal_after / 2)
         shipped.add(segment.name)
 
     def _ship_snapshots(self, shipped: set[str], report: ShipReport) -> None:
         """Ship the snapshots not in the bucket yet that the WAL shipped reaches: a snapshot
         newer than the last shipped record waits for the segment holding it, so that the
-        newest state in the bucket is always the last shipped record."""
+        newest state in the bucket is always the last shipped record. The copy is streamed
+        from its file, then the manifest."""
         directory = self._engine.config.path / SNAPSHOTS_DIR
         have = {seq for seq in map(parse_manifest, shipped) if seq is not None}
         for seq in published_seqs(directory):
             if seq in have or not self.epoch_start <= seq <= self.shipped_seq:
                 continue
-            stem = f"{seq:020d}"
-            try:
-                files = [
-                    (directory / (stem + s)).read_bytes() for s in (DATA_SUFFIX, MANIFEST_SUFFIX)
-                ]
-            except FileNotFoundError:
-                continue  # compacted away meanwhile: a newer one is shipped instead
-            except OSError as exc:
-                raise StorageError(f"reading snapshot {stem} to ship it: {exc}") from exc
+            stem = directory / f"{seq:020d}"
             metadata = {**self._identity(), "seq": str(seq)}
-            for name, data in zip(snapshot_objects(seq), files, strict=True):
-                if self.objects.put_once(f"{self.base}/{name}", data, metadata):
-                    report.shipped.append(name)
-                shipped.add(name)
+            # Both opened first: compaction may delete them meanwhile, and then a newer
+            # snapshot is shipped instead.
+            with (
+                _opened(stem.with_name(stem.name + DATA_SUFFIX)) as data,
+                _opened(stem.with_name(stem.name + MANIFEST_SUFFIX)) as manifest,
+            ):
+                if data is None or manifest is None:
+                    continue
+                for name, body in zip(snapshot_objects(seq), (data, manifest), strict=True):
+                    if self.objects.put_once(f"{self.base}/{name}", body, metadata):
+                        report.shipped.append(name)
+                    shipped.add(name)
 
     def _identity(self) -> dict[str, str]:
         return {"store-id": self._store, "epoch": str(self.epoch)}
@@ -350,10 +368,10 @@ class Shipper:
                 wait = self._poll
             except StorageError as exc:  # the bucket is away, or the store failed: again later
                 wait = min(max(wait * 2, 1.0), MAX_BACKOFF)
-                log.warning("shipping %s failed (next try in %.0f s): %s", self.base, wait, exc)
+                log.warning("shipping %s failed (next try in %.0f s): %s", self._store, wait, exc)
             except Exception as exc:  # a thread must not die silently
                 self.last_error = f"{type(exc).__name__}: {exc}"
-                log.exception("shipping %s failed", self.base)
+                log.exception("shipping %s failed", self._store)
                 wait = MAX_BACKOFF
 
     def _leading(self) -> bool:
@@ -383,7 +401,7 @@ class Shipper:
                 self.ship(seal=True)
                 self._lease.release()
             except StorageError as exc:  # kept in last_error; closing must not fail for it
-                log.warning("shipping %s on close failed: %s", self.base, exc)
+                log.warning("shipping %s on close failed: %s", self._store, exc)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
