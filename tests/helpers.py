@@ -8,7 +8,8 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,30 @@ WORKERS = Path(__file__).with_name("workers.py")
 def order(instance_id: str, state: str = "pending", **fields: object) -> Instance:
     """An instance of the "order" machine, version 1."""
     return Instance(id=instance_id, machine="order", version=1, state=state, **fields)
+
+
+def put_orders(storage: Storage, start: int, count: int, state: str = "pending") -> None:
+    """Put orders ``o<start>`` .. ``o<start + count - 1>``, one record each, with 300 bytes of
+    context (so that small segments rotate every few dozen)."""
+    for i in range(start, start + count):
+        storage.put_instance(order(f"o{i}", state=state, ctx={"pad": "p" * 300}))
+
+
+def instances_by_id(data_dir: Path) -> dict[str, Instance]:
+    """Every instance of the store in *data_dir* (opened, and closed again), by id."""
+    with Storage.open(data_dir) as storage:
+        return {inst.id: inst for inst in storage.iter_instances()}
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 30.0) -> bool:
+    """Poll *condition* until it holds (True) or *timeout* seconds pass (False): for what a
+    background thread does, with a deadline instead of a guessed sleep."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
 
 
 def wal_bytes(data_dir: Path) -> bytes:

@@ -231,3 +231,34 @@ class StallingProxy:
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)
                 sock.close()
+
+
+def bucket_keys(url: str, suffix: str = "") -> list[str]:
+    """The keys under ``s3://bucket/prefix`` that end with *suffix*, sorted."""
+    import boto3
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    pages = (
+        boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    )
+    return sorted(
+        i["Key"] for page in pages for i in page.get("Contents", []) if i["Key"].endswith(suffix)
+    )
+
+
+def damage_object(url: str, key: str, metadata_change: dict[str, str] | None = None) -> None:
+    """Write the object *key* of *url*'s bucket over, as damage would: one byte flipped with
+    its metadata (so its CRC) kept, or with *metadata_change* applied to its metadata and the
+    bytes kept."""
+    import boto3
+
+    bucket = url.removeprefix("s3://").partition("/")[0]
+    client = boto3.client("s3")
+    original = client.get_object(Bucket=bucket, Key=key)
+    body = bytearray(original["Body"].read())
+    metadata = dict(original["Metadata"])
+    if metadata_change is None:
+        body[300] ^= 0x04
+    else:
+        metadata.update(metadata_change)
+    client.put_object(Bucket=bucket, Key=key, Body=bytes(body), Metadata=metadata)

@@ -12,20 +12,10 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import order, start_worker
+from helpers import instances_by_id, put_orders, start_worker, wait_until
 
 from rstmdb_storage import LeaseHeldError, Storage, StorageConfig
 from rstmdb_storage.replication.objects import parse_url
-
-
-def fill(storage: Storage, start: int, count: int) -> None:
-    for i in range(start, start + count):
-        storage.put_instance(order(f"o{i}", ctx={"pad": "p" * 300}))
-
-
-def contents(data_dir: Path) -> dict[str, object]:
-    with Storage.open(data_dir) as storage:
-        return {inst.id: inst for inst in storage.iter_instances()}
 
 
 def lease_of(url: str) -> dict:
@@ -36,28 +26,19 @@ def lease_of(url: str) -> dict:
     return json.loads(client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_a_second_writer_of_the_same_store_is_refused_while_the_first_holds_the_lease(
     config: StorageConfig, s3_url: str, tmp_path: Path
 ) -> None:
     primary_config = dataclasses.replace(config, replica_url=s3_url)
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 20)
+        put_orders(primary, 0, 20)
         primary.ship()
         # A copy of the store (same store id) started as a primary too: refused at open.
         Storage.restore(s3_url, tmp_path / "copy")
         copy_config = dataclasses.replace(primary_config, data_dir=tmp_path / "copy")
         with pytest.raises(LeaseHeldError, match="held by another writer"):
             Storage.open(copy_config)
-        fill(primary, 20, 5)  # the first goes on
+        put_orders(primary, 20, 5)  # the first goes on
         assert primary.ship().shipped_seq == 25
         assert primary.replication_status()["epoch"] == 1
 
@@ -67,7 +48,7 @@ def test_the_processes_of_one_data_directory_are_one_writer(
 ) -> None:
     primary_config = dataclasses.replace(config, replica_url=s3_url)
     with Storage.open(primary_config) as first, Storage.open(primary_config) as second:
-        fill(first, 0, 10)
+        put_orders(first, 0, 10)
         assert second.ship().shipped_seq == 10  # whichever ships, under the one lease
         assert first.replication_status()["epoch"] == second.replication_status()["epoch"] == 1
 
@@ -100,7 +81,7 @@ def test_a_primary_lost_with_its_host_is_restored_from_the_bucket_and_takes_over
         with Storage.open(new_config) as new_primary:
             status = new_primary.replication_status()
             assert status["epoch"] == 2 and status["shipped_seq"] == restored_seq
-            fill(new_primary, 10_000, 50)
+            put_orders(new_primary, 10_000, 50)
             shipped = new_primary.ship().shipped_seq
             assert shipped == restored_seq + 50
             # The replica follows across the epoch, where the new primary began.
@@ -112,7 +93,7 @@ def test_a_primary_lost_with_its_host_is_restored_from_the_bucket_and_takes_over
         assert lease_of(s3_url)["epoch"] == 2
     # The bucket restores the new primary's state, from its epoch.
     assert Storage.restore(s3_url, tmp_path / "again") == shipped
-    assert contents(tmp_path / "again") == contents(tmp_path / "new-primary")
+    assert instances_by_id(tmp_path / "again") == instances_by_id(tmp_path / "new-primary")
     # And a point before the new epoch, from the old one.
     early = restored_seq - 100
     assert Storage.restore(s3_url, tmp_path / "early", seq=early) == early
@@ -123,11 +104,11 @@ def test_a_clean_close_lets_the_next_writer_take_the_lease_at_once(
 ) -> None:
     primary_config = dataclasses.replace(config, replica_url=s3_url)
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 20)
+        put_orders(primary, 0, 20)
     Storage.restore(s3_url, tmp_path / "next")
     with Storage.open(dataclasses.replace(primary_config, data_dir=tmp_path / "next")) as nxt:
         assert nxt.replication_status()["epoch"] == 2
-        fill(nxt, 20, 1)
+        put_orders(nxt, 20, 1)
         assert nxt.ship().shipped_seq == 21
 
 
@@ -136,14 +117,14 @@ def test_restore_if_missing_brings_a_lost_disk_back_from_the_bucket(
 ) -> None:
     primary_config = dataclasses.replace(config, replica_url=s3_url, restore_if_missing=True)
     with Storage.open(primary_config) as primary:  # the bucket is empty: a new store
-        fill(primary, 0, 30)
+        put_orders(primary, 0, 30)
         before = {i.id: i for i in primary.iter_instances()}
     shutil.rmtree(config.path)  # the disk is lost
 
     with Storage.open(primary_config) as primary:
         assert {i.id: i for i in primary.iter_instances()} == before
         assert primary.replication_status()["epoch"] == 2  # another writer: a new epoch
-        fill(primary, 30, 1)
+        put_orders(primary, 30, 1)
         assert primary.ship().shipped_seq == 31
 
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import time
 from pathlib import Path
 
 import boto3
 import pytest
 from click.testing import CliRunner
-from helpers import order, start_armed_worker
+from helpers import order, put_orders, start_armed_worker, wait_until
+from s3server import bucket_keys, damage_object
 
 from rstmdb_storage import (
     ConfigError,
@@ -37,11 +37,6 @@ def replica_config(tmp_path: Path, s3_url: str) -> StorageConfig:
     return StorageConfig(data_dir=tmp_path / "replica", replica_of=s3_url)
 
 
-def fill(storage: Storage, start: int, count: int, state: str = "pending") -> None:
-    for i in range(start, start + count):
-        storage.put_instance(order(f"o{i}", state=state, ctx={"pad": "p" * 300}))
-
-
 def everything(storage: Storage) -> tuple[list, list, list]:
     return (
         list(storage.iter_instances()),
@@ -50,32 +45,17 @@ def everything(storage: Storage) -> tuple[list, list, list]:
     )
 
 
-def segment_keys(url: str) -> list[str]:
-    bucket, prefix = parse_url(url)
-    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(i["Key"] for i in listing.get("Contents", []) if i["Key"].endswith(".seg"))
-
-
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
 def test_a_replica_starts_from_the_bucket_and_follows_what_the_primary_ships(
     primary_config: StorageConfig, replica_config: StorageConfig
 ) -> None:
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 200)
+        put_orders(primary, 0, 200)
         primary.create_snapshot()
-        fill(primary, 200, 100)
+        put_orders(primary, 200, 100)
         primary.ship()
         with Storage.open(replica_config) as replica:  # restored from the bucket
             assert replica.applied_seq == 300
-            fill(primary, 300, 200, state="shipped")
+            put_orders(primary, 300, 200, state="shipped")
             primary.delete_instance("o7")
             shipped = primary.ship().shipped_seq
             assert replica.catch_up() == shipped == primary.applied_seq
@@ -94,10 +74,10 @@ def test_a_replica_applies_by_itself_within_its_poll_interval(
     primary_config = dataclasses.replace(primary_config, max_seal_interval_ms=50)
     replica_config = dataclasses.replace(replica_config, replica_poll_interval_ms=50)
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 10)
+        put_orders(primary, 0, 10)
         primary.ship()
         with Storage.open(replica_config) as replica:
-            fill(primary, 10, 5)
+            put_orders(primary, 10, 5)
             assert wait_until(lambda: replica.applied_seq == 15)
             assert replica.get_instance("o14") == primary.get_instance("o14")
             assert replica.replication_status()["following"]
@@ -107,7 +87,7 @@ def test_a_replica_refuses_writes(
     primary_config: StorageConfig, replica_config: StorageConfig, s3_url: str
 ) -> None:
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 5)
+        put_orders(primary, 0, 5)
         primary.ship()
     with Storage.open(replica_config.path, replica_of=s3_url) as replica:  # the short form
         with pytest.raises(ReadOnlyError, match="replica"):
@@ -123,7 +103,7 @@ def test_lookup_processes_read_the_replica_while_it_applies(
     primary_config: StorageConfig, replica_config: StorageConfig
 ) -> None:
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 5)
+        put_orders(primary, 0, 5)
         primary.ship()
         with Storage.open(replica_config) as replica:
             reader = Storage.open(
@@ -131,25 +111,10 @@ def test_lookup_processes_read_the_replica_while_it_applies(
             )
             with reader:
                 assert reader.count_instances() == 5
-                fill(primary, 5, 300)
+                put_orders(primary, 5, 300)
                 primary.ship()
                 replica.catch_up()
                 assert everything(reader) == everything(primary)
-
-
-def damage(url: str, key: str, metadata_change: dict[str, str] | None = None) -> None:
-    """Write *key* over: one byte flipped keeping its metadata (so its CRC), or with
-    *metadata_change* applied to its metadata and the bytes kept."""
-    bucket, _ = parse_url(url)
-    client = boto3.client("s3")
-    original = client.get_object(Bucket=bucket, Key=key)
-    body = bytearray(original["Body"].read())
-    metadata = dict(original["Metadata"])
-    if metadata_change is None:
-        body[300] ^= 0x04
-    else:
-        metadata.update(metadata_change)
-    client.put_object(Bucket=bucket, Key=key, Body=bytes(body), Metadata=metadata)
 
 
 @pytest.mark.parametrize(
@@ -169,20 +134,20 @@ def test_a_replica_stops_at_the_last_good_record_and_names_the_object(
     said: str,
 ) -> None:
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 100)
+        put_orders(primary, 0, 100)
         primary.ship()
         with Storage.open(replica_config) as replica:
             good = replica.applied_seq
-            fill(primary, 100, 400)  # several segments more
+            put_orders(primary, 100, 400)  # several segments more
             primary.ship()
-            keys = segment_keys(s3_url)
+            keys = bucket_keys(s3_url, ".seg")
             harmed = next(k for k in keys if int(k[-37:-21], 16) == good + 1)
             if harm == "delete":
                 bucket, _ = parse_url(s3_url)
                 boto3.client("s3").delete_object(Bucket=bucket, Key=harmed)
                 named = keys[keys.index(harmed) + 1]  # where the gap shows
             else:
-                damage(s3_url, harmed, {"prev-last-seq": "1"} if harm == "prev" else None)
+                damage_object(s3_url, harmed, {"prev-last-seq": "1"} if harm == "prev" else None)
                 named = harmed
             with pytest.raises(error, match=said):
                 replica.catch_up()
@@ -218,13 +183,13 @@ def test_replicate_follow_and_restore_from_the_command_line(
     data_dir: Path, s3_url: str, tmp_path: Path
 ) -> None:
     with Storage.open(data_dir) as storage:
-        fill(storage, 0, 50)
+        put_orders(storage, 0, 50)
     # The bucket's history starts here: a snapshot at 50, then the WAL after it.
     code, out, err = run("replicate", data_dir, s3_url, "--once")
     assert code == 0, err
     assert json.loads(out)["shipped_seq"] == 50
     with Storage.open(data_dir) as storage:
-        fill(storage, 50, 20)
+        put_orders(storage, 50, 20)
     code, out, err = run("replicate", data_dir, s3_url, "--once")
     assert (code, json.loads(out)["shipped_seq"]) == (0, 70), err
 
@@ -247,12 +212,12 @@ def test_follow_stops_at_a_damaged_object_with_one_line_and_exit_1(
 ) -> None:
     config = StorageConfig(data_dir=data_dir, replica_url=s3_url)
     with Storage.open(config) as storage:
-        fill(storage, 0, 10)
+        put_orders(storage, 0, 10)
         storage.ship()
         assert run("follow", s3_url, tmp_path / "replica", "--once")[0] == 0
-        fill(storage, 10, 10)
+        put_orders(storage, 10, 10)
         storage.ship()
-    damage(s3_url, segment_keys(s3_url)[-1])
+    damage_object(s3_url, bucket_keys(s3_url, ".seg")[-1])
     code, out, err = run("follow", s3_url, tmp_path / "replica", "--once")
     assert (code, out) == (1, "")
     assert err.startswith("error: s3://") and err.count("\n") == 1
@@ -269,7 +234,7 @@ def test_a_primary_killed_right_after_an_upload_ships_on_without_a_duplicate(
     )
     worker.communicate(timeout=120)
     assert worker.returncode == -signal.SIGKILL  # killed at the point: the hold not moved yet
-    uploaded = segment_keys(s3_url)
+    uploaded = bucket_keys(s3_url, ".seg")
     assert len(uploaded) == 2
 
     with Storage.open(StorageConfig(data_dir=data_dir, replica_url=s3_url)) as storage:
@@ -286,11 +251,11 @@ def test_a_replica_killed_between_taking_a_segment_and_applying_it_catches_up(
     primary_config: StorageConfig, replica_config: StorageConfig, s3_url: str
 ) -> None:
     with Storage.open(primary_config) as primary:
-        fill(primary, 0, 50)
+        put_orders(primary, 0, 50)
         primary.ship()
         with Storage.open(replica_config):
             pass  # restored from the bucket
-        fill(primary, 50, 300)
+        put_orders(primary, 50, 300)
         primary.ship()
         follower = start_armed_worker(
             "follow.after_adopt=1*off->kill", "follower", s3_url, replica_config.path

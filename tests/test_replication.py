@@ -11,8 +11,8 @@ from pathlib import Path
 
 import boto3
 import pytest
-from helpers import order, start_worker
-from s3server import StallingProxy, closed_port, free_ports, weed_server
+from helpers import instances_by_id, put_orders, start_worker, wait_until
+from s3server import StallingProxy, bucket_keys, closed_port, damage_object, free_ports, weed_server
 from workers import shipped_instance
 
 from rstmdb_storage import (
@@ -34,49 +34,21 @@ def shipping(config: StorageConfig, s3_url: str) -> StorageConfig:
     return dataclasses.replace(config, replica_url=s3_url)
 
 
-def fill(storage: Storage, start: int, count: int) -> None:
-    for i in range(start, start + count):
-        storage.put_instance(order(f"o{i}", ctx={"pad": "p" * 300}))
-
-
-def contents(data_dir: Path) -> dict[str, object]:
-    with Storage.open(StorageConfig(data_dir=data_dir)) as storage:
-        return {inst.id: inst for inst in storage.iter_instances()}
-
-
 def local_state_at(source: Path, seq: int, tmp_path: Path) -> dict[str, object]:
     """What a restore of the source's own directory at *seq* holds: what a restore from the
     bucket to *seq* must equal."""
     target = tmp_path / f"local-{seq}"
     Storage.restore(source, target, seq=seq)
-    return contents(target)
-
-
-def bucket_keys(url: str, suffix: str) -> list[str]:
-    bucket, prefix = parse_url(url)
-    listing = boto3.client("s3").list_objects_v2(Bucket=bucket, Prefix=prefix)
-    return sorted(
-        item["Key"] for item in listing.get("Contents", []) if item["Key"].endswith(suffix)
-    )
-
-
-def wait_until(condition, timeout: float = 30.0) -> bool:
-    """Poll *condition* until it holds (True) or *timeout* passes (False)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return instances_by_id(target)
 
 
 def test_what_was_shipped_restores_from_the_bucket_equal_to_the_source(
     shipping: StorageConfig, s3_url: str, tmp_path: Path
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 300)
+        put_orders(storage, 0, 300)
         storage.create_snapshot()
-        fill(storage, 300, 300)
+        put_orders(storage, 300, 300)
         report = storage.ship()
         assert report.shipped_seq == storage.applied_seq == 600
         assert report.backlog == 0
@@ -85,36 +57,36 @@ def test_what_was_shipped_restores_from_the_bucket_equal_to_the_source(
     assert len(bucket_keys(s3_url, ".manifest")) == 1
 
     assert Storage.restore(s3_url, tmp_path / "restored") == 600
-    assert contents(tmp_path / "restored") == contents(shipping.path)
+    assert instances_by_id(tmp_path / "restored") == instances_by_id(shipping.path)
 
 
 def test_a_restore_from_the_bucket_to_a_sequence_is_the_state_at_that_sequence(
     shipping: StorageConfig, s3_url: str, tmp_path: Path
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 200)
+        put_orders(storage, 0, 200)
         snapshot = storage.create_snapshot()
-        fill(storage, 200, 400)
+        put_orders(storage, 200, 400)
         storage.ship()
     for seq in (snapshot.seq - 37, snapshot.seq, snapshot.seq + 123):
         target = tmp_path / f"at-{seq}"
         assert Storage.restore(s3_url, target, seq=seq) == seq
-        assert contents(target) == local_state_at(shipping.path, seq, tmp_path)
+        assert instances_by_id(target) == local_state_at(shipping.path, seq, tmp_path)
 
 
 def test_a_restore_from_the_bucket_by_time_is_the_state_at_that_time(
     shipping: StorageConfig, s3_url: str, tmp_path: Path
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 150)
+        put_orders(storage, 0, 150)
         storage.create_snapshot()
         time.sleep(0.005)  # a millisecond boundary between the two halves, not a wait
         until_ms = time.time_ns() // 1_000_000
         time.sleep(0.005)
-        fill(storage, 150, 150)
+        put_orders(storage, 150, 150)
         storage.ship()
     assert Storage.restore(s3_url, tmp_path / "then", until_ms=until_ms) == 150
-    assert contents(tmp_path / "then") == local_state_at(shipping.path, 150, tmp_path)
+    assert instances_by_id(tmp_path / "then") == local_state_at(shipping.path, 150, tmp_path)
 
 
 def test_the_open_segment_is_sealed_and_shipped_within_the_seal_interval(
@@ -122,7 +94,7 @@ def test_the_open_segment_is_sealed_and_shipped_within_the_seal_interval(
 ) -> None:
     config = dataclasses.replace(shipping, max_seal_interval_ms=100)
     with Storage.open(config) as storage:
-        fill(storage, 0, 3)
+        put_orders(storage, 0, 3)
         assert wait_until(lambda: storage.replication_status()["shipped_seq"] == 3)
         status = storage.replication_status()
         assert status["shipping"] and status["lag_seq"] == 0 and status["last_error"] is None
@@ -130,7 +102,7 @@ def test_the_open_segment_is_sealed_and_shipped_within_the_seal_interval(
         # Sealed early, the segment was cut to its used length: no preallocated space kept.
         assert (config.path / "wal" / f"{first:020d}.wal").stat().st_size < 4096
         assert second == 4
-        fill(storage, 3, 1)  # the next segment: shipped too, and the hold follows
+        put_orders(storage, 3, 1)  # the next segment: shipped too, and the hold follows
         assert wait_until(lambda: storage.replication_status()["shipped_seq"] == 4)
         assert storage.wal_holds()[HOLD] == 5
     assert Storage.restore(s3_url, tmp_path / "restored") == 4
@@ -138,12 +110,12 @@ def test_the_open_segment_is_sealed_and_shipped_within_the_seal_interval(
 
 def test_a_store_opened_again_ships_only_what_is_new(shipping: StorageConfig, s3_url: str) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 300)
+        put_orders(storage, 0, 300)
         storage.ship()
         before = set(bucket_keys(s3_url, ""))
     with Storage.open(shipping) as storage:
         assert storage.ship().shipped == []  # nothing new: nothing written again
-        fill(storage, 300, 10)
+        put_orders(storage, 300, 10)
         shipped = storage.ship().shipped
     assert len(shipped) == 1 and shipped[0].endswith(".seg")
     assert before < set(bucket_keys(s3_url, ""))
@@ -153,13 +125,13 @@ def test_an_unreachable_bucket_leaves_a_held_backlog_that_ships_when_it_answers(
     shipping: StorageConfig, s3_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 100)
+        put_orders(storage, 0, 100)
         storage.ship()
         shipped_before = storage.replication_status()["shipped_seq"]
     with monkeypatch.context() as away:
         away.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{closed_port()}")
         with Storage.open(shipping) as storage:
-            fill(storage, 100, 300)  # writes go on
+            put_orders(storage, 100, 300)  # writes go on
             with pytest.raises(ObjectStoreUnavailableError):
                 storage.ship()
             status = storage.replication_status()
@@ -175,7 +147,7 @@ def test_an_unreachable_bucket_leaves_a_held_backlog_that_ships_when_it_answers(
         storage.compact()
         assert storage.wal_segments()[0] > unshipped[0]  # shipped and in a snapshot: compacted
     assert Storage.restore(s3_url, tmp_path / "restored") == 400
-    assert contents(tmp_path / "restored") == contents(shipping.path)
+    assert instances_by_id(tmp_path / "restored") == instances_by_id(shipping.path)
     assert Storage.restore(s3_url, tmp_path / "early", seq=3) == 3  # all of it was shipped
 
 
@@ -183,16 +155,10 @@ def test_an_object_changed_in_the_bucket_stops_the_restore_naming_it(
     shipping: StorageConfig, s3_url: str, tmp_path: Path
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 600)
+        put_orders(storage, 0, 600)
         storage.ship()
-    bucket, _ = parse_url(s3_url)
-    client = boto3.client("s3")
     damaged = bucket_keys(s3_url, ".seg")[1]
-    original = client.get_object(Bucket=bucket, Key=damaged)
-    body = bytearray(original["Body"].read())
-    body[200] ^= 0x01
-    # Written over, with the metadata (and so the CRC) of the original: as damage would be.
-    client.put_object(Bucket=bucket, Key=damaged, Body=bytes(body), Metadata=original["Metadata"])
+    damage_object(s3_url, damaged)  # a byte flipped, the CRC in its metadata kept
 
     with pytest.raises(CorruptionError, match=damaged):
         Storage.restore(s3_url, tmp_path / "restored")
@@ -204,7 +170,7 @@ def test_a_segment_missing_from_the_bucket_stops_the_restore_naming_the_gap(
     shipping: StorageConfig, s3_url: str, tmp_path: Path
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 600)
+        put_orders(storage, 0, 600)
         storage.ship()
     bucket, _ = parse_url(s3_url)
     segments = bucket_keys(s3_url, ".seg")
@@ -310,7 +276,7 @@ def test_an_upload_cut_off_half_way_leaves_nothing_and_the_next_one_ships_it(
         report = storage.ship()
         assert report.backlog == 0 and report.shipped_seq == storage.applied_seq
     assert Storage.restore(s3_url, tmp_path / "restored") == report.shipped_seq
-    assert contents(tmp_path / "restored") == contents(data_dir)
+    assert instances_by_id(tmp_path / "restored") == instances_by_id(data_dir)
 
 
 def test_a_server_stopped_while_the_store_writes_gets_the_backlog_when_it_is_back(
@@ -326,10 +292,10 @@ def test_a_server_stopped_while_the_store_writes_gets_the_backlog_when_it_is_bac
         url = "s3://stopped/store"
         config = StorageConfig(data_dir=data_dir, replica_url=url, wal_segment_size=64 * 1024)
         storage = Storage.open(config)
-        fill(storage, 0, 100)
+        put_orders(storage, 0, 100)
         storage.ship()
     try:
-        fill(storage, 100, 300)  # the server is down: writes go on
+        put_orders(storage, 100, 300)  # the server is down: writes go on
         with pytest.raises(ObjectStoreUnavailableError):
             storage.ship()
         assert storage.replication_status()["backlog"] > 0
@@ -340,14 +306,14 @@ def test_a_server_stopped_while_the_store_writes_gets_the_backlog_when_it_is_bac
             assert Storage.restore(url, tmp_path / "restored") == 400
     finally:
         storage.close()
-    assert contents(tmp_path / "restored") == contents(data_dir)
+    assert instances_by_id(tmp_path / "restored") == instances_by_id(data_dir)
 
 
 def test_uploads_left_unfinished_under_the_store_are_aborted_when_shipping_starts(
     shipping: StorageConfig, s3_url: str
 ) -> None:
     with Storage.open(shipping) as storage:
-        fill(storage, 0, 5)
+        put_orders(storage, 0, 5)
         store = storage.store_id.hex()
     bucket, prefix = parse_url(s3_url)
     client = boto3.client("s3")

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -54,14 +56,12 @@ def replicate(data_dir: str, url: str, seal_interval_ms: int, once: bool, every:
     config = StorageConfig(
         data_dir=data_dir, create=False, replica_url=url, max_seal_interval_ms=seal_interval_ms
     )
-    with ProgressBars() as bars:
-        storage = Storage.open(config, progress=bars)
-    with storage:
-        if once:
-            report = storage.ship()
-            click.echo(dumps({"shipped": report.shipped, "shipped_seq": report.shipped_seq}))
-            return
-        _report_until_stopped(storage, every)
+    _run(config, every, _ship_once if once else None)
+
+
+def _ship_once(storage: Storage) -> dict[str, Any]:
+    report = storage.ship()
+    return {"shipped": report.shipped, "shipped_seq": report.shipped_seq}
 
 
 @click.command(context_settings=CONTEXT)
@@ -87,19 +87,30 @@ def follow(url: str, data_dir: str, poll_ms: int, once: bool, every: float) -> N
     Example: rstmdb-storage follow s3://backups/rstmdb/orders /var/lib/rstmdb-replica
     """
     config = StorageConfig(data_dir=data_dir, replica_of=url, replica_poll_interval_ms=poll_ms)
+    _run(config, every, _catch_up_once if once else None)
+
+
+def _catch_up_once(storage: Storage) -> dict[str, Any]:
+    storage.catch_up()
+    return storage.replication_status()
+
+
+def _run(
+    config: StorageConfig, every: float, once: Callable[[Storage], dict[str, Any]] | None
+) -> None:
+    """Open the store; with *once*, print what it returns and close; else print the status
+    every *every* seconds until SIGINT or SIGTERM, then close (a clean close of a primary
+    ships what is left)."""
     with ProgressBars() as bars:
         storage = Storage.open(config, progress=bars)
     with storage:
-        if once:
-            storage.catch_up()
-            click.echo(dumps(storage.replication_status()))
+        if once is not None:
+            click.echo(dumps(once(storage)))
             return
         _report_until_stopped(storage, every)
 
 
 def _report_until_stopped(storage: Storage, every: float) -> None:
-    """Print the status every *every* seconds until SIGINT or SIGTERM; then close (a clean
-    close of a primary ships what is left)."""
     stopped = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopped.set())
