@@ -38,6 +38,8 @@ def test_a_second_writer_of_the_same_store_is_refused_while_the_first_holds_the_
         copy_config = dataclasses.replace(primary_config, data_dir=tmp_path / "copy")
         with pytest.raises(LeaseHeldError, match="held by another writer"):
             Storage.open(copy_config)
+        with Storage.open(copy_config.path) as copy:  # refused, it holds no WAL for shipping
+            assert copy.wal_holds() == {}
         put_orders(primary, 20, 5)  # the first goes on
         assert primary.ship().shipped_seq == 25
         assert primary.replication_status()["epoch"] == 1

@@ -45,7 +45,7 @@ from ..engine import Engine
 from ..errors import LeaseHeldError, ObjectStoreUnavailableError, StorageError
 from ..failpoints import failpoint
 from ..fsutil import current_pid, os_error
-from ..maintenance import create_snapshot, hold_wal
+from ..maintenance import create_snapshot, hold_wal, release_wal
 from ..replay import replay
 from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, published_seqs
 from ..wal.format import segment_name
@@ -148,7 +148,8 @@ class Shipper:
         self.last_shipped_ms: int | None = None
         # Before anything can be compacted away: hold from the first segment not shipped.
         holds = engine.read(engine.meta.holds)
-        if HOLD_NAME not in holds:
+        new_hold = HOLD_NAME not in holds
+        if new_hold:
             firsts = engine.wal.segment_ids()
             holds[HOLD_NAME] = firsts[0] if firsts else engine.applied_tail().next_seq
             hold_wal(engine, HOLD_NAME, holds[HOLD_NAME])
@@ -160,6 +161,10 @@ class Shipper:
         except ObjectStoreUnavailableError as exc:  # taken before the first upload instead
             self.last_error = f"{type(exc).__name__}: {exc}"
             log.warning("%s: the lease is taken once the bucket answers: %s", config.path, exc)
+        except LeaseHeldError:
+            if new_hold:  # refused: this store ships nothing, and must not keep its WAL for it
+                release_wal(engine, HOLD_NAME)
+            raise
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rstmdb-shipper", daemon=True)
         self._thread.start()
