@@ -328,3 +328,23 @@ def test_uploads_left_unfinished_under_the_store_are_aborted_when_shipping_start
         pass
     left = client.list_multipart_uploads(Bucket=bucket).get("Uploads", [])
     assert [u["UploadId"] for u in left] == [elsewhere["UploadId"]]  # ours only
+
+
+def test_a_large_file_goes_up_in_parts_written_once_and_checked(
+    s3_url: str, tmp_path: Path
+) -> None:
+    objects = ObjectStore(s3_url, multipart_threshold=6 << 20, part_size=5 << 20)
+    big = tmp_path / "big.snap"
+    big.write_bytes(bytes(range(256)) * (12 << 12))  # 12 MiB: three parts
+    with big.open("rb") as body:
+        assert objects.put_once("snap/big.snap", body, {"seq": "7"}) is True
+    with big.open("rb") as body:
+        assert objects.put_once("snap/big.snap", body, {"seq": "7"}) is False  # a retry
+    other = tmp_path / "other.snap"
+    other.write_bytes(b"x" * (7 << 20))
+    with other.open("rb") as body, pytest.raises(ObjectStoreError, match="other content"):
+        objects.put_once("snap/big.snap", body, {})
+    objects.download("snap/big.snap", tmp_path / "back.snap", 0o600)
+    assert (tmp_path / "back.snap").read_bytes() == big.read_bytes()
+    bucket, _ = parse_url(s3_url)
+    assert boto3.client("s3").list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []

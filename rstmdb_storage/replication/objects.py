@@ -18,6 +18,7 @@ No exception of boto3 or botocore leaves this module: an unreachable server is a
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +40,17 @@ from ..fsutil import atomic_file, write_all
 #: metadata key holding the body's CRC-32C, as 8 hex digits
 CRC_METADATA = "crc32c"
 _CHUNK = 1 << 20
+
+
+#: files larger than this go up in parts (one ``PUT`` takes at most 5 GiB)
+MULTIPART_THRESHOLD = 1 << 30
+#: the size of a part (S3 takes 5 MiB to 5 GiB, and at most 10,000 parts)
+PART_SIZE = 64 << 20
+
+
+def _base64_crc(crc: int) -> str:
+    """The form of ``ChecksumCRC32C``: base64 of the big-endian CRC-32C."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
 
 
 def _crc_and_size(body: bytes | BinaryIO) -> tuple[int, int]:
@@ -81,9 +93,13 @@ class ObjectStore:
         assert objects.get("a/b.seg") == data
     """
 
-    def __init__(self, url: str) -> None:
+    def __init__(
+        self, url: str, multipart_threshold: int = MULTIPART_THRESHOLD, part_size: int = PART_SIZE
+    ) -> None:
         self.url = url
         self.bucket, self.prefix = parse_url(url)
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
         if importlib.util.find_spec("boto3") is None:  # said now, not at the first upload
             raise ObjectStoreError(
                 f"{url}: an object store needs boto3: pip install 'rstmdb-storage[s3]'"
@@ -104,16 +120,20 @@ class ObjectStore:
         :raises ObjectStoreError: an object with other content is there
         """
         crc, size = _crc_and_size(body)
+        metadata = {**metadata, CRC_METADATA: f"{crc:08x}"}
         try:
-            self._call(
-                "put_object",
-                Bucket=self.bucket,
-                Key=self.key(name),
-                Body=body,
-                IfNoneMatch="*",
-                ChecksumCRC32C=base64.b64encode(crc.to_bytes(4, "big")).decode(),
-                Metadata={**metadata, CRC_METADATA: f"{crc:08x}"},
-            )
+            if size > self.multipart_threshold and not isinstance(body, bytes):
+                self._put_in_parts(name, body, metadata)
+            else:
+                self._call(
+                    "put_object",
+                    Bucket=self.bucket,
+                    Key=self.key(name),
+                    Body=body,
+                    IfNoneMatch="*",
+                    ChecksumCRC32C=_base64_crc(crc),
+                    Metadata=metadata,
+                )
             return True
         except ObjectStoreError as exc:
             if getattr(exc, "code", None) != "PreconditionFailed":
@@ -125,6 +145,40 @@ class ObjectStore:
         ):
             raise ObjectStoreError(f"{self.where(name)} exists with other content")
         return False
+
+    def _put_in_parts(self, name: str, body: BinaryIO, metadata: dict[str, str]) -> None:
+        """A multipart upload of *body*, ``part_size`` bytes a part, each with a CRC-32C the
+        server checks, completed with ``If-None-Match: *``; aborted if anything fails (and, if
+        this process dies first, when shipping starts again: :meth:`abort_uploads`)."""
+        key = self.key(name)
+        upload = self._call(
+            "create_multipart_upload",
+            Bucket=self.bucket,
+            Key=key,
+            Metadata=metadata,
+            ChecksumAlgorithm="CRC32C",
+        )
+        where = {"Bucket": self.bucket, "Key": key, "UploadId": upload["UploadId"]}
+        try:
+            parts = []
+            while part := body.read(self.part_size):
+                number, checksum = len(parts) + 1, _base64_crc(crc32c(part))
+                done = self._call(
+                    "upload_part", **where, PartNumber=number, Body=part, ChecksumCRC32C=checksum
+                )
+                parts.append(
+                    {"ETag": done["ETag"], "PartNumber": number, "ChecksumCRC32C": checksum}
+                )
+            self._call(
+                "complete_multipart_upload",
+                **where,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        except BaseException:
+            with contextlib.suppress(ObjectStoreError):  # the parts are not to linger
+                self._call("abort_multipart_upload", **where)
+            raise
 
     def download(self, name: str, path: Path, mode: int) -> None:
         """Stream *name* into the file *path* (written atomically), checking its CRC-32C as
@@ -159,7 +213,7 @@ class ObjectStore:
             Bucket=self.bucket,
             Key=self.key(name),
             Body=data,
-            ChecksumCRC32C=base64.b64encode(crc.to_bytes(4, "big")).decode(),
+            ChecksumCRC32C=_base64_crc(crc),
             Metadata={CRC_METADATA: f"{crc:08x}"},
             **condition,
         )
