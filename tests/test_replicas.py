@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import signal
 from pathlib import Path
 
 import boto3
 import pytest
 from click.testing import CliRunner
-from helpers import order, put_orders, start_armed_worker, wait_until
+from helpers import instances_by_id, order, put_orders, start_armed_worker, wait_until
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from s3server import bucket_keys, damage_object
 
 from rstmdb_storage import (
@@ -266,3 +269,77 @@ def test_a_replica_killed_between_taking_a_segment_and_applying_it_catches_up(
             assert replica.catch_up() == primary.applied_seq
             assert everything(replica) == everything(primary)
             assert replica.verify() == []
+
+
+# --- against a model: whatever the history, the bucket restores and replicas follow it --------
+
+OPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.integers(0, 30), st.integers(1, 40)),
+        st.tuples(st.just("delete"), st.integers(0, 30)),
+        st.tuples(st.sampled_from(["snapshot", "compact", "ship", "reopen"])),
+    ),
+    min_size=1,
+    max_size=30,
+)
+
+
+@pytest.fixture(scope="module")
+def history_bucket(s3_endpoint: str) -> str:
+    """One bucket for every example (a SeaweedFS bucket is a collection with volumes of its
+    own: hundreds of them exhaust ``weed mini``); each example ships under a prefix of its own."""
+    boto3.client("s3").create_bucket(Bucket="histories")
+    return "s3://histories"
+
+
+@settings(
+    max_examples=10,  # each ships and restores three times: seconds, not milliseconds
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(ops=OPS, seed=st.integers(0, 2**16))
+def test_any_history_restores_from_the_bucket_and_a_replica_follows_it(
+    history_bucket: str, tmp_path_factory: pytest.TempPathFactory, ops: list, seed: int
+) -> None:
+    root = tmp_path_factory.mktemp("history")
+    url = f"{history_bucket}/{root.name}"
+    config = StorageConfig(
+        data_dir=root / "primary", replica_url=url, wal_segment_size=64 * 1024, snapshot_interval=0
+    )
+    model: dict[str, int] = {}  # id -> the size of its padding
+    storage = Storage.open(config)
+    try:
+        for op in ops:
+            if op[0] == "put":
+                _, key, size = op
+                storage.put_instance(order(f"o{key}", ctx={"pad": "p" * (size * 100)}))
+                model[f"o{key}"] = size
+            elif op[0] == "delete" and f"o{op[1]}" in model:
+                storage.delete_instance(f"o{op[1]}")
+                del model[f"o{op[1]}"]
+            elif op[0] == "snapshot":
+                storage.create_snapshot()
+            elif op[0] == "compact":
+                storage.compact()
+            elif op[0] == "ship":
+                storage.ship()
+            elif op[0] == "reopen":
+                storage.close()
+                storage = Storage.open(config)
+        shipped = storage.ship().shipped_seq
+        assert shipped == storage.applied_seq
+    finally:
+        storage.close()
+
+    # The newest state, from the bucket alone; and from any point of its history.
+    Storage.restore(url, root / "restored")
+    restored = instances_by_id(root / "restored")
+    assert {k: len(v.ctx["pad"]) // 100 for k, v in restored.items()} == model
+    assert restored == instances_by_id(config.path)
+    at = random.Random(seed).randint(0, shipped)
+    assert Storage.restore(url, root / "then", seq=at) == at
+    Storage.restore(config.path, root / "local-then", seq=at)
+    assert instances_by_id(root / "then") == instances_by_id(root / "local-then")
+    with Storage.open(root / "replica", replica_of=url) as replica:
+        assert replica.catch_up() == shipped
+        assert {i.id: i for i in replica.iter_instances()} == restored
