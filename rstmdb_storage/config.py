@@ -169,8 +169,8 @@ class StorageConfig:
     #: credentials from boto3's environment: see :mod:`rstmdb_storage.replication`); None:
     #: no shipping
     replica_url: str | None = None
-    #: with ``replica_url``: the open WAL segment is sealed (and shipped) once it has held a
-    #: record this long, though not full: how much a lost host can take with it
+    #: with ``replica_url``: a record is in the bucket within this long of its write (the
+    #: open WAL segment is sealed early for it): how much a lost host can take with it
     max_seal_interval_ms: int = 1000
     #: with ``replica_url``: how long the single-writer lease in the bucket holds without
     #: renewal (see :mod:`rstmdb_storage.replication.lease`): how soon another writer may

@@ -40,7 +40,7 @@ def register(main: click.Group) -> None:
     type=click.IntRange(min=1),
     default=1000,
     show_default=True,
-    help="seal and ship the open WAL segment once it has held a record this long",
+    help="a record is in the bucket within this long of its write",
 )
 @once_option
 @every_option

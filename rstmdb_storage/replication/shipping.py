@@ -9,9 +9,9 @@ a forked child does not inherit).
 What it ships, oldest first:
 
 * a WAL segment once it is sealed (a sealed segment is immutable, and was synced when it was
-  sealed). The open segment is sealed early once it has held a record for
-  ``max_seal_interval_ms`` (cut to its used length), so that a record waits at most about that
-  long before it is shipped;
+  sealed). The open segment is sealed early (and cut to its used length) so that its first
+  record is in the bucket ``max_seal_interval_ms`` after it was written: checked every 50 ms,
+  sealed ahead by the time recent uploads took;
 * a snapshot once it is published and the WAL shipped reaches it, the copy first and its
   manifest after it: the newest state in the bucket is always the last record shipped.
 
@@ -257,7 +257,8 @@ class Shipper:
         return sum(1 for s in self._sealed() if s.last_seq > start and s.name not in shipped)
 
     def _seal_due(self) -> bool:
-        """Whether the open segment's first record was written ``max_seal_interval_ms`` ago."""
+        """Whether the open segment must be sealed now for its first record to be in the
+        bucket ``max_seal_interval_ms`` after it was written."""
         firsts = self._engine.wal.segment_ids()
         if not firsts:
             return False
