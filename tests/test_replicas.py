@@ -343,3 +343,24 @@ def test_any_history_restores_from_the_bucket_and_a_replica_follows_it(
     with Storage.open(root / "replica", replica_of=url) as replica:
         assert replica.catch_up() == shipped
         assert {i.id: i for i in replica.iter_instances()} == restored
+
+
+@pytest.mark.parametrize("point", ["wal.after_seal", "wal.after_new_segment"])
+def test_a_primary_killed_inside_an_early_seal_reopens_whole_and_ships_on(
+    data_dir: Path, s3_url: str, tmp_path: Path, point: str
+) -> None:
+    # Segments far larger than what is written: every seal is an early one, for shipping.
+    worker = start_armed_worker(f"{point}=kill", "shipping-writer", data_dir, s3_url, 64 << 20, 50)
+    out, _ = worker.communicate(timeout=120)
+    assert worker.returncode == -signal.SIGKILL
+    acked = [e["n"] for e in map(json.loads, out.splitlines()) if e["event"] == "ack"]
+    assert acked, "the first seal came before any write"
+
+    with Storage.open(StorageConfig(data_dir=data_dir, replica_url=s3_url)) as storage:
+        assert storage.verify() == []
+        for n in acked:
+            assert storage.get_instance(f"w{n}") is not None
+        shipped = storage.ship().shipped_seq
+        assert shipped == storage.applied_seq >= len(acked)
+    assert Storage.restore(s3_url, tmp_path / "restored") == shipped
+    assert instances_by_id(tmp_path / "restored") == instances_by_id(data_dir)
