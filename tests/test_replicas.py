@@ -126,6 +126,8 @@ def test_lookup_processes_read_the_replica_while_it_applies(
         ("flip", CorruptionError, "do not match the CRC-32C"),
         ("prev", CorruptionError, "the segment before it ends at 1"),
         ("delete", WalGapError, "are not in the bucket"),
+        # Another segment's bytes, with their own good CRC: only the segment's checks see it.
+        ("swap", CorruptionError, "header says first sequence"),
     ],
 )
 def test_a_replica_stops_at_the_last_good_record_and_names_the_object(
@@ -145,10 +147,18 @@ def test_a_replica_stops_at_the_last_good_record_and_names_the_object(
             primary.ship()
             keys = bucket_keys(s3_url, ".seg")
             harmed = next(k for k in keys if int(k[-37:-21], 16) == good + 1)
+            bucket, _ = parse_url(s3_url)
+            client = boto3.client("s3")
             if harm == "delete":
-                bucket, _ = parse_url(s3_url)
-                boto3.client("s3").delete_object(Bucket=bucket, Key=harmed)
+                client.delete_object(Bucket=bucket, Key=harmed)
                 named = keys[keys.index(harmed) + 1]  # where the gap shows
+            elif harm == "swap":
+                other = client.get_object(Bucket=bucket, Key=keys[keys.index(harmed) + 1])
+                metadata = {**other["Metadata"], "prev-last-seq": str(good)}
+                client.put_object(
+                    Bucket=bucket, Key=harmed, Body=other["Body"].read(), Metadata=metadata
+                )
+                named = harmed
             else:
                 damage_object(s3_url, harmed, {"prev-last-seq": "1"} if harm == "prev" else None)
                 named = harmed

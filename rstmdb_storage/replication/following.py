@@ -26,9 +26,11 @@ that open the replica with ``replica_of``, the one holding ``replication.lock`` 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from ..engine import Engine
@@ -37,13 +39,16 @@ from ..failpoints import failpoint
 from ..fsutil import current_pid
 from ..replay import replay
 from ..wal.decoder import check_sealed_segment
-from ..wal.format import SEGMENT_HEADER_SIZE
+from ..wal.format import SEGMENT_HEADER_SIZE, segment_name
 from .layout import ShippedSegment, parse_segment
 from .lease import read_epochs
 from .objects import ObjectStore
 from .shipping import MAX_BACKOFF, take_lock
 
 log = logging.getLogger(__name__)
+
+#: a segment being downloaded, beside the WAL's segments (which end in .wal)
+DOWNLOAD_SUFFIX = ".download"
 
 
 class Follower:
@@ -158,15 +163,34 @@ class Follower:
                 f"not in the bucket; the replica stops here",
                 path=where,
             )
-        data, metadata = self.objects.fetch(name)
-        if metadata.get("prev-last-seq") != str(next_seq - 1):
-            raise CorruptionError(
-                f"{where}: its metadata says the segment before it ends at "
-                f"{metadata.get('prev-last-seq')}, but this replica's last record is "
-                f"{next_seq - 1}; the replica stops here",
-                path=where,
-            )
-        check_sealed_segment(data, segment.first_seq, segment.last_seq, engine.wal.store_id, where)
+        # Downloaded beside the segments, under a name the WAL does not read, and checked
+        # there (mapped, not read into memory), so that only a whole, good segment is renamed
+        # into the WAL.
+        download = engine.wal.directory / f"{segment_name(segment.first_seq)}{DOWNLOAD_SUFFIX}"
+        try:
+            metadata = self.objects.download(name, download, engine.config.file_mode)
+            if metadata.get("prev-last-seq") != str(next_seq - 1):
+                raise CorruptionError(
+                    f"{where}: its metadata says the segment before it ends at "
+                    f"{metadata.get('prev-last-seq')}, but this replica's last record is "
+                    f"{next_seq - 1}; the replica stops here",
+                    path=where,
+                )
+            if download.stat().st_size < SEGMENT_HEADER_SIZE:  # nothing to map, nor a segment
+                raise CorruptionError(f"{where} is too short to be a WAL segment", path=where)
+            with (
+                open(download, "rb") as file,
+                mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
+            ):
+                check_sealed_segment(
+                    data, segment.first_seq, segment.last_seq, engine.wal.store_id, where
+                )
+            self._adopt(segment, next_seq, download)
+        finally:
+            download.unlink(missing_ok=True)
+
+    def _adopt(self, segment: ShippedSegment, next_seq: int, download: Path) -> None:
+        engine = self._engine
         env = engine.live()
         with env.write_mutex:
             tail = engine.applied_tail()
@@ -176,7 +200,7 @@ class Follower:
                     f"the bucket (its tail is at offset {tail.offset} of segment "
                     f"{tail.segment}): was it written to as a primary?"
                 )
-            engine.wal.adopt_segment(segment.first_seq, data)
+            engine.wal.adopt_segment(segment.first_seq, download)
             failpoint("follow.after_adopt")
             replay(engine, strict=False)
 

@@ -180,9 +180,10 @@ class ObjectStore:
                 self._call("abort_multipart_upload", **where)
             raise
 
-    def download(self, name: str, path: Path, mode: int) -> None:
+    def download(self, name: str, path: Path, mode: int) -> dict[str, str]:
         """Stream *name* into the file *path* (written atomically), checking its CRC-32C as
-        :meth:`get` does, with memory bounded by one chunk whatever the object's size.
+        :meth:`get` does, with memory bounded by one chunk whatever the object's size; return
+        the object's metadata.
 
         :raises CorruptionError: the bytes do not match their checksum (nothing is written)
         """
@@ -198,6 +199,7 @@ class ObjectStore:
             except Exception as exc:  # botocore's read errors: the connection went
                 raise ObjectStoreUnavailableError(f"reading {self.where(name)}: {exc}") from exc
             self._check_crc(name, response.get("Metadata", {}), crc)
+        return response.get("Metadata", {})
 
     def put_conditional(self, name: str, data: bytes, etag: str | None) -> str:
         """Write *data* under *name* only if the object there is still the one with *etag*

@@ -15,6 +15,7 @@ its CRC matches. Where a good record is expected but none is found, there are th
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -173,7 +174,7 @@ def last_nonzero(read: Reader, start: int, end: int) -> int:
 
 
 def check_sealed_segment(
-    data: bytes, first_seq: int, last_seq: int, store_id: bytes, where: str
+    data: bytes | mmap.mmap, first_seq: int, last_seq: int, store_id: bytes, where: str
 ) -> None:
     """Check that *data* is a whole sealed segment of store *store_id* holding exactly the
     records *first_seq* to *last_seq*, in order, every CRC good (a segment fetched from a

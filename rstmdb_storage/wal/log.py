@@ -154,13 +154,14 @@ class Wal:
             fsync_dir(self.directory)
         return freed
 
-    def adopt_segment(self, first_seq: int, data: bytes) -> None:
-        """Put *data*, a whole sealed segment (checked with
-        :func:`~.decoder.check_sealed_segment`), in place of segment *first_seq*, which the
-        caller knows holds no record: the WAL of a replica grows so, by whole segments from
-        the bucket its primary ships to. Replay then applies it."""
+    def adopt_segment(self, first_seq: int, source: Path) -> None:
+        """Rename *source*, a synced file in this directory holding a whole sealed segment
+        (checked with :func:`~.decoder.check_sealed_segment`), into the place of segment
+        *first_seq*, which the caller knows holds no record: the WAL of a replica grows so, by
+        whole segments from the bucket its primary ships to. Replay then applies it."""
         self._forget(first_seq)
-        write_file_atomic(self.directory / segment_name(first_seq), data, self.file_mode)
+        os.replace(source, self.directory / segment_name(first_seq))
+        fsync_dir(self.directory)
 
     def first_record_ms(self, first_seq: int) -> int | None:
         """When the first record of segment *first_seq* was written (Unix ms), or None while
