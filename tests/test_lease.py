@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 from helpers import instances_by_id, put_orders, start_worker, wait_until
+from s3server import bucket_keys
 
 from rstmdb_storage import LeaseHeldError, Storage, StorageConfig
 from rstmdb_storage.replication.objects import parse_url
@@ -143,3 +146,44 @@ def test_restore_if_missing_without_the_bucket_starts_nothing(
     assert not (config.path / "wal").exists()
     with pytest.raises(ConfigError, match="restore_if_missing"):
         Storage.open(dataclasses.replace(config, restore_if_missing=True))
+
+
+def test_a_primary_paused_past_its_lease_ships_nothing_once_another_took_over(
+    tmp_path: Path, s3_url: str
+) -> None:
+    """Split brain: a primary frozen (SIGSTOP: a VM paused, a long GC) while a restored copy
+    takes its expired lease; thawed, it must not ship another object, and says why."""
+    worker = start_worker("shipping-writer", tmp_path / "old", s3_url, 64 * 1024, 50, 300)
+    try:
+        events = worker.stdout  # type: ignore[union-attr]
+        while json.loads(next(events)).get("seq", 0) < 200:
+            pass
+        os.kill(worker.pid, signal.SIGSTOP)
+        before = bucket_keys(s3_url)
+        assert wait_until(lambda: lease_of(s3_url)["expires_ms"] < time.time_ns() // 1_000_000)
+        Storage.restore(s3_url, tmp_path / "new")
+        new_config = StorageConfig(data_dir=tmp_path / "new", replica_url=s3_url, lease_ttl_ms=300)
+        with Storage.open(new_config) as new_primary:  # takes the lease: epoch 2
+            assert new_primary.replication_status()["epoch"] == 2
+            os.kill(worker.pid, signal.SIGCONT)
+            refused = None
+            while refused is None:  # the thawed primary writes on, and ships nothing
+                event = json.loads(next(events))
+                if event["event"] == "shipped" and event["error"]:
+                    refused = event["error"]
+            assert "LeaseHeldError" in refused
+
+            # At most the upload in flight when it froze landed since; then nothing more,
+            # while it writes on (100 writes: several seal intervals).
+            def old_epoch_since() -> set[str]:  # what the old primary shipped after the pause
+                return {k for k in bucket_keys(s3_url) if "/e1/" in k} - set(before)
+
+            since = old_epoch_since()
+            assert len(since) <= 1
+            acks = 0
+            while acks < 100:
+                acks += json.loads(next(events))["event"] == "ack"
+            assert old_epoch_since() == since
+    finally:
+        worker.kill()
+        worker.wait()

@@ -361,7 +361,8 @@ def shipping_writer(
             seq = storage.put_instance(shipped_instance(n))
             emit(out, event="ack", n=n, seq=seq)
             if n % 20 == 0:
-                emit(out, event="shipped", seq=storage.replication_status()["shipped_seq"])
+                status = storage.replication_status()
+                emit(out, event="shipped", seq=status["shipped_seq"], error=status["last_error"])
 
 
 def follower(url: str, data_dir: str) -> None:

@@ -295,9 +295,7 @@ class Shipper:
         with _opened(path) as body:
             # Gone: compaction deletes only what the hold has passed, so another process
             # shipped it.
-            if body is not None and self.objects.put_once(
-                f"{self.base}/{segment.name}", body, metadata
-            ):
+            if body is not None and self._upload(segment.name, body, metadata):
                 report.shipped.append(segment.name)
                 failpoint("ship.after_upload")
                 # How long an upload takes, smoothed: the open segment is sealed this early.
@@ -326,9 +324,16 @@ class Shipper:
                 if data is None or manifest is None:
                     continue
                 for name, body in zip(snapshot_objects(seq), (data, manifest), strict=True):
-                    if self.objects.put_once(f"{self.base}/{name}", body, metadata):
+                    if self._upload(name, body, metadata):
                         report.shipped.append(name)
                     shipped.add(name)
+
+    def _upload(self, name: str, body: BinaryIO, metadata: dict[str, str]) -> bool:
+        """Write *name* of the epoch's directory once; the lease is renewed first when due,
+        before every object rather than every pass: a process thawed after a long pause
+        ships nothing more (``LeaseHeldError``) once another writer has taken over."""
+        self._renew_lease()
+        return self.objects.put_once(f"{self.base}/{name}", body, metadata)
 
     def _identity(self) -> dict[str, str]:
         return {"store-id": self._store, "epoch": str(self.epoch)}
