@@ -80,9 +80,9 @@ def test_a_restore_from_the_bucket_by_time_is_the_state_at_that_time(
     with Storage.open(shipping) as storage:
         put_orders(storage, 0, 150)
         storage.create_snapshot()
-        time.sleep(0.005)  # a millisecond boundary between the two halves, not a wait
-        until_ms = time.time_ns() // 1_000_000
-        time.sleep(0.005)
+        until_ms = time.time_ns() // 1_000_000  # every record so far was written by now
+        while time.time_ns() // 1_000_000 <= until_ms:
+            pass  # the clock's next millisecond: every record from here is written after it
         put_orders(storage, 150, 150)
         storage.ship()
     assert Storage.restore(s3_url, tmp_path / "then", until_ms=until_ms) == 150

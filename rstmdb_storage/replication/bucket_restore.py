@@ -24,7 +24,14 @@ from ..recovery import check_target, restore
 from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, Progress
 from ..wal.encoder import encode_segment_header
 from ..wal.format import segment_name
-from .layout import STORE_ID, ShippedSegment, parse_manifest, parse_segment, snapshot_objects
+from .layout import (
+    STORE_ID,
+    ShippedSegment,
+    epoch_dir,
+    parse_manifest,
+    parse_segment,
+    snapshot_objects,
+)
 from .lease import read_epochs
 from .objects import ObjectStore
 
@@ -41,7 +48,7 @@ def restore_from_bucket(
     target_path = check_target(target, "restore target")
     objects = ObjectStore(url)
     store = the_store(objects)
-    base = f"{store}/e{_epoch_for(objects, store, seq)}"
+    base = epoch_dir(store, _epoch_for(objects, store, seq))
     target_path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".rstmdb-download-", dir=target_path.parent))
     try:

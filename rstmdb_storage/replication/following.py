@@ -10,7 +10,7 @@ each, in sequence order:
 2. checked to join: its first sequence number follows the last record applied here, and its
    ``prev-last-seq`` metadata says the same;
 3. checked to be a whole sealed segment of this store holding exactly the records its name
-   says (:func:`~rstmdb_storage.wal.decoder.check_sealed_segment`);
+   says (:meth:`~rstmdb_storage.wal.Wal.check_sealed`);
 4. put in place of the replica's open segment, which holds no record (a replica never
    appends), and replayed: each chunk of the replay is one LMDB transaction, and a record is
    never split, so lookups see one consistent state throughout, here and in read-only
@@ -26,7 +26,6 @@ that open the replica with ``replica_of``, the one holding ``replication.lock`` 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
 import threading
 import time
@@ -38,9 +37,8 @@ from ..errors import CorruptionError, StorageError, WalGapError
 from ..failpoints import failpoint
 from ..fsutil import current_pid
 from ..replay import replay
-from ..wal.decoder import check_sealed_segment
 from ..wal.format import SEGMENT_HEADER_SIZE, segment_name
-from .layout import ShippedSegment, parse_segment
+from .layout import ShippedSegment, epoch_dir, parse_segment
 from .lease import read_epochs
 from .objects import ObjectStore
 from .shipping import MAX_BACKOFF, take_lock
@@ -113,12 +111,13 @@ class Follower:
             epoch, begins = next(iter(later.items()))
             start = begins.start_seq
             if start != applied:
+                where = self.objects.where(epoch_dir(self._store, epoch))
                 raise WalGapError(
-                    f"{self.objects.where(f'{self._store}/e{epoch}')}: a new writer of the "
-                    f"store began epoch {epoch} at sequence {start}, but epoch {self.epoch} "
-                    f"ends at {applied} in the bucket and here: the replica cannot follow "
-                    f"across; restore it again (into an empty directory)",
-                    path=self.objects.where(f"{self._store}/e{epoch}"),
+                    f"{where}: a new writer of the store began epoch {epoch} at sequence "
+                    f"{start}, but epoch {self.epoch} ends at {applied} in the bucket and "
+                    f"here: the replica cannot follow across; restore it again (into an "
+                    f"empty directory)",
+                    path=where,
                 )
             self._follow_epoch(epoch)
 
@@ -136,7 +135,7 @@ class Follower:
         return reaching[-1]
 
     def _follow_epoch(self, epoch: int) -> None:
-        self.epoch, self.base = epoch, f"{self._store}/e{epoch}"
+        self.epoch, self.base = epoch, epoch_dir(self._store, epoch)
 
     def _apply_epoch(self) -> int:
         """Apply what the epoch followed holds past the last record applied; return it."""
@@ -164,8 +163,7 @@ class Follower:
                 path=where,
             )
         # Downloaded beside the segments, under a name the WAL does not read, and checked
-        # there (mapped, not read into memory), so that only a whole, good segment is renamed
-        # into the WAL.
+        # there as the WAL reads its own, so that only a whole, good segment is renamed in.
         download = engine.wal.directory / f"{segment_name(segment.first_seq)}{DOWNLOAD_SUFFIX}"
         try:
             metadata = self.objects.download(name, download, engine.config.file_mode)
@@ -176,15 +174,10 @@ class Follower:
                     f"{next_seq - 1}; the replica stops here",
                     path=where,
                 )
-            if download.stat().st_size < SEGMENT_HEADER_SIZE:  # nothing to map, nor a segment
-                raise CorruptionError(f"{where} is too short to be a WAL segment", path=where)
-            with (
-                open(download, "rb") as file,
-                mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data,
-            ):
-                check_sealed_segment(
-                    data, segment.first_seq, segment.last_seq, engine.wal.store_id, where
-                )
+            try:
+                engine.wal.check_sealed(download, segment.first_seq, segment.last_seq)
+            except CorruptionError as exc:  # said of the object, not of the download
+                raise CorruptionError(f"{where}: {exc}", path=where) from exc
             self._adopt(segment, next_seq, download)
         finally:
             download.unlink(missing_ok=True)

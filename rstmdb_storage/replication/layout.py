@@ -35,9 +35,10 @@ _EPOCH = re.compile(r"e([1-9][0-9]{0,8})")
 STORE_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def store_dir(store_id: bytes, epoch: int) -> str:
-    """``store_dir(bytes(16), 2) == "00000000000000000000000000000000/e2"``"""
-    return f"{store_id.hex()}/e{epoch}"
+def epoch_dir(store: str, epoch: int) -> str:
+    """The directory of one epoch of a store (its id in hex):
+    ``epoch_dir("00ff" * 8, 2) == "00ff00ff00ff00ff00ff00ff00ff00ff/e2"``"""
+    return f"{store}/e{epoch}"
 
 
 def parse_epoch(name: str) -> int | None:

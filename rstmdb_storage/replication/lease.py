@@ -33,7 +33,7 @@ from pathlib import Path
 
 from ..errors import CorruptionError, LeaseHeldError, ObjectStoreError
 from ..fsutil import os_error, write_file_atomic
-from .layout import EPOCH_OBJECT, parse_epoch
+from .layout import EPOCH_OBJECT, epoch_dir, parse_epoch
 from .objects import ObjectStore
 
 #: the file of a data directory that holds its writer id
@@ -201,5 +201,7 @@ def begin_epoch(objects: ObjectStore, store: str, epoch: int, begins: Epoch) -> 
         "store_id": store,
     }
     objects.put_once(
-        f"{store}/e{epoch}/{EPOCH_OBJECT}", json.dumps(document).encode(), {"store-id": store}
+        f"{epoch_dir(store, epoch)}/{EPOCH_OBJECT}",
+        json.dumps(document).encode(),
+        {"store-id": store},
     )

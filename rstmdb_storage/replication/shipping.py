@@ -50,7 +50,7 @@ from ..replay import replay
 from ..snapshots import DATA_SUFFIX, MANIFEST_SUFFIX, published_seqs
 from ..wal.format import segment_name
 from ..writes import seal_wal
-from .layout import ShippedSegment, parse_manifest, snapshot_objects
+from .layout import ShippedSegment, epoch_dir, parse_manifest, snapshot_objects
 from .lease import Epoch, LeaseKeeper, begin_epoch, holder_of, read_epochs
 from .objects import ObjectStore
 
@@ -180,7 +180,7 @@ class Shipper:
             log.warning("%s: aborted uploads left unfinished under the store", self.objects.url)
         begins = known.get(epoch) or self._begin_epoch(epoch)
         self.epoch, self.epoch_start = epoch, begins.start_seq
-        self.base = f"{self._store}/e{epoch}"
+        self.base = epoch_dir(self._store, epoch)
         self.shipped_seq = max(self.shipped_seq, begins.start_seq)
         self._shipped = None
 
@@ -238,13 +238,15 @@ class Shipper:
     def _ship_pass(self, report: ShipReport) -> None:
         shipped = self._bucket_names()
         engine = self._engine
+        held = engine.read(engine.meta.holds).get(HOLD_NAME, 0)
         for segment in self._sealed():
             if segment.last_seq <= self.epoch_start:
                 continue  # before this epoch: its snapshot holds it
             if segment.name not in shipped:
                 self._ship_segment(segment, shipped, report)
-            if segment.last_seq + 1 > engine.read(engine.meta.holds).get(HOLD_NAME, 0):
-                hold_wal(engine, HOLD_NAME, segment.last_seq + 1)
+            if segment.last_seq + 1 > held:  # moved past each as it is shipped, forward only
+                held = segment.last_seq + 1
+                hold_wal(engine, HOLD_NAME, held)
             self.shipped_seq = max(self.shipped_seq, segment.last_seq)
         self._ship_snapshots(shipped, report)
         if report.shipped:

@@ -15,7 +15,6 @@ its CRC matches. Where a good record is expected but none is found, there are th
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -27,9 +26,7 @@ from ..errors import CorruptionError
 from .format import (
     RECORD_HEADER,
     RECORD_HEADER_SIZE,
-    RECORD_SEAL,
     RECORD_TYPES,
-    SEAL_PAYLOAD,
     SEGMENT_HEADER,
     SEGMENT_HEADER_CRC,
     SEGMENT_HEADER_SIZE,
@@ -171,43 +168,3 @@ def last_nonzero(read: Reader, start: int, end: int) -> int:
             return begin + len(chunk)
         position = begin
     return start
-
-
-def check_sealed_segment(
-    data: bytes | mmap.mmap, first_seq: int, last_seq: int, store_id: bytes, where: str
-) -> None:
-    """Check that *data* is a whole sealed segment of store *store_id* holding exactly the
-    records *first_seq* to *last_seq*, in order, every CRC good (a segment fetched from a
-    bucket, before a replica takes it into its WAL); raise :class:`CorruptionError` naming
-    *where* otherwise."""
-
-    def read(offset: int, size: int) -> bytes:
-        return data[offset : offset + size]
-
-    found_seq, found_store = decode_segment_header(data, where)
-    if (found_seq, found_store) != (first_seq, store_id):
-        raise CorruptionError(
-            f"{where}: header says first sequence {found_seq} of store {found_store.hex()}, "
-            f"expected {first_seq} of {store_id.hex()}",
-            path=where,
-            offset=0,
-        )
-    offset, expected = SEGMENT_HEADER_SIZE, first_seq
-    while True:
-        found = decode_record(read, offset)
-        if not isinstance(found, FramedRecord):
-            reason = found.reason if found is not None else "the segment ends without a seal"
-        elif found.type == RECORD_SEAL:
-            (stored,) = SEAL_PAYLOAD.unpack(found.payload)
-            if found.seq != last_seq or expected != last_seq + 1:
-                reason = f"sealed at {found.seq} after record {expected - 1}, expected {last_seq}"
-            elif stored != crc32c(memoryview(data)[SEGMENT_HEADER_SIZE:offset]):
-                reason = "sealed segment CRC32C mismatch"
-            else:
-                return
-        elif found.seq != expected:
-            reason = f"record has sequence {found.seq}, expected {expected}"
-        else:
-            offset, expected = found.end, expected + 1
-            continue
-        raise CorruptionError(f"{where} at offset {offset}: {reason}", path=where, offset=offset)

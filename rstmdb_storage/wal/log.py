@@ -156,12 +156,31 @@ class Wal:
 
     def adopt_segment(self, first_seq: int, source: Path) -> None:
         """Rename *source*, a synced file in this directory holding a whole sealed segment
-        (checked with :func:`~.decoder.check_sealed_segment`), into the place of segment
+        (checked with :meth:`check_sealed`), into the place of segment
         *first_seq*, which the caller knows holds no record: the WAL of a replica grows so, by
         whole segments from the bucket its primary ships to. Replay then applies it."""
         self._forget(first_seq)
         os.replace(source, self.directory / segment_name(first_seq))
         fsync_dir(self.directory)
+
+    def check_sealed(self, path: Path, first_seq: int, last_seq: int) -> None:
+        """Check that the file *path* is a whole sealed segment of this store holding exactly
+        the records *first_seq* to *last_seq*, every CRC good (a segment downloaded from a
+        bucket, before :meth:`adopt_segment`).
+
+        :raises CorruptionError: it is not
+        """
+        segment = WalSegment.open(self.directory, first_seq, self.store_id, path)
+        try:
+            last = first_seq - 1
+            for record in self._segment_records(segment, first_seq, sealed=True):
+                last = record.seq
+        finally:
+            segment.close()
+        if last != last_seq:
+            raise CorruptionError(
+                f"{path} holds records {first_seq} to {last}, not to {last_seq}", path=str(path)
+            )
 
     def first_record_ms(self, first_seq: int) -> int | None:
         """When the first record of segment *first_seq* was written (Unix ms), or None while
@@ -443,11 +462,21 @@ class Wal:
             )
         return tail
 
-    def _segment_records(self, segment: WalSegment, first_seq: int) -> Iterator[FramedRecord]:
+    def _segment_records(
+        self, segment: WalSegment, first_seq: int, sealed: bool = False
+    ) -> Iterator[FramedRecord]:
+        """The records of *segment*, checked, up to its seal (which must be there if
+        *sealed*) or the end of what was written."""
         offset, expected = SEGMENT_HEADER_SIZE, first_seq
         while True:
             found = decode_record(segment.read, offset)
             if found is None:
+                if sealed:
+                    raise CorruptionError(
+                        f"{segment.path} ends at offset {offset} without a seal",
+                        path=str(segment.path),
+                        offset=offset,
+                    )
                 return
             if isinstance(found, BadRecord):
                 raise CorruptionError(
@@ -456,6 +485,8 @@ class Wal:
                     offset=found.offset,
                 )
             if found.type == RECORD_SEAL:
+                if found.seq != expected - 1:  # a seal holds the last sequence before it
+                    raise _unexpected(segment, found, expected - 1, "seal")
                 _check_seal(segment, found)
                 return
             if found.seq != expected:

@@ -58,9 +58,12 @@ class WalSegment:
         return cls(path, fd, first_seq)
 
     @classmethod
-    def open(cls, directory: Path, first_seq: int, store_id: bytes) -> WalSegment:
-        """Open an existing segment and check that its header is this store's."""
-        path = directory / segment_name(first_seq)
+    def open(
+        cls, directory: Path, first_seq: int, store_id: bytes, path: Path | None = None
+    ) -> WalSegment:
+        """Open an existing segment and check that its header is this store's (from the file
+        *path* when given, not its name in *directory*: a segment downloaded beside them)."""
+        path = path or directory / segment_name(first_seq)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
