@@ -19,11 +19,10 @@ from .changes import (
     IdempotencyKey,
     PutInstance,
     PutMachine,
-    is_conditional,
 )
 from .codec import decode_instance, encode_instance_value, seal, unseal
 from .config import DB_IDEMPOTENCY, DB_INSTANCES, DB_MACHINES
-from .store.indexes import Indexes, entries_of, index_entries
+from .store.indexes import add_entries, entries_of, index_entries, remove_entries
 
 
 def machine_key(name: str, version: int) -> bytes:
@@ -126,24 +125,25 @@ def apply_changes(
 ) -> None:
     """Apply the changes of record *seq*, written at *timestamp_ms*, inside *txn*: instances
     and their index entries together."""
+    conditional = False  # whether any change depends on what is stored (is_conditional)
+    for change in changes:
+        kind = type(change)
+        if kind is IdempotencyKey:
+            if remembered_write(txn, dbs[DB_IDEMPOTENCY], change.key, timestamp_ms) is not None:
+                return  # a retry of a write already applied: it applies nothing
+            key = change.key.encode()
+            entry = _IDEMPOTENCY_ENTRY.pack(seq, timestamp_ms + change.retention_ms)
+            txn.put(key, seal(key, entry), db=dbs[DB_IDEMPOTENCY])
+        elif kind is PutMachine or change.condition is not None:
+            conditional = True
+    if conditional and first_failure(txn, dbs, seq, changes, deletes_must_find=False):
+        return  # deterministic: whoever applies this record finds the same failure
     instances_db = dbs[DB_INSTANCES]
     for change in changes:
-        if type(change) is not IdempotencyKey:
+        kind = type(change)
+        if kind is IdempotencyKey:
             continue
-        if remembered_write(txn, dbs[DB_IDEMPOTENCY], change.key, timestamp_ms) is not None:
-            return  # a retry of a write already applied: it applies nothing
-        key = change.key.encode()
-        entry = _IDEMPOTENCY_ENTRY.pack(seq, timestamp_ms + change.retention_ms)
-        txn.put(key, seal(key, entry), db=dbs[DB_IDEMPOTENCY])
-    if any(is_conditional(change) for change in changes) and first_failure(
-        txn, dbs, seq, changes, deletes_must_find=False
-    ):
-        return  # deterministic: whoever applies this record finds the same failure
-    indexes = Indexes(dbs)
-    for change in changes:
-        if type(change) is IdempotencyKey:
-            continue
-        if type(change) is PutMachine:
+        if kind is PutMachine:
             key = machine_key(change.name, change.version)
             txn.put(key, seal(key, change.definition), db=dbs[DB_MACHINES])
             continue
@@ -151,11 +151,9 @@ def apply_changes(
         key = instance_id.encode()
         old = txn.get(key, db=instances_db)
         previous = None if old is None else decode_instance(key, old)
-        stale: list[tuple[bytes, bytes]] = []
-        if previous is not None:
-            stale = entries_of(previous)
-        if type(change) is DeleteInstance:
-            indexes.remove(txn, stale)
+        if kind is DeleteInstance:
+            if previous is not None:
+                remove_entries(txn, dbs, entries_of(previous))
             txn.delete(key, db=instances_db)
             continue
         created_at, updated_at = change.created_at, change.updated_at
@@ -170,8 +168,9 @@ def apply_changes(
             db=instances_db,
         )
         fresh = index_entries(instance_id, machine, state, metadata, updated_at)
-        if stale:  # an update: touch only the entries that change (usually just the time)
+        if previous is not None:  # an update: touch only the entries that change (the time)
+            stale = entries_of(previous)
             kept = set(stale).intersection(fresh)
-            indexes.remove(txn, [entry for entry in stale if entry not in kept])
+            remove_entries(txn, dbs, [entry for entry in stale if entry not in kept])
             fresh = [entry for entry in fresh if entry not in kept]
-        indexes.add(txn, fresh)
+        add_entries(txn, dbs, fresh)

@@ -230,77 +230,103 @@ def decode_changes(payload: bytes, where: str) -> list[Change]:
 
 
 def _decode_change(change: Any, where: str) -> Change:
-    try:
-        decoded = _shaped_change(change, where)
-        if decoded is not None:
-            return _accepted(decoded, where)
-    except (InvalidInputError, InvalidTypeError) as exc:
-        raise DecodeError(f"{where}: a change put_instance would refuse ({exc})") from None
-    raise DecodeError(f"{where}: malformed change {change!r:.80}")
+    """*change*, decoded, if it has the shape of a change and the API would have accepted
+    it: the checks of a write, applied to what the record holds."""
+    decoded = None
+    if type(change) is list and len(change) >= 2 and type(change[1]) is str:
+        decode = _DECODERS.get(change[0]) if type(change[0]) is int else None
+        try:
+            decoded = decode(change, where) if decode is not None else None
+        except (InvalidInputError, InvalidTypeError) as exc:
+            raise DecodeError(f"{where}: a change put_instance would refuse ({exc})") from None
+    if decoded is None:
+        raise DecodeError(f"{where}: malformed change {change!r:.80}")
+    return decoded
 
 
-def _shaped_change(change: Any, where: str) -> Change | None:
-    """The change *change* encodes, when it has the shape of one; else None."""
-    if type(change) is not list or len(change) < 2 or type(change[1]) is not str:
+# Each decoder takes a change (a list whose second item is text) and returns None when it
+# does not have its kind's shape; it raises InvalidInputError or InvalidTypeError when the
+# API would refuse what it holds.
+
+
+def _decode_put(change: list[Any], where: str) -> PutInstance | None:
+    """A put comes back with its indexed fields, decoded once here for the apply."""
+    size = len(change)
+    if size not in (5, 6) or type(change[4]) is not bytes:
         return None
-    kind, size = change[0], len(change)
-    if kind == CHANGE_PUT and size in (5, 6) and type(change[4]) is bytes:
-        condition = _condition(change[5]) if size == 6 else None
-        timestamps_ok = all(v is None or type(v) is int for v in change[2:4])
-        if timestamps_ok and (size == 5 or condition is not None):
-            return PutInstance(change[1], change[2], change[3], change[4], condition)
-    elif kind == CHANGE_DELETE and size in (2, 3):
-        condition = _condition(change[2]) if size == 3 else None
-        if size == 2 or condition is not None:
-            return DeleteInstance(change[1], condition)
-    elif kind == CHANGE_IDEMPOTENCY and size == 3:
-        if type(change[2]) is int and 0 < change[2] < 2**63:
-            return IdempotencyKey(change[1], change[2])
-    elif kind == CHANGE_MACHINE and size == 4 and type(change[2]) is int:
-        definition = change[3]
-        if type(definition) is bytes:
-            return PutMachine(change[1], change[2], definition)
-    return None
+    instance_id, created_at, updated_at, body = change[1], change[2], change[3], change[4]
+    if not (created_at is None or type(created_at) is int) or not (
+        updated_at is None or type(updated_at) is int
+    ):
+        return None
+    condition = None
+    if size == 6:
+        condition = _condition(change[5])
+        if condition is None:
+            return None
+    try:
+        fields = decode_instance_body(body, "")
+    except DecodeError:  # decode again to name the place: errors only pay for the message
+        decode_instance_body(body, f"{where}, instance {instance_id!r}")  # raises
+        raise
+    instance = check_instance(
+        Instance(instance_id, *fields, created_at=created_at, updated_at=updated_at)
+    )
+    return PutInstance(
+        instance_id,
+        created_at,
+        updated_at,
+        body,
+        condition,
+        (instance.machine, instance.state, instance.metadata),
+    )
 
 
-def _accepted(change: Change, where: str) -> Change:
-    """*change*, if the API would have accepted it: the checks of a write, applied to what
-    the record holds (raising InvalidInputError or InvalidTypeError). A put comes back with
-    its indexed fields, decoded once here for the apply."""
-    if type(change) is PutInstance:
-        fields = decode_instance_body(change.body, f"{where}, instance {change.id!r}")
-        instance = check_instance(
-            Instance(change.id, *fields, created_at=change.created_at, updated_at=change.updated_at)
-        )
-        if change.condition is not None:
-            Condition.of(change.condition.expected_state, change.condition.expected_seq)
-        return PutInstance(
-            change.id,
-            change.created_at,
-            change.updated_at,
-            change.body,
-            change.condition,
-            (instance.machine, instance.state, instance.metadata),
-        )
-    if type(change) is DeleteInstance:
-        check_id(change.id)
-        if change.condition is not None:
-            Condition.of(change.condition.expected_state, change.condition.expected_seq)
-    elif type(change) is PutMachine:
-        definition = cbor_loads(change.definition, f"{where}, machine {change.name!r}")
-        PutMachine.of(change.name, change.version, definition, MAX_RECORD_BYTES)
-    else:
-        check_name("idempotency_key", change.key)
-    return change
+def _decode_delete(change: list[Any], where: str) -> DeleteInstance | None:
+    size = len(change)
+    if size not in (2, 3):
+        return None
+    condition = None
+    if size == 3:
+        condition = _condition(change[2])
+        if condition is None:
+            return None
+    check_id(change[1])
+    return DeleteInstance(change[1], condition)
+
+
+def _decode_idempotency(change: list[Any], where: str) -> IdempotencyKey | None:
+    if len(change) != 3 or type(change[2]) is not int or not 0 < change[2] < 2**63:
+        return None
+    check_name("idempotency_key", change[1])
+    return IdempotencyKey(change[1], change[2])
+
+
+def _decode_machine(change: list[Any], where: str) -> PutMachine | None:
+    if len(change) != 4 or type(change[2]) is not int or type(change[3]) is not bytes:
+        return None
+    name, version, definition = change[1], change[2], change[3]
+    decoded = cbor_loads(definition, f"{where}, machine {name!r}")
+    PutMachine.of(name, version, decoded, MAX_RECORD_BYTES)  # the checks of a write
+    return PutMachine(name, version, definition)
+
+
+_DECODERS = {
+    CHANGE_PUT: _decode_put,
+    CHANGE_DELETE: _decode_delete,
+    CHANGE_IDEMPOTENCY: _decode_idempotency,
+    CHANGE_MACHINE: _decode_machine,
+}
 
 
 def _condition(value: Any) -> Condition | None:
-    """The condition encoded as *value*, or None when it is not a well-formed one."""
+    """The condition encoded as *value*, checked as a write's; None when it is not a
+    well-formed one."""
     if type(value) is not list or len(value) != 2 or value == [None, None]:
         return None
     state, seq = value
     if (state is None or type(state) is str) and (seq is None or type(seq) is int):
-        return Condition(state, seq)
+        return Condition.of(state, seq)
     return None
 
 

@@ -95,8 +95,8 @@ def _refuse_unknown_tag(tag: cbor2.CBORTag, immutable: bool = False) -> Any:
 
 _REFUSED_TAGS = {number: _refuser(number) for number in BUILTIN_TAGS}
 
-#: how every stored byte string is decoded (decode_instance spells them out: ``**`` would cost
-#: a fifth of a lookup's decoding)
+#: how every stored byte string is decoded (cbor_loads and decode_instance spell them out:
+#: ``**`` would cost a fifth of a lookup's decoding)
 _DECODE_OPTIONS: dict[str, Any] = {
     "max_depth": MAX_DECODE_DEPTH,
     "allow_indefinite": False,
@@ -119,7 +119,14 @@ def cbor_loads(data: bytes | memoryview, where: str, max_size: int = MAX_VALUE_B
     if len(data) > max_size:
         raise DecodeError(f"{where}: {len(data)} bytes of CBOR, more than the {max_size} allowed")
     try:
-        return cbor2.loads(data, **_DECODE_OPTIONS)
+        return cbor2.loads(  # the options of _DECODE_OPTIONS, spelled out
+            data,
+            max_depth=MAX_DECODE_DEPTH,
+            allow_indefinite=False,
+            allow_duplicate_keys=False,
+            tag_hook=_refuse_unknown_tag,
+            semantic_decoders=_REFUSED_TAGS,
+        )
     except DecodeError:
         raise
     except (cbor2.CBORDecodeError, ValueError, TypeError, RecursionError) as exc:

@@ -36,8 +36,8 @@ from .model import (
 from .store.env import LmdbEnvironment
 from .store.indexes import (
     TAG_OF,
-    Indexes,
     KeyRange,
+    add_entries,
     describes,
     entries_of,
     id_start,
@@ -238,9 +238,8 @@ def instances_page(
 
 
 def index_page(txn: Any, dbs: dict[bytes, Any], page: list[tuple[bytes, bytes]]) -> None:
-    indexes = Indexes(dbs)
     for key, raw in page:
-        indexes.add(txn, entries_of(decode_instance(key, raw)))
+        add_entries(txn, dbs, entries_of(decode_instance(key, raw)))
 
 
 def machine_entry(

@@ -63,6 +63,7 @@ _FIXED_SIZE = {TAG_BOOL: 1, TAG_INT: 8, TAG_FLOAT: 8}
 
 SEP = b"\x00"
 STR_TERMINATOR = b"\x00\x01"
+_STR_TAG = bytes((TAG_STR,))
 #: the value of every index entry this version writes
 EMPTY = b""
 
@@ -78,7 +79,7 @@ def encode_label_value(value: Any) -> bytes:
         (bits,) = _FLOAT_BITS.unpack(_FLOAT.pack(value + 0.0))  # + 0.0 turns -0.0 into 0.0
         bits = bits ^ _ALL_ONES if bits >> 63 else bits | (1 << 63)
         return bytes((TAG_FLOAT,)) + bits.to_bytes(8, "big")
-    return bytes((TAG_STR,)) + value.encode().replace(b"\x00", b"\x00\xff") + STR_TERMINATOR
+    return _STR_TAG + value.encode().replace(SEP, b"\x00\xff") + STR_TERMINATOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,18 +191,13 @@ def entries_of(inst: Instance) -> list[tuple[bytes, bytes]]:
     return index_entries(inst.id, inst.machine, inst.state, inst.metadata, inst.updated_at or 0)
 
 
-class Indexes:
-    """Writes and removes index entries inside a caller's write transaction."""
+def add_entries(txn: Any, dbs: dict[bytes, Any], entries: Iterable[tuple[bytes, bytes]]) -> None:
+    """Write index *entries* (from :func:`index_entries`) inside *txn*."""
+    for db, key in entries:
+        txn.put(key, EMPTY, db=dbs[db])
 
-    def __init__(self, dbs: dict[bytes, Any]) -> None:
-        self.dbs = dbs
 
-    def add(self, txn: Any, entries: Iterable[tuple[bytes, bytes]]) -> None:
-        dbs = self.dbs
-        for db, key in entries:
-            txn.put(key, EMPTY, db=dbs[db])
-
-    def remove(self, txn: Any, entries: Iterable[tuple[bytes, bytes]]) -> None:
-        dbs = self.dbs
-        for db, key in entries:
-            txn.delete(key, db=dbs[db])
+def remove_entries(txn: Any, dbs: dict[bytes, Any], entries: Iterable[tuple[bytes, bytes]]) -> None:
+    """Remove index *entries* inside *txn*."""
+    for db, key in entries:
+        txn.delete(key, db=dbs[db])
