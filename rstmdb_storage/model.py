@@ -79,13 +79,18 @@ def check_instance(inst: object) -> Instance:
     if not isinstance(inst, Instance):
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
     # A batch checks thousands of instances: the common case (short ASCII text, plain
-    # labels) is tested in one expression each, and anything else gets the precise checks,
-    # which raise with the message (or pass: long or non-ASCII text, a float label).
+    # values and labels) is tested in as few operations as it can be, and anything else
+    # gets the precise checks, which raise with the message (or pass: long or non-ASCII
+    # text, a nested ctx, a float label).
     instance_id, machine, state, version = inst.id, inst.machine, inst.state, inst.version
     if not (
-        _short_text(instance_id)
-        and _short_text(machine)
-        and _short_text(state)
+        type(instance_id) is str
+        and type(machine) is str
+        and type(state) is str
+        and 0 < len(instance_id) <= _SHORT_TEXT
+        and 0 < len(machine) <= _SHORT_TEXT
+        and 0 < len(state) <= _SHORT_TEXT
+        and _plain_ascii(instance_id + machine + state)
         and type(version) is int
         and 0 <= version < 2**63
     ):
@@ -93,16 +98,22 @@ def check_instance(inst: object) -> Instance:
         check_name("machine", machine)
         check_int63("version", version)
         check_name("state", state)
-    if type(inst.ctx) is not dict:
-        raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(inst.ctx)}")
-    check_plain_value(inst.ctx, _Where("ctx of {!r}", instance_id))
+    ctx = inst.ctx
+    if type(ctx) is not dict:
+        raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(ctx)}")
+    for key, item in ctx.items():
+        if type(key) is not str or type(item) not in _SCALARS:  # nested, or bad
+            check_plain_value(ctx, _Where("ctx of {!r}", instance_id))
+            break
     metadata = inst.metadata
     if type(metadata) is not dict:
         _check_metadata(inst)  # raises
     for key, value in metadata.items():
         kind = type(value)
         if not (
-            _short_text(key)
+            type(key) is str
+            and 0 < len(key) <= _SHORT_TEXT
+            and _plain_ascii(key)
             and (
                 (kind is str and len(value) <= _SHORT_TEXT and value.isascii())
                 or kind is bool
@@ -126,15 +137,10 @@ def check_instance(inst: object) -> Instance:
     return inst
 
 
-def _short_text(value: object) -> bool:
-    """Whether *value* is a plain str the checks of :func:`_check_text` surely pass: short
-    ASCII text, not empty, with no NUL."""
-    return (
-        type(value) is str
-        and 0 < len(value) <= _SHORT_TEXT  # type: ignore[arg-type]
-        and value.isascii()  # type: ignore[attr-defined]
-        and "\x00" not in value  # type: ignore[operator]
-    )
+def _plain_ascii(text: str) -> bool:
+    """Whether *text* is ASCII with no NUL: with a length of at most ``_SHORT_TEXT``, text
+    the checks of :func:`_check_text` surely pass, if it is not empty."""
+    return text.isascii() and "\x00" not in text
 
 
 class _Where:
