@@ -233,6 +233,9 @@ def _open_environment(
         if restored is not None:
             adopt_snapshot(engine, restored)
         recover(engine, progress, rebuilt=rebuilt)
+        # What this process committed last, as far as a write can tell: a first write that
+        # waits for the lock (the flusher holds it) is then not taken for another writer's.
+        engine.committed_tail = engine.applied_tail()
         if config.replica_url is not None:
             engine.shipper = Shipper(engine)
         if config.replica_of is not None:
