@@ -191,18 +191,21 @@ def _check_envelope(key: bytes, raw: bytes, db: str) -> None:
 
 def encode_instance_body(inst: Instance, max_size: int) -> bytes:
     """The CBOR body of an (already checked) instance; raise if larger than *max_size*."""
-    body = cbor_dumps(
-        [
-            inst.machine,
-            inst.version,
-            inst.state,
-            inst.ctx,
-            inst.metadata,
-            inst.status,
-            inst.last_event_id,
-        ],
-        f"instance {inst.id!r}",
-    )
+    fields = [
+        inst.machine,
+        inst.version,
+        inst.state,
+        inst.ctx,
+        inst.metadata,
+        inst.status,
+        inst.last_event_id,
+    ]
+    try:
+        body = cbor2.dumps(fields)
+    except Exception:
+        # The message names the instance: made only when it is needed, not on every put
+        cbor_dumps(fields, f"instance {inst.id!r}")  # raises the typed error
+        raise
     if len(body) > max_size:
         raise RecordTooLargeError(
             f"instance {inst.id!r}: {len(body)} bytes encoded, more than max_instance_size "

@@ -260,7 +260,10 @@ class Engine:
     def count_changes(self, txn: Any, changes: list[Change]) -> None:
         """Count the puts and deletes among *changes*, applied in *txn*; wake the flusher when
         that makes an automatic snapshot due."""
-        changed = sum(1 for change in changes if type(change) in _INSTANCE_CHANGES)
+        changed = 0
+        for change in changes:  # a loop, not sum() of a generator: this runs on every write
+            if type(change) in _INSTANCE_CHANGES:
+                changed += 1
         if changed:
             total = self.meta.add_changes(txn, changed)
             interval = self.config.snapshot_interval

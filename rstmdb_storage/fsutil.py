@@ -167,16 +167,21 @@ def current_pid() -> int:
     return _pid
 
 
-def write_all(fd: int, data: bytes, offset: int, path: str) -> None:
+def write_all(fd: int, data: bytes, offset: int, path: str | os.PathLike[str]) -> None:
     """``pwrite`` all of *data* at *offset*; a full disk is a :class:`StorageFullError`."""
-    view = memoryview(data)
     try:
-        while view:
-            written = os.pwrite(fd, view, offset)
+        written = os.pwrite(fd, data, offset)
+        if written == len(data):
+            return  # the usual case, on every write: one call, nothing else made
+        view = memoryview(data)
+        while True:
             if written <= 0:
                 raise StorageError(f"{path}: pwrite wrote nothing at offset {offset}")
             view = view[written:]
             offset += written
+            if not view:
+                return
+            written = os.pwrite(fd, view, offset)
     except OSError as exc:
         raise os_error(exc, f"writing {path} at offset {offset}") from exc
 

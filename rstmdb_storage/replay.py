@@ -25,7 +25,7 @@ from .store.meta import Checkpoint
 from .verify import check_lmdb
 from .wal import FramedRecord, WalTail
 from .wal.format import segment_name
-from .wal.reader import WalReader
+from .wal.reader import WalReader, ends_at
 
 log = logging.getLogger("rstmdb_storage")
 
@@ -103,6 +103,8 @@ def apply_pending(
     """Apply, inside *txn*, a chunk of the records past *tail* (see :data:`REPLAY_CHUNK`)
     and store the new applied tail; return it and whether the end of the log was reached.
     They are synced first: what becomes visible must be durable."""
+    if not strict and ends_at(engine.wal, tail):
+        return tail, True  # nothing past it: the usual case of the write path
     end, changed, reached_end = walk(engine, txn, tail, limit=limit, strict=strict)
     if end != tail:
         engine.wal.sync()

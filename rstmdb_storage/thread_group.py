@@ -36,8 +36,9 @@ class Request:
         self.result: Any = None
         self.error: BaseException | None = None
         self._leads = False
-        self._wake = threading.Lock()
-        self._wake.acquire()  # released once: done, or called to lead
+        #: made only for a request that follows (a lone writer leads at once and needs none);
+        #: held until released once: done, or called to lead
+        self._wake: Any = None
 
     def settled(self) -> bool:
         return self.result is not None or self.error is not None
@@ -69,8 +70,11 @@ class ThreadGroup:
         each request; if it raises, every request it did not settle gets that error."""
         request = Request(work)
         with self._lock:
-            self._queue.append(request)
             follows = self._leading
+            if follows:  # made before it is queued, where a leader may release it
+                request._wake = threading.Lock()
+                request._wake.acquire()
+            self._queue.append(request)
             self._leading = True
         if follows:
             try:

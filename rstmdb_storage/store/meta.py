@@ -53,13 +53,26 @@ class Meta:
 
     def __init__(self, db: object) -> None:
         self.db = db
+        #: key -> (stored value, payload) of the value this process last sealed or checked
+        #: under it: every write reads the tail and the change count back, and the same
+        #: bytes need no second CRC (other bytes, another process's or damaged, are checked)
+        self._checked: dict[bytes, tuple[bytes, bytes]] = {}
 
     def _get(self, txn, key: bytes) -> bytes | None:
         raw = txn.get(key, db=self.db)
-        return None if raw is None else unseal(key, raw, "meta")
+        if raw is None:
+            return None
+        known = self._checked.get(key)
+        if known is not None and known[0] == raw:
+            return known[1]
+        payload = unseal(key, raw, "meta")
+        self._checked[key] = (raw, payload)
+        return payload
 
     def _put(self, txn, key: bytes, payload: bytes) -> None:
-        txn.put(key, seal(key, payload), db=self.db)
+        raw = seal(key, payload)
+        txn.put(key, raw, db=self.db)
+        self._checked[key] = (raw, payload)
 
     def exists(self, txn) -> bool:
         return txn.get(KEY_STORE_ID, db=self.db) is not None

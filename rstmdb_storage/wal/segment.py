@@ -97,7 +97,7 @@ class WalSegment:
         return os.pread(self.fd, size, offset)
 
     def write(self, offset: int, data: bytes) -> None:
-        write_all(self.fd, data, offset, str(self.path))
+        write_all(self.fd, data, offset, self.path)
 
     def truncate(self, size: int) -> None:
         try:
