@@ -88,7 +88,10 @@ class Condition:
         return cls(expected_state, expected_seq)
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, unlike the other changes: a batch, and a replay, make one per instance, and a
+# frozen dataclass's __init__ (object.__setattr__ per field) costs three times a plain one's
+# (0.71 against 0.21 us). Nothing changes one once made.
+@dataclass(slots=True)
 class PutInstance:
     """Insert or replace instance *id* with *body* (the instance minus its envelope fields;
     ``None`` timestamps are filled in from the record when it is applied)."""
@@ -113,13 +116,23 @@ class PutInstance:
         """The put that stores *instance*, checked and encoded (bad input raises here)."""
         check_instance(instance)
         body = encode_instance_body(instance, max_instance_size)  # CBOR takes the plain text
+        instance_id, machine, state = instance.id, instance.machine, instance.state
+        if not type(instance_id) is type(machine) is type(state) is str:  # a StrEnum member
+            instance_id, machine, state = (
+                plain_str(instance_id),
+                plain_str(machine),
+                plain_str(state),
+            )
+        condition = None
+        if expected_state is not None or expected_seq is not None:
+            condition = Condition.of(expected_state, expected_seq)
         return cls(
-            plain_str(instance.id),
+            instance_id,
             instance.created_at,
             instance.updated_at,
             body,
-            Condition.of(expected_state, expected_seq),
-            (plain_str(instance.machine), plain_str(instance.state), instance.metadata),
+            condition,
+            (machine, state, instance.metadata),
         )
 
     def indexed_fields(self, seq: int | None = None) -> IndexedFields:

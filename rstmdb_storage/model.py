@@ -78,8 +78,9 @@ def check_instance(inst: object) -> Instance:
     """
     if not isinstance(inst, Instance):
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
-    # A batch checks thousands of instances: the common case (short ASCII text, plain
-    # values and labels) is tested in as few operations as it can be, and anything else
+    # A batch checks thousands of instances: the common case (short ASCII text without NUL,
+    # which with at most _SHORT_TEXT characters surely passes _check_text; plain values and
+    # labels) is tested in as few operations as it can be, inline, and anything else
     # gets the precise checks, which raise with the message (or pass: long or non-ASCII
     # text, a nested ctx, a float label).
     instance_id, machine, state, version = inst.id, inst.machine, inst.state, inst.version
@@ -90,7 +91,8 @@ def check_instance(inst: object) -> Instance:
         and 0 < len(instance_id) <= _SHORT_TEXT
         and 0 < len(machine) <= _SHORT_TEXT
         and 0 < len(state) <= _SHORT_TEXT
-        and _plain_ascii(instance_id + machine + state)
+        and (joined := instance_id + machine + state).isascii()
+        and "\x00" not in joined
         and type(version) is int
         and 0 <= version < 2**63
     ):
@@ -113,7 +115,8 @@ def check_instance(inst: object) -> Instance:
         if not (
             type(key) is str
             and 0 < len(key) <= _SHORT_TEXT
-            and _plain_ascii(key)
+            and key.isascii()
+            and "\x00" not in key
             and (
                 (kind is str and len(value) <= _SHORT_TEXT and value.isascii())
                 or kind is bool
@@ -135,12 +138,6 @@ def check_instance(inst: object) -> Instance:
     if inst.updated_at is not None:
         check_int63("updated_at", inst.updated_at)
     return inst
-
-
-def _plain_ascii(text: str) -> bool:
-    """Whether *text* is ASCII with no NUL: with a length of at most ``_SHORT_TEXT``, text
-    the checks of :func:`_check_text` surely pass, if it is not empty."""
-    return text.isascii() and "\x00" not in text
 
 
 class _Where:
