@@ -149,24 +149,31 @@ def apply_changes(
             continue
         instance_id = change.id
         key = instance_id.encode()
-        old = txn.get(key, db=instances_db)
-        previous = None if old is None else decode_instance(key, old)
         if kind is DeleteInstance:
-            if previous is not None:
-                remove_entries(txn, dbs, entries_of(previous))
+            old = txn.get(key, db=instances_db)
+            if old is not None:
+                remove_entries(txn, dbs, entries_of(decode_instance(key, old)))
             txn.delete(key, db=instances_db)
             continue
         created_at, updated_at = change.created_at, change.updated_at
-        if created_at is None:
-            created_at = timestamp_ms if previous is None else previous.created_at
         if updated_at is None:
             updated_at = timestamp_ms
-        machine, state, metadata = change.indexed_fields(seq)
-        txn.put(
+        # Stored as an insert would be, in one call that returns what it replaces (a lookup
+        # less than get and put); an update that keeps the stored created_at is put again.
+        value_created = timestamp_ms if created_at is None else created_at
+        old = txn.replace(
             key,
-            encode_instance_value(key, seq, created_at, updated_at, change.body),
+            encode_instance_value(key, seq, value_created, updated_at, change.body),
             db=instances_db,
         )
+        previous = None if old is None else decode_instance(key, old)
+        if previous is not None and created_at is None and previous.created_at != value_created:
+            txn.put(
+                key,
+                encode_instance_value(key, seq, previous.created_at, updated_at, change.body),
+                db=instances_db,
+            )
+        machine, state, metadata = change.indexed_fields(seq)
         fresh = index_entries(instance_id, machine, state, metadata, updated_at)
         if previous is not None:  # an update: touch only the entries that change (the time)
             stale = entries_of(previous)
