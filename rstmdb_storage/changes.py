@@ -239,22 +239,21 @@ def decode_changes(payload: bytes, where: str) -> list[Change]:
     raw = cbor_loads_exact(payload, where, MAX_RECORD_BYTES)
     if type(raw) is not list:
         raise DecodeError(f"{where}: CHANGES payload is not an array")
-    return [_decode_change(change, where) for change in raw]
-
-
-def _decode_change(change: Any, where: str) -> Change:
-    """*change*, decoded, if it has the shape of a change and the API would have accepted
-    it: the checks of a write, applied to what the record holds."""
-    decoded = None
-    if type(change) is list and len(change) >= 2 and type(change[1]) is str:
-        decode = _DECODERS.get(change[0]) if type(change[0]) is int else None
-        try:
-            decoded = decode(change, where) if decode is not None else None
-        except (InvalidInputError, InvalidTypeError) as exc:
-            raise DecodeError(f"{where}: a change put_instance would refuse ({exc})") from None
-    if decoded is None:
-        raise DecodeError(f"{where}: malformed change {change!r:.80}")
-    return decoded
+    changes: list[Change] = []
+    for change in raw:
+        # each change decoded if it has the shape of a change and the API would have
+        # accepted it: the checks of a write, applied to what the record holds
+        decoded = None
+        if type(change) is list and len(change) >= 2 and type(change[1]) is str:
+            decode = _DECODERS.get(change[0]) if type(change[0]) is int else None
+            try:
+                decoded = decode(change, where) if decode is not None else None
+            except (InvalidInputError, InvalidTypeError) as exc:
+                raise DecodeError(f"{where}: a change put_instance would refuse ({exc})") from None
+        if decoded is None:
+            raise DecodeError(f"{where}: malformed change {change!r:.80}")
+        changes.append(decoded)
+    return changes
 
 
 # Each decoder takes a change (a list whose second item is text) and returns None when it
@@ -282,9 +281,8 @@ def _decode_put(change: list[Any], where: str) -> PutInstance | None:
     except DecodeError:  # decode again to name the place: errors only pay for the message
         decode_instance_body(body, f"{where}, instance {instance_id!r}")  # raises
         raise
-    instance = check_instance(
-        Instance(instance_id, *fields, created_at=created_at, updated_at=updated_at)
-    )
+    # positionally: the body's seven fields, then last_wal_offset, created_at, updated_at
+    instance = check_instance(Instance(instance_id, *fields, None, created_at, updated_at))
     return PutInstance(
         instance_id,
         created_at,
