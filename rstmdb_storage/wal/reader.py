@@ -12,7 +12,9 @@ good records cheaper, and every other judgement stays ``next_record``'s.
 
 A reader lives for one walk over the log, under the locks its caller holds for that walk: the
 bytes of a good record never change once written, and the end of the log is only decided on
-bytes read at that very offset during the walk.
+bytes read at that very offset during the walk. Before a walk, a writer asks :func:`ends_at`
+whether the log simply ends at the tail (zeros there: one 32-byte ``pread``, what nearly every
+write finds), under the same locks, and walks only when something else is there.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ from .decoder import FramedRecord
 from .format import RECORD_ALIGN, RECORD_CHANGES, RECORD_HEADER, RECORD_HEADER_SIZE
 from .log import Wal, WalTail
 
-#: the first read of a walk: one page, so that a walk that finds the end at once (the write
-#: path's catch-up, on every write) reads not much more than the one header it needs
+#: the first read of a walk: one page, since a walk past the tail (a catch-up after another
+#: process's writes) often finds the end within a few records
 FIRST_READ = 4096
 #: later reads double, up to this size, while the records go on
 LARGEST_READ = 1 << 20
