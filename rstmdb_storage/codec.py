@@ -265,11 +265,11 @@ def decode_instance(key: bytes, raw: bytes) -> Instance:
     return Instance(key.decode(), *body, *_unpack_fixed(raw, ENVELOPE_HEADER_SIZE))
 
 
-def decode_instances(stored: list[tuple[bytes, bytes]]) -> list[Instance]:
-    """:func:`decode_instance` of each (key, raw value) of *stored*, in order."""
+def decode_instances(keys: list[bytes], stored: list[bytes]) -> list[Instance]:
+    """:func:`decode_instance` of each key of *keys* and its stored value in *stored*."""
     # Its own copy of decode_instance's checks saved 1.3% of a decode (25.1k against 25.4k
     # instructions an instance, callgrind): not worth a second copy of them.
-    return [decode_instance(key, raw) for key, raw in stored]
+    return [decode_instance(key, raw) for key, raw in zip(keys, stored, strict=True)]
 
 
 _unpack_fixed = INSTANCE_FIXED.unpack_from

@@ -132,31 +132,35 @@ def run_sqlite_list(conn: sqlite3.Connection, expected: int) -> float:
     return rate(expected * rounds, run)
 
 
-def run_floor_list(env: FloorEnv, expected: int, decode: bool) -> float:
-    """The floor (``decode``) or the ceiling: a cursor over the state index's range, a get of
-    each instance it names, decoded into an Instance (the floor) or not (the ceiling)."""
-    lower = b"%s\x00%s\x00" % (LIST_MACHINE.encode(), LIST_STATE.encode())
-    upper = lower[:-1] + b"\x01"
-    rounds, begin, state_db, instances = (
-        listing_rounds(expected),
-        env.env.begin,
-        env.state,
-        env.instances,
-    )
+_LOWER = b"%s\x00%s\x00" % (LIST_MACHINE.encode(), LIST_STATE.encode())
+_UPPER = _LOWER[:-1] + b"\x01"
+
+
+def floor_list(env: FloorEnv, decode: bool = True) -> list[Any]:
+    """One listing of the floor (``decode``) or the ceiling, in one read transaction: a
+    cursor over the state index's range, a get of each instance it names, decoded into an
+    Instance (the floor) or not (the ceiling)."""
     unpack = floor.decode if decode else (lambda key, raw: raw)
-    cut = len(lower)
+    cut, upper = len(_LOWER), _UPPER
+    with env.env.begin() as txn:
+        get, instances, found = txn.get, env.instances, []
+        cursor = txn.cursor(db=env.state)
+        if cursor.set_range(_LOWER):
+            for index_key in cursor.iternext(values=False):
+                if index_key >= upper:
+                    break
+                key = index_key[cut:]
+                found.append(unpack(key, get(key, db=instances)))
+    return found
+
+
+def run_floor_list(env: FloorEnv, expected: int, decode: bool) -> float:
+    """:func:`floor_list`, repeated as the other sides repeat their listings."""
+    rounds = listing_rounds(expected)
 
     def run() -> None:
         for _ in range(rounds):
-            with begin() as txn:
-                get, found = txn.get, []
-                cursor = txn.cursor(db=state_db)
-                if cursor.set_range(lower):
-                    for index_key in cursor.iternext(values=False):
-                        if index_key >= upper:
-                            break
-                        key = index_key[cut:]
-                        found.append(unpack(key, get(key, db=instances)))
+            found = floor_list(env, decode)
             if len(found) != expected:
                 raise RuntimeError(f"floor listing: {len(found)} instances")
 
