@@ -130,24 +130,25 @@ WHY_GET = (
 WHY_PUT = (
     "A durable put makes one fdatasync, like SQLite FULL in WAL mode; the gap is the Python "
     "work around it (checks, CBOR, the WAL append, the LMDB transaction, index entries): "
-    "347k instructions a put against the floor's 114k (callgrind), 150-180 us of user CPU "
-    "against 45-55 us, and on this virtual machine that work runs slower after each sync's "
-    "idle wait."
+    "about 290-300k instructions a put against the floor's 136k (callgrind), and on this "
+    "virtual machine that work runs slower after each sync's idle wait."
 )
 WHY_MANY = (
-    "Group commit shares syncs, but a grouped put costs about 260-300 us of CPU (two lock "
-    "files, the append, reading the record back to apply it, LMDB's commit) against about "
-    "150 us alone; with 4 processes on 2 cores the CPU is the limit, not the disk."
+    "Group commit shares few syncs (a writer of four synced for itself on 2 puts of 3): the "
+    "sync lock serialises them, and each writer's apply waits for LMDB's write lock in turn; "
+    "a grouped put costs about 210-220 us of CPU (two lock files, the append, reading the "
+    "record back to apply it, LMDB's commit) against 145-170 us alone, on 2 cores."
 )
 WHY_THREADS = (
     "Threads queue behind the write in flight and its successor writes them all with one sync "
-    "and one LMDB transaction, but the groups alternate between one put and the other seven: "
-    "the Python work per put, which the GIL serialises, is the limit, not the disk."
+    "and one LMDB transaction (groups alternate between one put and eight), but the write "
+    "path is busy 88% of the time and its sync only 24%: the Python work of each put and the "
+    "GIL's hand-overs between threads, not the disk, are the limit."
 )
 WHY_BATCH = (
     "Batches spend their time in Python per instance: input checks, CBOR encoding of the body "
-    "and of the WAL record, the instance's two CRCs and about five LMDB puts (135k "
-    "instructions a put, callgrind)."
+    "and of the WAL record, the instance's two CRCs and about five LMDB puts (122k "
+    "instructions a put against the floor's 95k, callgrind)."
 )
 WHY_LIST = (
     "Index entries carry no CRC of their own and a listing reads index keys only, then a get "
@@ -157,9 +158,9 @@ WHY_LIST = (
 )
 WHY_REPLAY = (
     "Reading is cheap (chunked reads: 16k instructions a record); decoding a record as "
-    "strictly as the API checks a write (the body decoded with safe options, the instance "
-    "checks) and applying it with its index entries and the meta tail are the rest: about "
-    "153k instructions a record (callgrind), against the floor's plain decode and put."
+    "strictly as the API checks a write (the record decoded to its last byte, the body with "
+    "safe options, the instance checks) and applying it with its index entries are the rest: "
+    "about 135k instructions a record (callgrind); the goal is above the floor itself here."
 )
 WHY_READERS = (
     "Lookups lose part of their CPU to a durable writer process on two cores; SQLite's "
