@@ -346,3 +346,15 @@ def test_a_queued_write_interrupted_while_it_waits_is_withdrawn(storage: Storage
     assert outcomes == {"o": 1, "b": 2}
     assert storage.get_instance("main") is None
     assert storage.put_instance(order("after")) == 3
+
+
+def test_a_lone_writer_applies_a_record_left_past_the_tail_first(storage: Storage) -> None:
+    """The write path's catch-up: a record another writer appended and did not apply (paused
+    or killed between the steps) is found past the applied tail and applied before the next
+    lone write goes after it."""
+    storage.put_instance(order("o"))
+    seq = append_only(storage, order("o", state="paid"))
+    assert storage.get_instance("o").state == "pending"
+    assert storage.put_instance(order("other")) == seq + 1
+    assert storage.get_instance("o").state == "paid"
+    assert [r.seq for r in storage.read_wal()] == [1, 2, 3] and storage.verify() == []
