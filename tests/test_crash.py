@@ -47,6 +47,7 @@ from helpers import (
     start_armed_worker,
     start_worker,
     stored_state,
+    write_changes,
 )
 
 try:
@@ -603,13 +604,24 @@ def test_sigkill_while_creating_a_store(tmp_path: Path, crash_trials: int) -> No
 
 
 def closed_store(data_dir: Path, writes: int, seed: int) -> tuple[State, list[Any], Path, int]:
-    """A store with *writes* records over several segments, cleanly closed. Returns its state,
+    """A store with *writes* records over several segments (and one more when the last of them
+    began a segment: the last segment holds two at least), cleanly closed. Returns its state,
     its records, the last segment and the offset just past its last record."""
     state, _ = build_store(data_dir, random.Random(seed), writes)
-    with Storage.open(config_for(data_dir)) as storage:
-        records = list(storage.read_wal(1))
-        assert stored_state(storage) == state
-    ids = sorted(i for p in (data_dir / "wal").iterdir() if (i := parse_segment_name(p.name)))
+    while True:
+        with Storage.open(config_for(data_dir)) as storage:
+            records = list(storage.read_wal(1))
+            assert stored_state(storage) == state
+            names = (p.name for p in (data_dir / "wal").iterdir())
+            ids = sorted(i for name in names if (i := parse_segment_name(name)))
+            if records[-1].seq > ids[-1]:
+                break
+            # The last record began a segment: one more, so that a good record follows one
+            # there too (what damage "in the last segment" needs; some seeds end this way).
+            spec = {"id": "inst-last", "machine": "m", "version": 1, "state": "s"}
+            spec |= {"ctx": {}, "metadata": {}}
+            changes = [["put", spec]]
+            state = apply_op(state, changes, write_changes(storage, changes, batch=False))
     assert len(ids) >= 3, "the test needs several segments"
     last = data_dir / "wal" / segment_name(ids[-1])
     assert records[-1].seq >= ids[-1]
