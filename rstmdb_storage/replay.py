@@ -54,6 +54,8 @@ def walk(
     the bytes after the end (see ``Wal.next_record``).
     """
     wal = engine.wal
+    if until_seq is None and not strict and ends_at(wal, tail):
+        return tail, [], True  # nothing past it: what a writer's catch-up finds nearly always
     reader = WalReader(wal, tail, strict)
     read = reader.read
     dbs = engine.env.dbs if txn is not None else None
@@ -103,8 +105,6 @@ def apply_pending(
     """Apply, inside *txn*, a chunk of the records past *tail* (see :data:`REPLAY_CHUNK`)
     and store the new applied tail; return it and whether the end of the log was reached.
     They are synced first: what becomes visible must be durable."""
-    if not strict and ends_at(engine.wal, tail):
-        return tail, True  # nothing past it: the usual case of the write path
     end, changed, reached_end = walk(engine, txn, tail, limit=limit, strict=strict)
     if end != tail:
         engine.wal.sync()

@@ -62,7 +62,6 @@ from .store.env import LmdbEnvironment
 from .thread_group import Request
 from .wal import WalTail
 from .wal.group_commit import SharedAppendTail
-from .wal.reader import ends_at
 
 #: a wait for the write lock longer than this means another writer held it: contention
 _CONTENDED_WAIT = 0.0002
@@ -347,8 +346,6 @@ def _tail_for_append(engine: Engine, appends: SharedAppendTail, applied: WalTail
     tail = appends.tail()
     if tail is None or (applied is not None and tail.next_seq < applied.next_seq):
         tail = applied if applied is not None else engine.applied_tail()
-    if ends_at(engine.wal, tail):
-        return tail  # the usual case: nothing past it
     end, _, _ = walk(engine, None, tail)
     return end
 

@@ -12,9 +12,9 @@ good records cheaper, and every other judgement stays ``next_record``'s.
 
 A reader lives for one walk over the log, under the locks its caller holds for that walk: the
 bytes of a good record never change once written, and the end of the log is only decided on
-bytes read at that very offset during the walk. Before a walk, a writer asks :func:`ends_at`
-whether the log simply ends at the tail (zeros there: one 32-byte ``pread``, what nearly every
-write finds), under the same locks, and walks only when something else is there.
+bytes read at that very offset during the walk. A walk first asks :func:`ends_at` whether
+the log simply ends at the tail (zeros there: one 32-byte ``pread``, what nearly every write's
+catch-up finds), under the same locks, and reads chunks only when something else is there.
 """
 
 from __future__ import annotations
