@@ -195,7 +195,11 @@ def _append_group(
 ) -> tuple[WalTail, list[Change]]:
     """Judge, append and apply, in order, each request of *group* without an outcome yet,
     inside *txn* (holding the append lock): each is judged against the state every record
-    before it leads to. Return the tail after the last record and the changes applied."""
+    before it leads to. Return the tail after the last record and the changes applied.
+
+    The append tail of group commit is stored once, after the last record: nobody reads it
+    before the append lock is let go. (A stale one costs only a longer walk: an appender
+    walks from it to the WAL's end.)"""
     wal, dbs = engine.wal, engine.env.dbs
     start = tail
     changed: list[Change] = []
@@ -213,7 +217,7 @@ def _append_group(
             outcomes[n] = first  # a retry: the first write's result
             continue
         try:
-            after = _append_record(engine, appends, tail, timestamp_ms, payload)
+            after = wal.append(tail, timestamp_ms, payload)
         except (StorageError, OSError) as exc:
             # Nothing of this record counts (the tail stays where it was), nor is anything
             # after it tried: the records before it commit, the rest get this error.
@@ -232,6 +236,10 @@ def _append_group(
         apply_changes(txn, dbs, seq, timestamp_ms, changes)
         changed.extend(changes)
         tail = after
+    if tail is not start:
+        # Should this fail, the transaction is aborted and the whole group gets the error;
+        # the records it wrote wait past the applied tail for the next writer's catch-up.
+        appends.write_tail(tail)
     return tail, changed
 
 
