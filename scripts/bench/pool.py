@@ -17,6 +17,7 @@ import cbor2
 
 from bench.ceiling import encode_record
 from bench.data import fields_of, instance_id, make_instance
+from bench.floor_processes import FloorGroupCommit
 from bench.settings import WRITER_TIMEOUT
 from bench.stores import (
     SQLITE_GET,
@@ -42,16 +43,20 @@ Answer = tuple[int, int, float]
 
 
 KINDS = ("ours", "sqlite", "diskcache")
-"""The stores a worker process can write or read with (see :func:`mp_open`)."""
+"""The stores a worker process can write or read with (see :func:`mp_open`); and, for puts
+only, ``"floor"``."""
 
 
 def mp_open(kind: str, path: str) -> Any:
     """What a worker process writes or reads with: our store with the default config (fsync
     every write) and no automatic snapshots, a SQLite connection as :func:`open_sqlite` (the
     table with the (machine, state) index) that waits up to :data:`MP_BUSY_TIMEOUT_MS` for the
-    write lock, or a diskcache ``Cache`` with ``synchronous=FULL``."""
+    write lock, or a diskcache ``Cache`` with ``synchronous=FULL``; or the floor's group
+    commit (:mod:`bench.floor_processes`)."""
     if kind == "ours":
         return Storage.open(ours_config(path))
+    if kind == "floor":
+        return FloorGroupCommit(Path(path))
     if kind == "diskcache":
         return open_diskcache(Path(path))
     conn = open_sqlite(Path(path), by_state=True)
@@ -64,7 +69,7 @@ def mp_put_call(kind: str, handle: Any, prefix: str, cap: int) -> tuple[Callable
     ``put_instance`` of an Instance, an autocommit INSERT OR REPLACE of the same fields'
     CBOR record (encoded in the call), or ``Cache.set`` of it."""
     fields = fields_of(prefix, range(cap))
-    if kind == "ours":
+    if kind in ("ours", "floor"):
         return handle.put_instance, [make_instance(f) for f in fields]
     if kind == "diskcache":
         put = handle.set

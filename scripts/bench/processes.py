@@ -1,6 +1,7 @@
 """Many processes (SPEC.md guarantee 6): durable puts from 1, 2 and 4 writer processes, and
 lookups from 1, 2 and 4 reader processes while a writer process puts, against SQLite and
-diskcache with the same processes (when diskcache is installed)."""
+diskcache with the same processes (when diskcache is installed); the puts also against the
+floor's group commit (:mod:`bench.floor_processes`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import floor_processes
 from bench.ceiling import encode_record
 from bench.pool import KINDS, MpPool, pool_rate
 from bench.stores import (
@@ -61,7 +63,9 @@ class MpState:
     pool: MpPool | None = None
     put_rates: dict[int, dict[str, float]] = field(default_factory=dict)
     """Median puts/s of each kind, for each writer-process count measured so far."""
-    put_totals: dict[str, list[int]] = field(default_factory=lambda: {k: [0, 0] for k in KINDS})
+    put_totals: dict[str, list[int]] = field(
+        default_factory=lambda: {k: [0, 0] for k in (*KINDS, "floor")}
+    )
     """Acknowledged puts and distinct ids written so far into each multi-process put store."""
 
 
@@ -94,12 +98,19 @@ def mp_put_stores(bench: Bench) -> dict[str, str]:
     ours = bench.path("ours-mp-put")
     sqlite_file = bench.path("sqlite-mp-put") / "bench.sqlite"
     cache_dir = bench.path("diskcache-mp-put")
+    floor_dir = bench.path("floor-mp-put") / "store"
     if not sqlite_file.exists():
         Storage.open(ours_config(ours)).close()
+        floor_processes.create(floor_dir)
         open_sqlite(sqlite_file, by_state=True).close()
         if (cache := open_diskcache(cache_dir)) is not None:
             cache.close()
-    return {"ours": str(ours), "sqlite": str(sqlite_file), "diskcache": str(cache_dir)}
+    return {
+        "ours": str(ours),
+        "floor": str(floor_dir),
+        "sqlite": str(sqlite_file),
+        "diskcache": str(cache_dir),
+    }
 
 
 def check_mp_put_stores(bench: Bench, paths: dict[str, str]) -> None:
@@ -114,6 +125,14 @@ def check_mp_put_stores(bench: Bench, paths: dict[str, str]) -> None:
             f"writer processes: our store holds {count:,} instances at sequence {applied:,} "
             f"after {acked:,} acknowledged puts of {distinct:,} ids"
         )
+    acked, distinct = totals["floor"]
+    floor_store = floor_processes.FloorGroupCommit(Path(paths["floor"]))
+    try:
+        count = floor_store.count()
+    finally:
+        floor_store.close()
+    if count != distinct:
+        raise RuntimeError(f"writer processes: the floor holds {count:,} of {distinct:,} ids")
     acked, distinct = totals["sqlite"]
     with sqlite3.connect(paths["sqlite"]) as conn:
         (count,) = conn.execute("SELECT count(*) FROM instances").fetchone()
@@ -153,7 +172,7 @@ def path_mp_puts(bench: Bench, processes: int) -> dict[str, float]:
 
         return one_run
 
-    rates = bench.rotated({kind: side(kind) for kind in mp_kinds()})
+    rates = bench.rotated({kind: side(kind) for kind in ("ours", "floor", *mp_kinds()[1:])})
     check_mp_put_stores(bench, paths)
     state.put_rates[processes] = rates
     return rates

@@ -1,16 +1,29 @@
 """Durable puts from 8 threads of one process: ``put_instance`` on one shared Storage
 against SQLite FULL/WAL with one connection per thread (and diskcache's thread-local
 connections). Whatever the library does across threads (a group commit, or a lock) is what
-this row measures: it uses only the public API."""
+this row measures: it uses only the public API.
+
+The floor (:class:`FloorThreadGroup`) is group commit with the floor's libraries and layout
+(SPEC.md's prototype, with the index entries): a thread encodes its change and queues it; one
+that finds no write in flight leads, takes the whole queue, writes its records with one
+``pwrite`` and one ``fdatasync``, applies them in one LMDB transaction, then wakes the
+members of its group and the next leader only."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable
+from typing import Any
 
-from bench.ceiling import encode_record
+import cbor2
+
+from bench import floor
+from bench.ceiling import CHANGE_PUT, encode_record, wal_frame
 from bench.data import Counter, fresh_fields, make_instance
+from bench.floor import FloorEnv
+from bench.puts import preallocated
 from bench.stores import (
     SQLITE_PUT_BY_STATE,
     Bench,
@@ -24,6 +37,79 @@ from bench.timing import rate
 THREADS = 8
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 """SQLite's threads wait for the write lock (one writer at a time), never fail."""
+
+
+class _Queued:
+    """One thread's put, queued in a :class:`FloorThreadGroup`."""
+
+    __slots__ = ("body", "error", "inst", "leads", "payload", "wake")
+
+    def __init__(self, inst: Any) -> None:
+        self.inst, self.body = inst, floor.body_of(inst)
+        self.payload = cbor2.dumps([[CHANGE_PUT, inst.id, None, None, self.body]])
+        self.wake: threading.Lock | None = None
+        self.leads = False
+        self.error: BaseException | None = None
+
+
+class FloorThreadGroup:
+    """The floor of durable puts from many threads (see the module docstring)."""
+
+    def __init__(self, env: FloorEnv, fd: int) -> None:
+        self.env, self.fd = env, fd
+        self.offset, self.seq = 0, 0
+        self._lock = threading.Lock()
+        self._queue: list[_Queued] = []
+        self._leading = False
+
+    def put(self, inst: Any) -> None:
+        request = _Queued(inst)
+        with self._lock:
+            follows = self._leading
+            if follows:
+                request.wake = threading.Lock()
+                request.wake.acquire()
+            self._queue.append(request)
+            self._leading = True
+        if follows:
+            request.wake.acquire()  # type: ignore[union-attr]
+            if not request.leads:
+                if request.error is not None:
+                    raise request.error
+                return
+        with self._lock:
+            group, self._queue = self._queue, []
+        try:
+            self._write(group)
+        except BaseException as exc:
+            for member in group:
+                member.error = exc
+            raise
+        finally:
+            with self._lock:
+                successor = self._queue[0] if self._queue else None
+                if successor is None:
+                    self._leading = False
+                else:
+                    successor.leads = True
+            if successor is not None:
+                successor.wake.release()  # type: ignore[union-attr]
+            for member in group:
+                if member is not request:
+                    member.wake.release()  # type: ignore[union-attr]
+
+    def _write(self, group: list[_Queued]) -> None:
+        first = self.seq + 1
+        frames = b"".join(wal_frame(first + n, r.payload) for n, r in enumerate(group))
+        os.pwrite(self.fd, frames, self.offset)
+        os.fdatasync(self.fd)
+        self.offset += len(frames)
+        env, now, put = self.env, floor.now_ms(), floor.put_in_txn
+        with env.env.begin(write=True) as txn:
+            for n, request in enumerate(group):
+                put(env, txn, request.inst, request.body, first + n, now)
+            self.seq = first + len(group) - 1
+            txn.put(floor.APPLIED_KEY, self.seq.to_bytes(8, "little"), db=env.meta)
 
 
 def run_threads(work: list[Callable[[], None]]) -> None:
@@ -76,7 +162,9 @@ def path_threads(bench: Bench) -> dict[str, float]:
     cache = open_diskcache(bench.path("diskcache-threads"))
     if cache is not None:
         bench.on_close(cache.close)
-    counters = {"ours": Counter(), "sqlite": Counter(), "diskcache": Counter()}
+    floor_env = FloorEnv(bench.path("floor-threads"))
+    bench.on_close(floor_env.close)
+    counters = {k: Counter() for k in ("ours", "floor", "sqlite", "diskcache")}
 
     def ours(i: int) -> Callable[[], None]:
         insts = [make_instance(f) for f in fresh_fields(counters["ours"], f"t{i}", per_thread)]
@@ -87,6 +175,24 @@ def path_threads(bench: Bench) -> dict[str, float]:
                 put(inst)
 
         return job
+
+    def floor_side() -> float:
+        with preallocated(bench.path("floor-threads"), "wal", THREADS * per_thread * 512) as fd:
+            group = FloorThreadGroup(floor_env, fd)
+
+            def prepare(i: int) -> Callable[[], None]:
+                insts = [
+                    make_instance(f) for f in fresh_fields(counters["floor"], f"t{i}", per_thread)
+                ]
+                put = group.put
+
+                def job() -> None:
+                    for inst in insts:
+                        put(inst)
+
+                return job
+
+            return threads_side(per_thread, prepare)()
 
     def sqlite(i: int) -> Callable[[], None]:
         fields = fresh_fields(counters["sqlite"], f"t{i}", per_thread)
@@ -110,13 +216,16 @@ def path_threads(bench: Bench) -> dict[str, float]:
     rates = bench.rotated(
         {
             "ours": threads_side(per_thread, ours),
+            "floor": floor_side,
             "sqlite": threads_side(per_thread, sqlite),
             "diskcache": None if cache is None else threads_side(per_thread, diskcache),
         }
     )
     # every acknowledged put is there, once (the ids are fresh: the counts must match)
     (rows,) = connections[0].execute("SELECT count(*) FROM instances").fetchone()
-    found = {"ours": storage.count_instances(), "sqlite": rows}
+    with floor_env.env.begin(db=floor_env.instances) as txn:
+        floor_count = txn.stat(floor_env.instances)["entries"]
+    found = {"ours": storage.count_instances(), "floor": floor_count, "sqlite": rows}
     if cache is not None:
         found["diskcache"] = len(cache)
     for kind, count in found.items():
