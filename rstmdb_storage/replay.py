@@ -29,6 +29,10 @@ from .wal.reader import WalReader, ends_at
 
 log = logging.getLogger("rstmdb_storage")
 
+#: records this process appended, by sequence number: their changes, timestamp and the tail
+#: after each, for group commit's apply to take from memory instead of reading them back
+OwnRecords = dict[int, tuple[list[Change], int, WalTail]]
+
 #: changes applied per LMDB transaction when replaying: a chunk ends with the record that
 #: brings it to this many (a record is never split). Counting changes, not records, bounds a
 #: transaction's dirty pages, which LMDB keeps in memory until the commit: 100 records of
@@ -45,13 +49,15 @@ def walk(
     limit: int | None = None,
     strict: bool = False,
     mark_unsynced: bool = True,
+    own: OwnRecords | None = None,
 ) -> tuple[WalTail, list[Change], bool]:
     """Go through the records after *tail*: up to *until_seq* (all of which must exist), or
     to the end of the log, stopping before the next record once *limit* changes were
     applied. Each is applied inside *txn* (unless it is None: then they are only passed) and,
     with *mark_unsynced*, its segment is marked for the next sync. Returns the tail after the
     last one, the changes applied, and whether the end of the log was reached. *strict* checks
-    the bytes after the end (see ``Wal.next_record``).
+    the bytes after the end (see ``Wal.next_record``). A record in *own* (given with a *txn*
+    and an *until_seq*: group commit's apply) is applied from there, not read.
     """
     wal = engine.wal
     if until_seq is None and not strict and ends_at(wal, tail):
@@ -64,6 +70,14 @@ def walk(
     while (until_seq is None or reader.next_seq <= until_seq) and (
         limit is None or len(changed) < limit
     ):
+        mine = own.get(reader.next_seq) if own else None
+        if mine is not None:  # appended by this process: what it holds is known
+            seq = reader.next_seq
+            changes, timestamp_ms, after = mine
+            reader.go_on_after(after)
+            apply_changes(txn, dbs, seq, timestamp_ms, changes)
+            changed.extend(changes)
+            continue
         record = read()
         if record is None:
             if until_seq is not None:
@@ -113,10 +127,12 @@ def apply_pending(
     return end, reached_end
 
 
-def apply_through(engine: Engine, txn: Any, tail: WalTail, until_seq: int) -> WalTail:
+def apply_through(
+    engine: Engine, txn: Any, tail: WalTail, until_seq: int, own: OwnRecords | None = None
+) -> WalTail:
     """Apply, inside *txn*, the records after *tail* up to *until_seq*, which are synced
-    already, and store the new applied tail; return it."""
-    end, changed, _ = walk(engine, txn, tail, until_seq=until_seq, mark_unsynced=False)
+    already (those in *own* from memory), and store the new applied tail; return it."""
+    end, changed, _ = walk(engine, txn, tail, until_seq=until_seq, mark_unsynced=False, own=own)
     engine.meta.write_tail(txn, end)
     engine.count_changes(txn, changed)
     return end

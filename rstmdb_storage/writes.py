@@ -29,7 +29,8 @@ lock and without syncing; **sync** outside both, unless another writer's sync co
 record; **apply** every synced record not applied yet, whoever wrote it. Nothing is visible
 before it is durable, and conditions are judged at append time against the state every earlier
 record leads to, which is what applying them in order reaches again. Both paths judge with
-:func:`judge`.
+:func:`judge`. The apply reads back from the WAL only the records of other writers: this
+process's own go in from memory, as in one transaction (what they change is what they hold).
 
 Locks are always taken in one order, so that no two writers wait for each other: the write
 mutex, then LMDB's write transaction, then the append lock; the sync lock, then the append
@@ -57,7 +58,7 @@ from .errors import ConflictError, InstanceNotFoundError, ReadOnlyError, Storage
 from .failpoints import failpoint
 from .model import Instance, check_name
 from .query import get_instance, remembered
-from .replay import apply_pending, apply_through, walk
+from .replay import OwnRecords, apply_pending, apply_through, walk
 from .store.env import LmdbEnvironment
 from .thread_group import Request
 from .wal import WalTail
@@ -268,11 +269,12 @@ def _commit_grouped(
     group: list[Request],
     outcomes: list[int | Exception | None],
 ) -> None:
+    own: OwnRecords = {}
     with env.write_mutex:
         engine.wal.check_usable()
         for n, request in enumerate(group):
             try:
-                outcomes[n] = _append_grouped(engine, env, *request.work)
+                outcomes[n] = _append_grouped(engine, env, *request.work, own)
             except (StorageError, OSError) as exc:  # this one's: a failed condition, a full disk
                 outcomes[n] = _typed(engine, exc)
     # The last record appended: the sync and the apply that cover it cover the group's
@@ -287,7 +289,7 @@ def _commit_grouped(
     # own record goes straight to the apply (which checks again inside the transaction).
     if not covered or engine.applied_tail().applied_seq < seq:
         with env.write_mutex:
-            engine.growing(env, _apply_synced, engine, env, seq, synced)
+            engine.growing(env, _apply_synced, engine, env, seq, synced, own)
             engine.dirty = True
     failpoint("group.after_apply")
 
@@ -298,18 +300,28 @@ def _append_grouped(
     changes: list[Change],
     payload: bytes,
     idempotency_key: str | None,
+    own: OwnRecords | None = None,
 ) -> int:
     """Step 1: append the record at the append tail; return its sequence number (or, for
-    a retry with a known idempotency key, the first write's). A plain put needs only the
-    append lock; a condition or an idempotency key is judged inside an LMDB write
-    transaction that is then thrown away."""
+    a retry with a known idempotency key, the first write's), and note the record in *own*.
+    A plain put needs only the append lock; a condition or an idempotency key is judged
+    inside an LMDB write transaction that is then thrown away."""
     if idempotency_key is None and not must_check(changes):
         appends, _ = engine.group_locks()
         with appends.locked():
             tail = _tail_for_append(engine, appends, None)
             timestamp_ms = time.time_ns() // 1_000_000
-            return _append_record(engine, appends, tail, timestamp_ms, payload).applied_seq
-    return engine.growing(env, _judge_and_append, engine, env, changes, payload, idempotency_key)
+            after = _append_record(engine, appends, tail, timestamp_ms, payload)
+    else:
+        appended = engine.growing(
+            env, _judge_and_append, engine, env, changes, payload, idempotency_key
+        )
+        if isinstance(appended, int):
+            return appended  # a retry: the first write's
+        timestamp_ms, after = appended
+    if own is not None:
+        own[after.applied_seq] = (changes, timestamp_ms, after)
+    return after.applied_seq
 
 
 def _judge_and_append(
@@ -318,7 +330,9 @@ def _judge_and_append(
     changes: list[Change],
     payload: bytes,
     idempotency_key: str | None,
-) -> int:
+) -> int | tuple[int, WalTail]:
+    """The judged append: the first write's sequence number for a retry, else the record's
+    timestamp and the tail after it."""
     appends, _ = engine.group_locks()
     txn = env.begin_write()
     try:
@@ -342,7 +356,7 @@ def _judge_and_append(
                     view.abort()
             if first is not None:
                 return first  # steps 2 and 3 make the first write durable and visible
-            return _append_record(engine, appends, appended, timestamp_ms, payload).applied_seq
+            return timestamp_ms, _append_record(engine, appends, appended, timestamp_ms, payload)
     finally:
         txn.abort()
 
@@ -379,13 +393,15 @@ def _appended_tail(engine: Engine) -> WalTail:
     return tail if tail is not None else engine.applied_tail()
 
 
-def _apply_synced(engine: Engine, env: LmdbEnvironment, seq: int, synced: int) -> None:
-    """Step 3: apply every synced record not applied yet, unless another writer applied
-    record *seq* already."""
+def _apply_synced(
+    engine: Engine, env: LmdbEnvironment, seq: int, synced: int, own: OwnRecords
+) -> None:
+    """Step 3: apply every synced record not applied yet (this process's *own* from
+    memory), unless another writer applied record *seq* already."""
     with env.begin_write() as txn:
         applied = engine.meta.tail(txn)
         if applied.applied_seq < seq:
-            applied = apply_through(engine, txn, applied, synced)
+            applied = apply_through(engine, txn, applied, synced, own)
     engine.committed_tail = applied
 
 

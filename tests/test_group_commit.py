@@ -6,12 +6,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
 
 import pytest
-from helpers import order, start_worker
+from helpers import instances_by_id, order, start_worker
 from internals import (
     append_grouped_only,
     fail_append_position_writes,
@@ -69,6 +70,42 @@ def test_grouped_writes_read_back_like_any_other(grouped: Storage) -> None:
     with pytest.raises(InstanceNotFoundError):
         grouped.delete_instance("absent")
     assert grouped.applied_seq == 7 and grouped.verify() == []
+
+
+def test_grouped_applies_reach_the_state_a_replay_of_the_wal_reaches(grouped: Storage) -> None:
+    # Group commit's apply takes this process's records from memory and reads the others'
+    # back from the WAL; a replay reads them all: both must reach the same instances,
+    # times, sequence numbers and index entries.
+    for i in range(6):
+        grouped.put_instance(order(f"o{i}", metadata={"region": f"r{i % 2}"}, ctx={"n": i}))
+        if i % 2:
+            append_only(grouped, order(f"other{i}", state="paid"))  # another writer's, pending
+    grouped.transition("o1", "pending", "paid", ctx={"paid": True})
+    grouped.put_instance(order("o2", state="shipped"), expected_state="pending")
+    grouped.delete_instance("o3")
+    grouped.put_instance(order("o9"), idempotency_key="key")
+    append_only(grouped, order("o4", state="lost"), state="pending")
+    grouped.put_instance(order("last"))  # its sync covers the record before it
+    applied = grouped.applied_seq
+    assert applied == len(list(grouped.read_wal()))
+    config = grouped.config
+    grouped.close()
+    before = instances_by_id(config.path)
+    shutil.rmtree(config.path / "indexes")  # opening again replays every record
+    after = instances_by_id(config.path)
+    assert after == before
+    assert before["o4"].state == "lost" and before["other1"].state == "paid"
+    assert "o3" not in before and len(before) == 10
+    with Storage.open(config) as replayed:
+        assert replayed.applied_seq == applied
+        assert [i.id for i in replayed.list_by_state("order", "paid")] == [
+            "o1",
+            "other1",
+            "other3",
+            "other5",
+        ]
+        assert [i.id for i in replayed.list_by_metadata("region", "r1")] == ["o1", "o5"]
+        assert replayed.verify() == []
 
 
 def test_an_appended_record_is_invisible_until_a_sync_covers_it(grouped: Storage) -> None:

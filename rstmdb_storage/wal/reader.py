@@ -122,6 +122,14 @@ class WalReader:
             if record is not None:
                 return record
 
+    def go_on_after(self, tail: WalTail) -> None:
+        """Go on at *tail*, after a record the caller knows without reading it (one its own
+        process appended, and has in memory); a chunk already read stays usable in the same
+        segment, since a written record's bytes never change."""
+        if tail.segment != self.segment:
+            self._drop_chunk()
+        self.segment, self.offset, self.next_seq = tail
+
     def _at_end(self, chunk: bytes, start: int) -> bool:
         """Whether the header at *start* is the end of the log: zeros, read at the tail just
         now (as next_record would read them). Under *strict* next_record checks the rest."""
