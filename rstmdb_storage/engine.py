@@ -257,18 +257,17 @@ class Engine:
 
     # --- bookkeeping ----------------------------------------------------------------------------
 
-    def count_changes(self, txn: Any, changes: list[Change]) -> None:
-        """Count the puts and deletes among *changes*, applied in *txn*; wake the flusher when
-        that makes an automatic snapshot due."""
+    def write_applied(self, txn: Any, tail: WalTail, changes: list[Change]) -> None:
+        """Store the applied *tail* in *txn*, with the puts and deletes among *changes*
+        (applied in it) counted; wake the flusher when that makes an automatic snapshot due."""
         changed = 0
         for change in changes:  # a loop, not sum() of a generator: this runs on every write
             if type(change) in _INSTANCE_CHANGES:
                 changed += 1
-        if changed:
-            total = self.meta.add_changes(txn, changed)
-            interval = self.config.snapshot_interval
-            if interval and total // interval != (total - changed) // interval and self.flusher:
-                self.flusher.wake()
+        total = self.meta.write_tail(txn, tail, changed)
+        interval, flusher = self.config.snapshot_interval, self.flusher
+        if changed and interval and flusher and total // interval != (total - changed) // interval:
+            flusher.wake()
 
     def flush_lmdb(self, applied_seq: int) -> None:
         """Flush LMDB to disk, holding everything up to *applied_seq*; then record that in

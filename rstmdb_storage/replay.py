@@ -122,8 +122,7 @@ def apply_pending(
     end, changed, reached_end = walk(engine, txn, tail, limit=limit, strict=strict)
     if end != tail:
         engine.wal.sync()
-        engine.meta.write_tail(txn, end)
-        engine.count_changes(txn, changed)
+        engine.write_applied(txn, end, changed)
     return end, reached_end
 
 
@@ -133,8 +132,7 @@ def apply_through(
     """Apply, inside *txn*, the records after *tail* up to *until_seq*, which are synced
     already (those in *own* from memory), and store the new applied tail; return it."""
     end, changed, _ = walk(engine, txn, tail, until_seq=until_seq, mark_unsynced=False, own=own)
-    engine.meta.write_tail(txn, end)
-    engine.count_changes(txn, changed)
+    engine.write_applied(txn, end, changed)
     return end
 
 

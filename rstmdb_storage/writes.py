@@ -174,8 +174,7 @@ def _write_once(
                 engine, txn, appends, tail, timestamp_ms, group, outcomes
             )
         if new_tail is not tail:
-            meta.write_tail(txn, new_tail)
-            engine.count_changes(txn, changed)
+            engine.write_applied(txn, new_tail, changed)
             if wal.sync_due():
                 wal.sync()
             failpoint("write.after_sync")

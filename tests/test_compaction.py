@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
+import lmdb
 import pytest
 from helpers import order
 from hypothesis import HealthCheck, given, settings
@@ -12,6 +14,7 @@ from hypothesis import strategies as st
 from internals import join_maintenance, wait_for_flusher
 
 from rstmdb_storage import ConfigError, InvalidInputError, Storage, StorageConfig
+from rstmdb_storage.codec import seal, unseal
 from rstmdb_storage.compaction import plan_compaction
 from rstmdb_storage.snapshots import SnapshotManifest
 
@@ -96,6 +99,46 @@ def test_automatic_snapshots_every_interval_count_changes_inside_batches(data_di
         storage.delete_instance("b0")  # the 100th change
         wait_for(storage, lambda: len(storage.list_snapshots()) == 1)
         assert storage.list_snapshots()[0].seq == storage.applied_seq == 2
+
+
+def as_format_1(data_dir: Path) -> None:
+    """Rewrite the meta table of the (closed) store in *data_dir* as format 1 kept it: the
+    change count under ``change_count``, the applied tail without it (see store/meta.py)."""
+    with lmdb.open(str(data_dir / "indexes"), max_dbs=16) as env:
+        meta = env.open_db(b"meta")
+        with env.begin(write=True, db=meta) as txn:
+            tail = unseal(b"wal_tail", txn.get(b"wal_tail"), "meta")
+            assert len(tail) == 32  # segment, offset, next_seq, change count
+            txn.put(b"wal_tail", seal(b"wal_tail", tail[:24]))
+            txn.put(b"change_count", seal(b"change_count", tail[24:]))
+            txn.put(b"format_version", seal(b"format_version", struct.pack("<I", 1)))
+
+
+def meta_values(data_dir: Path) -> dict[bytes, bytes]:
+    with lmdb.open(str(data_dir / "indexes"), max_dbs=16, readonly=True) as env:
+        meta = env.open_db(b"meta")
+        with env.begin(db=meta) as txn:
+            return {key: unseal(key, raw, "meta") for key, raw in txn.cursor()}
+
+
+def test_a_format_1_store_keeps_counting_its_changes_and_is_converted_by_a_write(
+    data_dir: Path,
+) -> None:
+    config = StorageConfig(data_dir=data_dir, snapshot_interval=100, compaction_enabled=False)
+    with Storage.open(config) as storage, storage.batch() as batch:
+        for i in range(99):
+            batch.put_instance(order(f"b{i}"))
+    as_format_1(data_dir)
+    with Storage.open(config) as storage:
+        assert storage.verify() == []
+        assert storage.list_snapshots() == []
+        storage.delete_instance("b0")  # the 100th change: counted on from format 1's count
+        wait_for(storage, lambda: len(storage.list_snapshots()) == 1)
+        assert storage.list_snapshots()[0].seq == storage.applied_seq == 2
+    values = meta_values(data_dir)
+    assert b"change_count" not in values
+    assert values[b"format_version"] == struct.pack("<I", 2)
+    assert values[b"wal_tail"][24:] == struct.pack("<Q", 100)
 
 
 def test_automatic_compaction_when_the_wal_outgrows_max_wal_segments(data_dir: Path) -> None:

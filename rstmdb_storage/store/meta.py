@@ -7,15 +7,20 @@ key                     value payload (inside the checksummed envelope of :mod:`
 ``store_id``            16 random bytes, made once when the store is created; also in every WAL
                         segment header, so segments of another store are recognised
 ``wal_tail``            u64 LE segment, u64 LE offset, u64 LE next_seq: the end of the records
-                        LMDB has applied; ``next_seq - 1`` is the applied sequence number
+                        LMDB has applied (``next_seq - 1`` is the applied sequence number); then
+                        u64 LE change_count: the puts and deletes applied since the store was
+                        created (batches count each change), by which automatic snapshots are
+                        taken every ``snapshot_interval``. One value, written once a transaction
 ``checkpoint``          u64 LE applied_seq, then the boot id (text): the last state flushed with
                         ``env.sync()``, and the boot it happened in
-``change_count``        u64 LE: puts and deletes applied since the store was created (batches count
-                        each change); automatic snapshots are taken every ``snapshot_interval``
-``snapshot_changes``    u64 LE: ``change_count`` as the newest snapshot saw it
+``snapshot_changes``    u64 LE: the change count as the newest snapshot saw it
 ``hold:<name>``         u64 LE: a WAL hold: compaction keeps every record from this sequence number
                         on (for shipping, or a backup in progress), until the hold is released
 ======================  ==========================================================================
+
+Format 1 kept the change count under a key of its own, ``change_count``, and ``wal_tail`` without
+it (24 bytes); such a store is read as it is, and its first write stores both in ``wal_tail``,
+deletes ``change_count`` and records format 2.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from ..codec import seal, unseal
 from ..errors import CorruptionError, StorageError
 from ..wal import WalTail
 
-META_FORMAT_VERSION = 1
+META_FORMAT_VERSION = 2
+#: the format versions this version reads (format 1 is converted by its first write)
+READABLE_FORMATS = (1, 2)
 
 KEY_FORMAT_VERSION = b"format_version"
 KEY_STORE_ID = b"store_id"
@@ -39,6 +46,7 @@ HOLD_PREFIX = b"hold:"
 
 _U32 = struct.Struct("<I")
 _TAIL = struct.Struct("<QQQ")
+_TAIL_AND_COUNT = struct.Struct("<QQQQ")
 _U64 = struct.Struct("<Q")
 
 
@@ -87,10 +95,10 @@ class Meta:
         version = _U32.unpack(payload)[0] if payload is not None else None
         if version is None:
             raise CorruptionError("meta: format_version is missing", key=KEY_FORMAT_VERSION)
-        if version != META_FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise StorageError(
                 f"meta: the store has format version {version}; this version of rstmdb-storage "
-                f"reads version {META_FORMAT_VERSION}"
+                f"reads versions {' and '.join(map(str, READABLE_FORMATS))}"
             )
 
     def check_all(self, txn) -> None:
@@ -107,13 +115,35 @@ class Meta:
         return payload
 
     def tail(self, txn) -> WalTail:
-        payload = self._get(txn, KEY_WAL_TAIL)
-        if payload is None or len(payload) != _TAIL.size:
-            raise CorruptionError("meta: wal_tail is missing or malformed", key=KEY_WAL_TAIL)
-        return WalTail(*_TAIL.unpack(payload))
+        return WalTail(*_TAIL.unpack_from(self._tail_payload(txn)))
 
-    def write_tail(self, txn, tail: WalTail) -> None:
-        self._put(txn, KEY_WAL_TAIL, _TAIL.pack(*tail))
+    def _tail_payload(self, txn) -> bytes:
+        payload = self._get(txn, KEY_WAL_TAIL)
+        if payload is None or len(payload) not in (_TAIL_AND_COUNT.size, _TAIL.size):
+            raise CorruptionError("meta: wal_tail is missing or malformed", key=KEY_WAL_TAIL)
+        return payload
+
+    def change_count(self, txn) -> int:
+        """Puts and deletes applied since the store was created."""
+        payload = self._tail_payload(txn)
+        if len(payload) == _TAIL.size:  # format 1
+            return self._u64(txn, KEY_CHANGE_COUNT)
+        return _U64.unpack_from(payload, _TAIL.size)[0]
+
+    def write_tail(self, txn, tail: WalTail, changed: int = 0) -> int:
+        """Store the applied *tail*, and *changed* more puts and deletes applied with it;
+        return the change count now. (Converts a format 1 store, see the module docstring.)"""
+        payload = self._get(txn, KEY_WAL_TAIL)
+        if payload is None:
+            total = changed  # creating the store
+        elif len(payload) == _TAIL_AND_COUNT.size:
+            total = _U64.unpack_from(payload, _TAIL.size)[0] + changed
+        else:
+            total = self.change_count(txn) + changed  # format 1 (anything else raises)
+            txn.delete(KEY_CHANGE_COUNT, db=self.db)
+            self._put(txn, KEY_FORMAT_VERSION, _U32.pack(META_FORMAT_VERSION))
+        self._put(txn, KEY_WAL_TAIL, _TAIL_AND_COUNT.pack(*tail, total))
+        return total
 
     def checkpoint(self, txn) -> Checkpoint | None:
         payload = self._get(txn, KEY_CHECKPOINT)
@@ -133,15 +163,6 @@ class Meta:
         if len(payload) != _U64.size:
             raise CorruptionError(f"meta: {key.decode()} is malformed", key=key)
         return _U64.unpack(payload)[0]
-
-    def change_count(self, txn) -> int:
-        return self._u64(txn, KEY_CHANGE_COUNT)
-
-    def add_changes(self, txn, count: int) -> int:
-        """Count *count* more applied puts and deletes; return the new total."""
-        total = self.change_count(txn) + count
-        self._put(txn, KEY_CHANGE_COUNT, _U64.pack(total))
-        return total
 
     def snapshot_changes(self, txn) -> int:
         return self._u64(txn, KEY_SNAPSHOT_CHANGES)
