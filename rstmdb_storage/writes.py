@@ -229,9 +229,12 @@ def _append_group(
         outcomes[n] = seq
         if tail is start:  # the first record appended
             failpoint("write.after_append")
-            # The changes go into the transaction while the records are being written to
-            # the device; they become visible only with the commit, after the sync.
-            if wal.sync_due():
+            # A lone record goes to the device while its changes go into the transaction
+            # (visible only with the commit, after the sync). Not a group's: its next records
+            # dirty the page again while it is being written, and the sync must then wait for
+            # that write and make another (8 threads made about 7% more puts/s without it,
+            # medians of 6 alternating runs).
+            if len(group) == 1 and wal.sync_due():
                 wal.start_sync()
         apply_changes(txn, dbs, seq, timestamp_ms, changes)
         changed.extend(changes)
