@@ -248,7 +248,7 @@ def after_the_next_wal_listing(monkeypatch: pytest.MonkeyPatch, then: Callable[[
 
 def wait_for_queued_writes(storage: Storage, count: int, timeout: float = 60) -> bool:
     """Wait until *count* writes of other threads are queued behind the write in flight
-    (polling: the queue has no condition to wait on, by design); return whether they were
+    (polling: the queue notifies only a leader gathering its group); return whether they were
     within *timeout*."""
     group = storage._engine.thread_group()
     deadline = time.monotonic() + timeout

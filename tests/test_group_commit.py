@@ -29,6 +29,7 @@ from rstmdb_storage import (
     StorageFailedError,
     StorageFullError,
     failpoints,
+    thread_group,
 )
 from rstmdb_storage.changes import IdempotencyKey, PutInstance
 from rstmdb_storage.engine import boot_id
@@ -287,6 +288,42 @@ def test_threads_queued_behind_a_write_share_one_sync(
     assert outcomes["w0"] == 2 and outcomes["w6"] == 8  # written in the order they queued
     assert [name for name in syncs if name.startswith("w")] == ["w0"]  # the leader's, once
     assert storage.count_instances() == 8 and storage.verify() == []
+
+
+def test_a_leader_gathers_the_writers_of_the_last_group_before_it_writes(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Woken together when their group is written, threads that write again queue within
+    # microseconds: the thread that leads next waits for as many as the last group held
+    # (at most GATHER_SECONDS, made long here so that no scheduler delay splits a group;
+    # the last round waits it out once, for the thread that finished a round early),
+    # so that eight threads share one sync per round of puts instead of alternating
+    # between a group of one and a group of the seven that queued behind it.
+    monkeypatch.setattr(thread_group, "GATHER_SECONDS", 2.0)
+    wal_syncs = []
+    real = os.fdatasync
+
+    def counting(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".wal"):
+            wal_syncs.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", counting)
+    threads, rounds = 8, 25
+    barrier = threading.Barrier(threads)
+
+    def writer(n: int) -> None:
+        barrier.wait()
+        for i in range(rounds):
+            storage.put_instance(order(f"t{n}-{i}"))
+
+    workers = [threading.Thread(target=writer, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert storage.count_instances() == threads * rounds and storage.verify() == []
+    assert len(wal_syncs) <= rounds + 2  # alternating, it took about 2 syncs a round
 
 
 def test_a_group_judges_each_write_against_the_ones_before_it(storage: Storage) -> None:
