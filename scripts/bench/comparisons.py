@@ -142,11 +142,11 @@ WHY_MANY = (
     "checks, its lock files' extra reads and the strict decoding of other writers' records."
 )
 WHY_THREADS = (
-    "The floor here is group commit with the same libraries and no layers, and it is about "
-    "2.4-2.8x SQLite: both lead groups that alternate between one put and eight, sharing one "
-    "sync and one LMDB transaction. Ours makes 0.65-0.71 of it: a put costs about 100 us of "
-    "CPU against the floor's 70 (user 45-65 against 28-36), and under the GIL that CPU is "
-    "the rate."
+    "The floor here is group commit with the same libraries and no layers, about 2.4-3x "
+    "SQLite: both gather each group from the writers of the last (nearly always eight), with "
+    "one sync and one LMDB transaction. Ours makes 0.7-0.8 of it: a put costs about 85-100 us "
+    "of CPU against the floor's 65-75 (user 40-60 against 28-38), and under the GIL that CPU "
+    "is the rate."
 )
 WHY_BATCH = (
     "Batches spend their time in Python per instance: input checks, CBOR encoding of the body "

@@ -5,9 +5,11 @@ this row measures: it uses only the public API.
 
 The floor (:class:`FloorThreadGroup`) is group commit with the floor's libraries and layout
 (SPEC.md's prototype, with the index entries): a thread encodes its change and queues it; one
-that finds no write in flight leads, takes the whole queue, writes its records with one
-``pwrite`` and one ``fdatasync``, applies them in one LMDB transaction, then wakes the
-members of its group and the next leader only."""
+that finds no write in flight leads, waits (as the store's thread group does, at most
+:data:`rstmdb_storage.thread_group.GATHER_SECONDS`) until as many are queued as its last
+group held, takes the whole queue, writes its records with one ``pwrite`` and one
+``fdatasync``, applies them in one LMDB transaction, then wakes the members of its group and
+the next leader only."""
 
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ from bench.stores import (
     sqlite_row,
 )
 from bench.timing import rate
+from rstmdb_storage.thread_group import GATHER_SECONDS
 
 THREADS = 8
 SQLITE_BUSY_TIMEOUT_MS = 60_000
@@ -59,8 +62,10 @@ class FloorThreadGroup:
         self.env, self.fd = env, fd
         self.offset, self.seq = 0, 0
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._queue: list[_Queued] = []
         self._leading = False
+        self._last_size = 0
 
     def put(self, inst: Any) -> None:
         request = _Queued(inst)
@@ -71,6 +76,7 @@ class FloorThreadGroup:
                 request.wake.acquire()
             self._queue.append(request)
             self._leading = True
+            self._arrived.notify()
         if follows:
             request.wake.acquire()  # type: ignore[union-attr]
             if not request.leads:
@@ -78,7 +84,10 @@ class FloorThreadGroup:
                     raise request.error
                 return
         with self._lock:
+            if self._last_size > 1:
+                self._arrived.wait_for(lambda: len(self._queue) >= self._last_size, GATHER_SECONDS)
             group, self._queue = self._queue, []
+            self._last_size = len(group)
         try:
             self._write(group)
         except BaseException as exc:
