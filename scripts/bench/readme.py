@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.comparisons import NAMES, RATE, Result
-from bench.report import markdown_table
+from bench.report import format_rate, markdown_table, shown_ratio
 
 BEGIN = "<!-- bench:begin -->"
 END = "<!-- bench:end -->"
@@ -54,8 +54,10 @@ def block(document: dict[str, Any], results: Sequence[Result], chart: str | None
         lines.append("")
         for r in missed:
             shortfalls = ", ".join(
-                f"{'rate' if g.against == RATE else 'ours / ' + NAMES.get(g.against, g.against)} "
-                f"{'-' if v is None else f'{v:,.2f}'} against {g.describe()}"
+                f"rate {format_rate(v)} against {g.describe()}"
+                if g.against == RATE
+                else f"ours / {NAMES.get(g.against, g.against)} "
+                f"{'-' if v is None else shown_ratio(v, (g, v, met))} against {g.describe()}"
                 for g, v, met in r.verdicts()
                 if not met
             )

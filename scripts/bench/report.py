@@ -104,6 +104,17 @@ HEADER = (
 RIGHT = frozenset(range(2, 10))
 
 
+def shown_ratio(ratio: float, verdict: tuple[Any, float, bool] | None) -> str:
+    """Two decimals; three when two would round a missed goal up to its threshold (0.898
+    against 0.9 is not "0.90 NO")."""
+    shown = f"{ratio:.2f}"
+    if verdict is not None:
+        goal, _, met = verdict
+        if not met and float(shown) >= goal.at_least:
+            shown = f"{ratio:.3f}"
+    return shown
+
+
 def cells(result: Result) -> tuple[str, ...]:
     """One row of the table: the rates, the ratios, each with its goal and verdict next to
     it, and whether every goal is met (``-``: the row has none)."""
@@ -126,7 +137,7 @@ def cells(result: Result) -> tuple[str, ...]:
     ratios = []
     for k in RATIO_CONTENDERS:
         ratio = result.ratio(k)
-        ratios.append("-" if ratio is None else with_goal(k, f"{ratio:.2f}"))
+        ratios.append("-" if ratio is None else with_goal(k, shown_ratio(ratio, verdict.get(k))))
     met = "-" if not result.row.goals else "NO" if result.missed() else "yes"
     return (result.row.path, result.row.unit, ours, *side, *ratios, met)
 
