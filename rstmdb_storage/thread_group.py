@@ -14,7 +14,7 @@ Woken together, members that write again queue within microseconds, and the next
 for as many as the last group held (:data:`GATHER_SECONDS` at most) before it writes: else
 the first to come back would write alone while the others queue behind it, and groups would
 alternate between one write and all the others, a sync each (8 threads: about 9k durable
-puts/s so, 10-12k gathered).
+puts/s without the wait, 10-12k with it).
 The queue belongs to one process: :meth:`Engine.thread_group
 <rstmdb_storage.engine.Engine.thread_group>` makes a new one in a forked child, whose copy of
 a leader's state would otherwise wait for a thread that does not exist there.
