@@ -89,8 +89,8 @@ class ThreadGroup:
                 request._wake.acquire()
             self._queue.append(request)
             self._leading = True
-            if self._gathering:
-                self._arrived.notify()
+            if self._gathering and len(self._queue) >= self._last_size:
+                self._arrived.notify()  # once, when the group is whole: not on every arrival
         if follows:
             try:
                 request._wake.acquire()
