@@ -76,7 +76,8 @@ class FloorThreadGroup:
                 request.wake.acquire()
             self._queue.append(request)
             self._leading = True
-            self._arrived.notify()
+            if len(self._queue) >= self._last_size:
+                self._arrived.notify()
         if follows:
             request.wake.acquire()  # type: ignore[union-attr]
             if not request.leads:
