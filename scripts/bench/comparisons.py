@@ -137,7 +137,7 @@ WHY_PUT = (
 WHY_MANY = (
     "The floor here is SPEC's group-commit prototype with the same libraries (append, sync "
     "unless another's sync covered it, apply every synced record), and even it is far below "
-    "2x SQLite on 2 cores. Ours makes about 0.7 of it: a grouped put costs about 195 us of "
+    "2x SQLite on 2 cores. Ours makes 0.75-0.8 of it: a grouped put costs about 195 us of "
     "CPU (user 115-120, system 76-80) against the floor's 125 (55 and 70): the store's "
     "checks, its lock files' extra reads and the strict decoding of other writers' records."
 )
