@@ -40,6 +40,8 @@ The package, one module per group of rows and one per shared piece:
 - :mod:`bench.data`: the instances every row writes and reads;
 - :mod:`bench.ceiling`: SQLite's records, and WAL frames as the store writes them;
 - :mod:`bench.floor`: the floor's layout, reads and writes;
+  :mod:`bench.floor_processes`: the floor of group commit across writer processes (the floor
+  of group commit across threads is in :mod:`bench.threads`, beside its row);
 - :mod:`bench.timing`: one timed run, and medians of sides run in rotation;
 - :mod:`bench.stores`: opening and filling the contenders' stores; :class:`~bench.stores.Bench`;
 - :mod:`bench.gets`, :mod:`bench.puts`, :mod:`bench.listing`, :mod:`bench.snapshots`,
