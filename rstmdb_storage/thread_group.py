@@ -89,7 +89,7 @@ class ThreadGroup:
                 request._wake.acquire()
             self._queue.append(request)
             self._leading = True
-            if self._gathering and len(self._queue) >= self._last_size:
+            if self._gathering and self._whole():
                 self._arrived.notify()  # once, when the group is whole: not on every arrival
         if follows:
             try:
@@ -125,15 +125,17 @@ class ThreadGroup:
             with self._lock:
                 self._gathering = True
                 try:
-                    self._arrived.wait_for(
-                        lambda: len(self._queue) >= self._last_size, GATHER_SECONDS
-                    )
+                    self._arrived.wait_for(self._whole, GATHER_SECONDS)
                 finally:
                     self._gathering = False
         except BaseException:  # a signal handler raised: the lead passes on
             request._leads = True
             self._withdraw(request)
             raise
+
+    def _whole(self) -> bool:
+        """Whether as many requests are queued as the last group held; call holding the lock."""
+        return len(self._queue) >= self._last_size
 
     def _withdraw(self, request: Request) -> None:
         """Take back a request whose thread stopped waiting: if no leader took it yet, it is
