@@ -315,12 +315,11 @@ def _append_grouped(
             timestamp_ms = time.time_ns() // 1_000_000
             after = _append_record(engine, appends, tail, timestamp_ms, payload)
     else:
-        appended = engine.growing(
+        first, timestamp_ms, after = engine.growing(
             env, _judge_and_append, engine, env, changes, payload, idempotency_key
         )
-        if isinstance(appended, int):
-            return appended  # a retry: the first write's
-        timestamp_ms, after = appended
+        if first is not None:
+            return first  # a retry: the first write's
     if own is not None:
         own[after.applied_seq] = (changes, timestamp_ms, after)
     return after.applied_seq
@@ -332,9 +331,9 @@ def _judge_and_append(
     changes: list[Change],
     payload: bytes,
     idempotency_key: str | None,
-) -> int | tuple[int, WalTail]:
-    """The judged append: the first write's sequence number for a retry, else the record's
-    timestamp and the tail after it."""
+) -> tuple[int | None, int, WalTail]:
+    """The judged append: (the first write's sequence number, now, the tail) for a retry,
+    which appends nothing, else (None, the record's timestamp, the tail after it)."""
     appends, _ = engine.group_locks()
     txn = env.begin_write()
     try:
@@ -356,9 +355,13 @@ def _judge_and_append(
             finally:
                 if view is not txn:
                     view.abort()
-            if first is not None:
-                return first  # steps 2 and 3 make the first write durable and visible
-            return timestamp_ms, _append_record(engine, appends, appended, timestamp_ms, payload)
+            if first is not None:  # steps 2 and 3 make the first write durable and visible
+                return first, timestamp_ms, appended
+            return (
+                None,
+                timestamp_ms,
+                _append_record(engine, appends, appended, timestamp_ms, payload),
+            )
     finally:
         txn.abort()
 
