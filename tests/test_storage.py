@@ -279,6 +279,29 @@ def test_the_flusher_grows_a_nearly_full_map_before_a_write_fails(data_dir: Path
         assert map_size(storage) == 2 * before  # not again while there is room
 
 
+def test_a_store_grown_past_its_map_opens_with_room_and_is_not_remapped(data_dir: Path) -> None:
+    """A store whose file has outgrown the configured map opens with the map the flusher
+    would have grown to, so that its first pass does not remap the file (a remap drops every
+    page the process had mapped: lookups then fault them all in again)."""
+    config = StorageConfig(
+        data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0, **ON_DEMAND_FLUSHER
+    )
+    with Storage.open(config) as storage:
+        fill_map_to(storage, 0.8)
+        assert flusher_pass(storage)
+        assert flusher_pass(storage)
+        fill_map_to(storage, 0.8)  # of the twice as large map
+    file_size = (data_dir / "indexes" / "data.mdb").stat().st_size
+    assert file_size >= 0.8 * 2 * 1024 * 1024
+    with Storage.open(config) as storage:
+        opened = map_size(storage)
+        assert opened >= file_size / 0.8
+        assert opened in (2**k * 1024 * 1024 for k in range(1, 8))  # doubled, as it grows
+        assert flusher_pass(storage)
+        assert map_size(storage) == opened
+        assert storage.get_instance("o0") is not None
+
+
 def test_an_early_map_growth_gives_way_to_a_long_read(data_dir: Path) -> None:
     """The map changes size only with no transaction open in the process; the flusher's early
     growth does not wait for a long read (a snapshot's copy) with every write of the process

