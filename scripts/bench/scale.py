@@ -1,10 +1,13 @@
 """``--scale SIZES`` and ``--memory``: how rates and memory grow with the store.
 
 ``--scale 10k,1M,10M`` grows one store to each size in turn (batches of 10k, no fsync, then
-synced), and at each size a fresh process opens it with the default config and times: a
-first pass of ``lookups`` random gets, a second pass over the same ids, ``puts`` durable
-single puts, and listings of the first :func:`list_count` matches of one state (repeated
-to at least 20k instances a repetition). After each step it reads its resident memory from
+compacted to one snapshot and the WAL after it, and synced), and at each size a fresh process
+opens it with the default config and times: a first pass of ``lookups`` random gets, a
+second pass over the same ids, ``puts`` durable single puts, and listings of the first
+:func:`list_count` matches of one state (repeated to at least 20k instances a repetition).
+Before it, another fresh process times the floor's two passes of gets on the same file
+(:func:`measure_floor_gets`), so that what the memory hierarchy costs a lookup at 10M is
+measured, not assumed. After each step it reads its resident memory from
 ``/proc/self/status``: anonymous (``RssAnon``: the heap, what the process itself keeps) and
 file-backed (``RssFile``: LMDB's map, which the kernel may drop at will) apart. The goal
 (SPEC.md): each rate at the largest size ≥ 0.7 x at the smallest, anonymous memory flat
@@ -20,6 +23,7 @@ memory over the step, against the figure just before it.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import multiprocessing
 import random
 import shutil
@@ -30,11 +34,15 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import lmdb
+
+from bench import floor
 from bench.data import BATCH_SIZE, instance_fields, instance_id, make_instance
 from bench.listing import listing_rounds
 from bench.stores import Bench, fast_config, open_ours, put_batches, remove_snapshot, sync_tree
 from bench.timing import rate
 from rstmdb_storage import Storage
+from rstmdb_storage.config import INDEXES_DIR
 from rstmdb_storage.snapshots import DATA_SUFFIX
 
 SCALE_GOAL = 0.7
@@ -91,11 +99,22 @@ def scale_fields(i: int) -> dict[str, Any]:
     return instance_fields(instance_id("scale", i), i)
 
 
-def fill_store(data_dir: str, start: int, stop: int) -> None:
-    """Grow the store from ``start`` to ``stop`` instances, in batches, without fsync."""
-    with Storage.open(fast_config(Path(data_dir))) as storage:
+def fill_store(data_dir: str, start: int, stop: int, compact: bool = False) -> None:
+    """Grow the store from ``start`` to ``stop`` instances, in batches, without fsync; with
+    *compact*, then leave it as a store that kept up with its maintenance would be: one
+    snapshot of it, and the WAL from there on.
+
+    Without that, a store grown to 10M without compaction holds some 30 WAL segments, more
+    than ``max_wal_segments``, so the first background pass of the measuring process starts
+    the snapshot that compaction forces: a copy of the whole 5 GB file, under the timings of
+    gets and puts (durable puts at 10M kept 0.29 of their 10k rate so)."""
+    config = fast_config(Path(data_dir))
+    with Storage.open(config) as storage:
         put_batches(storage, (scale_fields(i) for i in range(start, stop)))
         storage.checkpoint()
+    if compact:
+        with Storage.open(dataclasses.replace(config, snapshots_kept=1)) as storage:
+            storage.compact()
     sync_tree(Path(data_dir))
 
 
@@ -103,6 +122,39 @@ def list_count(sizes: tuple[int, ...], list_matches: int) -> int:
     """Matches listed at every size: ``list_matches``, or fewer if the smallest store holds
     fewer in the state."""
     return max(1, min(list_matches, min(sizes) // 4))
+
+
+def measure_floor_gets(data_dir: str, size: int, lookups: int) -> dict[str, float]:
+    """In a fresh process: the floor's two passes of random gets on the same file (raw LMDB,
+    opened read-only as the store opens its own; a read transaction per call, the CRC checked
+    and the body decoded: :func:`bench.floor.decode`), over other ids than ours, so that
+    what a first pass costs is the memory hierarchy's, not the code's."""
+    env = lmdb.open(
+        str(Path(data_dir) / INDEXES_DIR),
+        subdir=True,
+        readonly=True,
+        max_dbs=len(floor.DBS),
+        max_spare_txns=0,
+        readahead=False,
+    )
+    try:
+        db = env.open_db(floor.DBS[0], create=False)
+        rng = random.Random(-size)
+        keys = [instance_id("scale", rng.randrange(size)).encode() for _ in range(lookups)]
+        begin, decode = env.begin, floor.decode
+
+        def gets() -> None:
+            for key in keys:
+                with begin(db=db) as txn:
+                    raw = txn.get(key)
+                decode(key, raw)
+
+        return {step: rate(len(keys), gets) for step in PASSES}
+    finally:
+        env.close()
+
+
+PASSES = ("get, first pass", "get, second pass")
 
 
 def measure_size(data_dir: str, size: int, counts: dict[str, int], repeats: int) -> dict:
@@ -119,7 +171,7 @@ def measure_size(data_dir: str, size: int, counts: dict[str, int], repeats: int)
             for iid in ids:
                 get(iid)
 
-        for step in ("get, first pass", "get, second pass"):
+        for step in PASSES:
             rates[step] = rate(len(ids), gets)
             memory[step] = memory_now()
         put, taken = storage.put_instance, [0]
@@ -172,9 +224,11 @@ def run_scale(bench: Bench) -> tuple[dict[str, Any], list[str]]:
     }
     measured, filled = [], 0
     for size in sizes:
-        in_child(fill_store, data_dir, filled, size)
+        in_child(fill_store, data_dir, filled, size, True)
         filled = size
+        floor_gets = in_child(measure_floor_gets, data_dir, size, counts["lookups"])
         measured.append(in_child(measure_size, data_dir, size, counts, settings.repeats))
+        measured[-1]["floor"] = floor_gets
         print(f"  --scale: {size:,} instances measured")
     steps = list(measured[0]["rates"])
     lines = [
@@ -205,11 +259,25 @@ def run_scale(bench: Bench) -> tuple[dict[str, Any], list[str]]:
         + f" (goal ≥ {SCALE_GOAL}); anonymous memory {growth / (1 << 20):+,.1f} MiB "
         f"({'flat' if flat else 'NOT flat'}: goal ≤ {FLAT_ANON_BYTES >> 20} MiB of growth)"
     )
+    floor_steps = list(first["floor"])
+    floor_ratios = {s: last["floor"][s] / first["floor"][s] for s in floor_steps}
+    lines.append(
+        "  the floor's gets (raw LMDB on the same file, other random ids, a fresh process): "
+        + ", ".join(
+            f"{s}: "
+            + " / ".join(f"{m['floor'][s]:,.0f}" for m in measured)
+            + f" ({floor_ratios[s]:.2f})"
+            for s in floor_steps
+        )
+        + "; ours / the floor at the largest size: "
+        + ", ".join(f"{s} {last['rates'][s] / last['floor'][s]:.2f}" for s in PASSES)
+    )
     figures = {
         "sizes": list(sizes),
         "counts": counts,
         "measured": measured,
         "ratio_largest_to_smallest": ratios,
+        "floor_ratio_largest_to_smallest": floor_ratios,
         "goal": SCALE_GOAL,
         "anon_growth_bytes": growth,
         "anon_flat": flat,
