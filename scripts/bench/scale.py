@@ -50,6 +50,8 @@ FLAT_ANON_BYTES = 32 << 20
 SAMPLE_SECONDS = 0.005
 LIST_STATE = "paid"
 """One state in four of the scale store's instances (:func:`bench.data.instance_fields`)."""
+PASSES = ("get, first pass", "get, second pass")
+"""The two passes of random gets over the same ids: the first faults the mapped pages in."""
 
 
 def memory_now() -> dict[str, int]:
@@ -126,7 +128,7 @@ def list_count(sizes: tuple[int, ...], list_matches: int) -> int:
 
 def measure_floor_gets(data_dir: str, size: int, lookups: int) -> dict[str, float]:
     """In a fresh process: the floor's two passes of random gets on the same file (raw LMDB,
-    opened read-only as the store opens its own; a read transaction per call, the CRC checked
+    opened read-only, without readahead as the store; a read transaction per call, the CRC checked
     and the body decoded: :func:`bench.floor.decode`), over other ids than ours, so that
     what a first pass costs is the memory hierarchy's, not the code's."""
     env = lmdb.open(
@@ -152,9 +154,6 @@ def measure_floor_gets(data_dir: str, size: int, lookups: int) -> dict[str, floa
         return {step: rate(len(keys), gets) for step in PASSES}
     finally:
         env.close()
-
-
-PASSES = ("get, first pass", "get, second pass")
 
 
 def measure_size(data_dir: str, size: int, counts: dict[str, int], repeats: int) -> dict:
