@@ -61,9 +61,10 @@ DBS = (b"instances", b"idx_state", b"idx_time", b"idx_metadata", b"meta")
 
 class FloorEnv:
     """A raw LMDB environment opened as the store opens its own (no sync: the WAL is what is
-    durable), with the store's sub-databases."""
+    durable), with the store's sub-databases; *read_only* opens one that has them already
+    (the store's own ``indexes/``, say)."""
 
-    def __init__(self, path: Path, map_size: int = 1 << 33) -> None:
+    def __init__(self, path: Path, map_size: int = 1 << 33, read_only: bool = False) -> None:
         self.env = lmdb.open(
             str(path),
             subdir=True,
@@ -73,9 +74,10 @@ class FloorEnv:
             metasync=False,
             readahead=False,
             max_spare_txns=0,
+            readonly=read_only,
         )
         self.instances, self.state, self.time, self.metadata, self.meta = (
-            self.env.open_db(name) for name in DBS
+            self.env.open_db(name, create=not read_only) for name in DBS
         )
 
     def close(self) -> None:

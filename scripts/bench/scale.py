@@ -34,10 +34,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import lmdb
-
-from bench import floor
 from bench.data import BATCH_SIZE, instance_fields, instance_id, make_instance
+from bench.floor import FloorEnv
+from bench.gets import run_floor_gets
 from bench.listing import listing_rounds
 from bench.stores import Bench, fast_config, open_ours, put_batches, remove_snapshot, sync_tree
 from bench.timing import rate
@@ -127,31 +126,15 @@ def list_count(sizes: tuple[int, ...], list_matches: int) -> int:
 
 
 def measure_floor_gets(data_dir: str, size: int, lookups: int) -> dict[str, float]:
-    """In a fresh process: the floor's two passes of random gets on the same file (raw LMDB,
-    opened read-only, without readahead as the store; a read transaction per call, the CRC checked
-    and the body decoded: :func:`bench.floor.decode`), over other ids than ours, so that
-    what a first pass costs is the memory hierarchy's, not the code's."""
-    env = lmdb.open(
-        str(Path(data_dir) / INDEXES_DIR),
-        subdir=True,
-        readonly=True,
-        max_dbs=len(floor.DBS),
-        max_spare_txns=0,
-        readahead=False,
-    )
+    """In a fresh process: the floor's two passes of random gets on the same file
+    (:func:`bench.gets.run_floor_gets`, a read transaction per call, on the store's own
+    ``indexes/`` opened read-only), over other ids than ours, so that what a first pass costs
+    is the memory hierarchy's, not the code's."""
+    env = FloorEnv(Path(data_dir) / INDEXES_DIR, read_only=True)
     try:
-        db = env.open_db(floor.DBS[0], create=False)
         rng = random.Random(-size)
-        keys = [instance_id("scale", rng.randrange(size)).encode() for _ in range(lookups)]
-        begin, decode = env.begin, floor.decode
-
-        def gets() -> None:
-            for key in keys:
-                with begin(db=db) as txn:
-                    raw = txn.get(key)
-                decode(key, raw)
-
-        return {step: rate(len(keys), gets) for step in PASSES}
+        ids = [instance_id("scale", rng.randrange(size)) for _ in range(lookups)]
+        return {step: run_floor_gets(env, ids, one_txn=False) for step in PASSES}
     finally:
         env.close()
 
