@@ -55,6 +55,7 @@ from .snapshots import (
     snapshot_lock,
 )
 from .store import env as lmdb_env
+from .store import locks
 from .store.meta import Checkpoint, Meta
 from .wal import Wal, WalTail
 from .wal.format import SEGMENT_HEADER_SIZE
@@ -101,7 +102,7 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
     except OSError as exc:
         raise os_error(exc, f"creating the data directory {root}") from exc
     indexes = root / INDEXES_DIR
-    with lmdb_env.open_lock(config):
+    with locks.open_lock(config):
         _clear_failure(config)
         if not (indexes / DATA_FILE).exists() and published_seqs(root / SNAPSHOTS_DIR):
             missing = f"{indexes} is missing"
@@ -121,7 +122,7 @@ def open_engine(config: StorageConfig, progress: Progress | None) -> Engine:
                 )
             return _open_environment(config, None, progress)
         except IndexesCorruptionError as exc:
-            if lmdb_env.in_use(config):
+            if locks.in_use(config):
                 raise IndexesCorruptionError(
                     f"{exc}; another process has it open, so it is not rebuilt now: stop "
                     f"the processes using {root} and open it again",
@@ -190,7 +191,7 @@ def _open_read_only(config: StorageConfig) -> Engine:
             f"rebuild it (rstmdb-storage recover {config.path})"
         )
     # Asked before our own shared lock on users.lock would answer it.
-    writers_may_be_running = lmdb_env.in_use(config)
+    writers_may_be_running = locks.in_use(config)
     env = lmdb_env.acquire(config)
     try:
         meta = Meta(env.meta)
@@ -302,7 +303,7 @@ def _clear_failure(config: StorageConfig) -> None:
     reason = read_failure(wal_dir)
     if reason is None:
         return
-    if lmdb_env.in_use(config):
+    if locks.in_use(config):
         raise StorageFailedError(
             f"{config.path} has failed ({reason}) and other processes still have it open: "
             f"stop every process using it, then open it again"

@@ -77,6 +77,7 @@ from .snapshots import (
     snapshot_lock,
 )
 from .store import env as lmdb_env
+from .store import locks
 from .store.meta import Meta
 from .wal import FramedRecord, TornTailRepair, Wal, WalTail
 from .wal.decoder import BadRecord, decode_record, is_zero
@@ -411,8 +412,8 @@ def repair_wal(config: StorageConfig) -> TornTailRepair | None:
     the store must be closed everywhere."""
     config.validate()
     require_store(config)
-    with lmdb_env.open_lock(config):
-        if lmdb_env.in_use(config):
+    with locks.open_lock(config):
+        if locks.in_use(config):
             raise StorageError(f"{config.path} is open (here or in another process); close it")
         # What LMDB applied was synced: a bad record at or below it is damage, not a torn
         # write. Without a readable LMDB, the newest snapshot is the floor of what was applied.

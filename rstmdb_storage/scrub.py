@@ -51,7 +51,7 @@ from .fsutil import write_file_atomic
 from .recovery import DATA_FILE, rebuild_from_snapshot
 from .replay import adopt_snapshot, replay
 from .snapshots import published_seqs
-from .store import env as lmdb_env
+from .store import locks
 from .store.meta import Checkpoint
 from .verify import (
     Finding,
@@ -265,7 +265,7 @@ def heal(engine: Engine, found: list[Finding]) -> bool:
         return False
     reason = f"the scrub found damage in {env.path / DATA_FILE} ({found[0]})"
     try:
-        with lmdb_env.open_lock(config), env.write_mutex:
+        with locks.open_lock(config), env.write_mutex:
             if not env.alone():
                 return False
             try:

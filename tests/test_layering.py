@@ -27,7 +27,7 @@ LAYERS = [
         "wal",
     },
     {"wal.group_commit"},
-    {"store", "store.meta", "store.env", "store.indexes"},
+    {"store", "store.locks", "store.meta", "store.env", "store.indexes"},
     {"apply", "snapshots", "compaction"},
     {"engine"},
     {"verify", "query"},

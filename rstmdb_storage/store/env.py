@@ -10,11 +10,10 @@ the same moment (py-lmdb #289, #309, #340). So:
   inherited environment *stale*, and its next use closes the inherited handle and opens a
   fresh one, while the parent carries on; no read transaction is cached
   (``max_spare_txns=0``), so none can cross a fork;
-* opening happens under an exclusive ``flock`` on ``indexes/open.lock`` (:func:`open_lock`),
-  retried with a short backoff on "Invalid argument"; the store holds that lock for all of its
-  opening, so that recovery, which may replace ``data.mdb``, never races another opener;
-* every process with the environment open holds a shared ``flock`` on ``indexes/users.lock``:
-  :func:`in_use` tells whether anyone does, before ``data.mdb`` is replaced;
+* opening happens under the directory's open lock (:mod:`.locks`), retried with a short
+  backoff on "Invalid argument", and every process with the environment open holds a shared
+  lock on its users lock, so that recovery, which may replace ``data.mdb``, never races
+  another opener or user;
 * ``sync=False``: the WAL carries durability, LMDB is flushed at checkpoints (see
   :mod:`rstmdb_storage.maintenance`); ``writemap`` is never used (a full disk then kills the process
   with SIGBUS instead of raising);
@@ -40,10 +39,9 @@ import lmdb
 from ..config import ALL_DATABASES, DB_INSTANCES, DB_META, INDEXES_DIR, StorageConfig
 from ..errors import IndexesCorruptionError, StorageError, StorageFullError
 from ..failpoints import failpoint
-from ..fsutil import fsync_dir, make_dir
+from ..fsutil import fsync_dir
+from .locks import open_lock, users_lock
 
-OPEN_LOCK_NAME = "open.lock"
-USERS_LOCK_NAME = "users.lock"
 MAX_DATABASES = 16
 _OPEN_ATTEMPTS = 8
 _MAP_GROWTH_ATTEMPTS = 24
@@ -71,7 +69,7 @@ class LmdbEnvironment:
         #: counts threads inside LMDB calls outside the write mutex (see :class:`ForkGate`)
         self.gate = ForkGate()
         self.read_only = config.read_only
-        self._users_fd = _users_lock(path, config)
+        self._users_fd = users_lock(path, config)
         try:
             self.env, self.dbs = _open(path, config)
         except BaseException:
@@ -364,58 +362,6 @@ class ForkGate:
             if not self.closing:
                 self.owner = None
             self._changed.notify_all()
-
-
-@contextlib.contextmanager
-def open_lock(config: StorageConfig) -> Iterator[None]:
-    """Hold the data directory's exclusive open lock: no other process opens, recovers or
-    replaces its LMDB environment meanwhile."""
-    path = config.path / INDEXES_DIR
-    make_dir(path, config.file_mode)
-    fd = _lock_file(path / OPEN_LOCK_NAME, config.file_mode, fcntl.LOCK_EX)
-    try:
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
-def in_use(config: StorageConfig) -> bool:
-    """Whether any process (this one included) has the environment of *config* open."""
-    path = config.path / INDEXES_DIR / USERS_LOCK_NAME
-    if not path.exists():
-        return False
-    try:
-        # Read-only: a flock needs no write access, and a read-only copy has to answer too.
-        fd = _lock_file(path, config.file_mode, fcntl.LOCK_EX | fcntl.LOCK_NB, read_only=True)
-    except BlockingIOError:
-        return True
-    except OSError:
-        return True  # cannot tell: assume it is, which only ever holds back a rebuild
-    os.close(fd)
-    return False
-
-
-def _users_lock(path: Path, config: StorageConfig) -> int:
-    """The shared lock on ``users.lock`` every process with the environment open holds; a
-    read-only opener of a directory it cannot write takes it only if the file exists (-1 if
-    it cannot)."""
-    if not config.read_only:
-        return _lock_file(path / USERS_LOCK_NAME, config.file_mode, fcntl.LOCK_SH)
-    try:
-        return _lock_file(path / USERS_LOCK_NAME, config.file_mode, fcntl.LOCK_SH, read_only=True)
-    except OSError:
-        return -1
-
-
-def _lock_file(path: Path, mode: int, operation: int, read_only: bool = False) -> int:
-    flags = os.O_RDONLY if read_only else os.O_RDWR | os.O_CREAT
-    fd = os.open(path, flags | os.O_CLOEXEC, mode)
-    try:
-        fcntl.flock(fd, operation)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def acquire(config: StorageConfig, lock_held: bool = False) -> LmdbEnvironment:
