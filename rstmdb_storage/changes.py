@@ -52,6 +52,7 @@ from .config import MAX_RECORD_BYTES
 from .errors import DecodeError, InvalidInputError, InvalidTypeError, RecordTooLargeError
 from .model import (
     Instance,
+    check_fields,
     check_id,
     check_instance,
     check_int63,
@@ -281,15 +282,10 @@ def _decode_put(change: list[Any], where: str) -> PutInstance | None:
     except DecodeError:  # decode again to name the place: errors only pay for the message
         decode_instance_body(body, f"{where}, instance {instance_id!r}")  # raises
         raise
-    # positionally: the body's seven fields, then last_wal_offset, created_at, updated_at
-    instance = check_instance(Instance(instance_id, *fields, None, created_at, updated_at))
+    # positionally: the id, the body's seven fields, created_at, updated_at
+    check_fields(instance_id, *fields, created_at, updated_at)
     return PutInstance(
-        instance_id,
-        created_at,
-        updated_at,
-        body,
-        condition,
-        (instance.machine, instance.state, instance.metadata),
+        instance_id, created_at, updated_at, body, condition, (fields[0], fields[2], fields[4])
     )
 
 

@@ -78,12 +78,41 @@ def check_instance(inst: object) -> Instance:
     """
     if not isinstance(inst, Instance):
         raise InvalidTypeError(f"expected an Instance, got {type(inst).__name__}")
+    check_fields(
+        inst.id,
+        inst.machine,
+        inst.version,
+        inst.state,
+        inst.ctx,
+        inst.metadata,
+        inst.status,
+        inst.last_event_id,
+        inst.created_at,
+        inst.updated_at,
+    )
+    return inst
+
+
+def check_fields(
+    instance_id: Any,
+    machine: Any,
+    version: Any,
+    state: Any,
+    ctx: Any,
+    metadata: Any,
+    status: Any,
+    last_event_id: Any,
+    created_at: Any,
+    updated_at: Any,
+) -> None:
+    """:func:`check_instance` of the fields of an instance (all but ``last_wal_offset``, which
+    the store sets), in the order of :class:`Instance`: what replay checks of each put it
+    decodes, without making an Instance to check (0.5 us a record)."""
     # A batch checks thousands of instances: the common case (short ASCII text without NUL,
     # which with at most _SHORT_TEXT characters surely passes _check_text; plain values and
     # labels) is tested in as few operations as it can be, inline, and anything else
     # gets the precise checks, which raise with the message (or pass: long or non-ASCII
     # text, a nested ctx, a float label).
-    instance_id, machine, state, version = inst.id, inst.machine, inst.state, inst.version
     if not (
         type(instance_id) is str
         and type(machine) is str
@@ -100,16 +129,14 @@ def check_instance(inst: object) -> Instance:
         check_name("machine", machine)
         check_int63("version", version)
         check_name("state", state)
-    ctx = inst.ctx
     if type(ctx) is not dict:
-        raise InvalidTypeError(f"ctx of {inst.id!r}: expected a dict, got {_tn(ctx)}")
+        raise InvalidTypeError(f"ctx of {instance_id!r}: expected a dict, got {_tn(ctx)}")
     for key, item in ctx.items():
         if type(key) is not str or type(item) not in _SCALARS:  # nested, or bad
             check_plain_value(ctx, _Where("ctx of {!r}", instance_id))
             break
-    metadata = inst.metadata
     if type(metadata) is not dict:
-        _check_metadata(inst)  # raises
+        _check_metadata(instance_id, metadata)  # raises
     for key, value in metadata.items():
         kind = type(value)
         if not (
@@ -123,21 +150,20 @@ def check_instance(inst: object) -> Instance:
                 or (kind is int and -(2**63) <= value < 2**63)
             )
         ):
-            _check_metadata(inst)
+            _check_metadata(instance_id, metadata)
             break
-    if inst.status not in STATUSES:
+    if status not in STATUSES:
         raise InvalidInputError(
-            f"status of {inst.id!r}: expected one of {STATUSES}, got {inst.status!r}"
+            f"status of {instance_id!r}: expected one of {STATUSES}, got {status!r}"
         )
-    if inst.last_event_id is not None and type(inst.last_event_id) is not str:
+    if last_event_id is not None and type(last_event_id) is not str:
         raise InvalidTypeError(
-            f"last_event_id of {inst.id!r}: expected str or None, got {_tn(inst.last_event_id)}"
+            f"last_event_id of {instance_id!r}: expected str or None, got {_tn(last_event_id)}"
         )
-    if inst.created_at is not None:
-        check_int63("created_at", inst.created_at)
-    if inst.updated_at is not None:
-        check_int63("updated_at", inst.updated_at)
-    return inst
+    if created_at is not None:
+        check_int63("created_at", created_at)
+    if updated_at is not None:
+        check_int63("updated_at", updated_at)
 
 
 class _Where:
@@ -210,16 +236,14 @@ def check_plain_value(value: Any, where: str | _Where, depth: int = 0) -> None:
         )
 
 
-def _check_metadata(inst: Instance) -> None:
-    if type(inst.metadata) is not dict:
-        raise InvalidTypeError(
-            f"metadata of {inst.id!r}: expected a dict, got {_tn(inst.metadata)}"
-        )
-    for key, value in inst.metadata.items():
+def _check_metadata(instance_id: object, metadata: object) -> None:
+    if type(metadata) is not dict:
+        raise InvalidTypeError(f"metadata of {instance_id!r}: expected a dict, got {_tn(metadata)}")
+    for key, value in metadata.items():
         if type(key) is not str:
-            raise InvalidTypeError(f"metadata of {inst.id!r}: keys must be str, got {_tn(key)}")
-        _check_text(f"metadata key of {inst.id!r}", key)
-        check_label_value(f"metadata {key!r} of {inst.id!r}", value)
+            raise InvalidTypeError(f"metadata of {instance_id!r}: keys must be str, got {_tn(key)}")
+        _check_text(f"metadata key of {instance_id!r}", key)
+        check_label_value(f"metadata {key!r} of {instance_id!r}", value)
 
 
 def check_name(what: str, value: object) -> None:

