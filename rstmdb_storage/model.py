@@ -107,7 +107,12 @@ def check_fields(
 ) -> None:
     """:func:`check_instance` of the fields of an instance (all but ``last_wal_offset``, which
     the store sets), in the order of :class:`Instance`: what replay checks of each put it
-    decodes, without making an Instance to check (0.5 us a record)."""
+    decodes, without making an Instance to check (0.5 us a record).
+
+    Example::
+
+        check_fields("order-1", "order", 1, "paid", {}, {}, "active", None, None, None)
+    """
     # A batch checks thousands of instances: the common case (short ASCII text without NUL,
     # which with at most _SHORT_TEXT characters surely passes _check_text; plain values and
     # labels) is tested in as few operations as it can be, inline, and anything else
