@@ -111,7 +111,9 @@ class LmdbEnvironment:
         except lmdb.Error as exc:
             raise lmdb_error(self.path, exc, "reading") from exc
         finally:
-            gate.leave()
+            gate.active.pop()  # leave(), inlined
+            if gate.closing:
+                gate.wake_closers()
         with self.read() as txn:
             return txn.get(key, db=self.instances)
 
@@ -340,8 +342,12 @@ class ForkGate:
     def leave(self) -> None:
         self.active.pop()
         if self.closing:
-            with self._changed:
-                self._changed.notify_all()
+            self.wake_closers()
+
+    def wake_closers(self) -> None:
+        """Tell a close waiting for the threads inside that one left."""
+        with self._changed:
+            self._changed.notify_all()
 
     def close(self, timeout: float | None = None) -> bool:
         """Hold new entries back and wait for the threads inside to leave; return True. With
