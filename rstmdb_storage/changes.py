@@ -47,6 +47,7 @@ from .codec import (
     cbor_loads_exact,
     decode_instance_body,
     encode_instance_body,
+    indexed_body_fields,
 )
 from .config import MAX_RECORD_BYTES
 from .errors import DecodeError, InvalidInputError, InvalidTypeError, RecordTooLargeError
@@ -141,8 +142,9 @@ class PutInstance:
         decoded from *body* otherwise (a ``DecodeError`` names record *seq*)."""
         if self.indexed is not None:
             return self.indexed
-        decoded = decode_instance_body(self.body, f"WAL record {seq}, instance {self.id!r}")
-        return decoded[0], decoded[2], decoded[4]
+        return indexed_body_fields(
+            decode_instance_body(self.body, f"WAL record {seq}, instance {self.id!r}")
+        )
 
     def encoded(self) -> list[Any]:
         change = [CHANGE_PUT, self.id, self.created_at, self.updated_at, self.body]
@@ -285,7 +287,7 @@ def _decode_put(change: list[Any], where: str) -> PutInstance | None:
     # positionally: the id, the body's seven fields, created_at, updated_at
     check_fields(instance_id, *fields, created_at, updated_at)
     return PutInstance(
-        instance_id, created_at, updated_at, body, condition, (fields[0], fields[2], fields[4])
+        instance_id, created_at, updated_at, body, condition, indexed_body_fields(fields)
     )
 
 

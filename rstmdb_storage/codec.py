@@ -35,6 +35,7 @@ exponent.
 from __future__ import annotations
 
 import io
+import operator
 import struct
 from typing import Any
 
@@ -52,6 +53,8 @@ ENVELOPE_HEADER_SIZE = ENVELOPE_HEADER.size  # 5
 INSTANCE_FIXED = struct.Struct("<QQQ")  # last_wal_offset, created_at, updated_at
 INSTANCE_BODY_OFFSET = ENVELOPE_HEADER_SIZE + INSTANCE_FIXED.size  # 29
 INSTANCE_BODY_FIELDS = 7
+#: the fields the indexes need, (machine, state, metadata), of a body's positional fields
+indexed_body_fields = operator.itemgetter(0, 2, 4)
 
 # Semantic tags cbor2 may decode: only bignums, which it emits for ints beyond 64 bits.
 ALLOWED_TAGS = frozenset({2, 3})
