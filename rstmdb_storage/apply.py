@@ -95,7 +95,7 @@ def first_failure(
             current = seen[instance_id]
         else:
             key = instance_id.encode()
-            raw = txn.get(key, db=instances_db)
+            raw = txn.get(key, None, instances_db)
             stored = None if raw is None else decode_instance(key, raw)
             current = None if stored is None else (stored.state, stored.last_wal_offset or 0)
         condition = change.condition
@@ -139,6 +139,7 @@ def apply_changes(
     if conditional and first_failure(txn, dbs, seq, changes, deletes_must_find=False):
         return  # deterministic: whoever applies this record finds the same failure
     instances_db = dbs[DB_INSTANCES]
+    # py-lmdb's arguments by position on this path, every write's and replay's: see store.env
     for change in changes:
         kind = type(change)
         if kind is IdempotencyKey:
@@ -150,10 +151,10 @@ def apply_changes(
         instance_id = change.id
         key = instance_id.encode()
         if kind is DeleteInstance:
-            old = txn.get(key, db=instances_db)
+            old = txn.get(key, None, instances_db)
             if old is not None:
                 remove_entries(txn, dbs, entries_of(decode_instance(key, old)))
-            txn.delete(key, db=instances_db)
+            txn.delete(key, b"", instances_db)
             continue
         created_at, updated_at = change.created_at, change.updated_at
         if updated_at is None:
@@ -161,11 +162,8 @@ def apply_changes(
         # Stored as an insert would be, in one call that returns what it replaces (a lookup
         # less than get and put); an update that keeps the stored created_at is put again.
         value_created = timestamp_ms if created_at is None else created_at
-        old = txn.replace(
-            key,
-            encode_instance_value(key, seq, value_created, updated_at, change.body),
-            db=instances_db,
-        )
+        value = encode_instance_value(key, seq, value_created, updated_at, change.body)
+        old = txn.replace(key, value, instances_db)
         previous = None if old is None else decode_instance(key, old)
         if previous is not None and created_at is None and previous.created_at != value_created:
             txn.put(

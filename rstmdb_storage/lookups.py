@@ -232,7 +232,7 @@ class Reader(Lookups):
         if txn is None:
             txn = view.current()  # raises
         try:
-            raw = txn.get(key, db=view.env.instances)
+            raw = txn.get(key, None, view.env.instances)
         except lmdb.Error as exc:
             raise lmdb_env.lmdb_error(view.env.path, exc, "reading") from exc
         return None if raw is None else decode_instance(key, raw)

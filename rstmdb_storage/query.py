@@ -154,10 +154,12 @@ def scan(
                 break
             keys.append(index_key)
     ids = entry_ids(key_range, keys)
-    get, instances = txn.get, env.instances
     # a get per id, not one getmulti: its (id, value) tuples, all alive at once, are objects
-    # the cyclic collector tracks, and 10,000 of them set it off 14 times in a listing
-    stored = [get(key, db=instances) for key in ids]
+    # the cyclic collector tracks, and 10,000 of them set it off 14 times in a listing; a
+    # cursor's, which takes no db argument to parse (42.2k against 43.5k instructions an
+    # instance listed, callgrind; see store.env)
+    get = txn.cursor(db=env.instances).get
+    stored = [get(key) for key in ids]
     if None in stored:
         _raise_unstored(key_range, keys, ids, stored)
     return keys, ids, stored, more

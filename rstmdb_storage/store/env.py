@@ -19,7 +19,11 @@ the same moment (py-lmdb #289, #309, #340). So:
   with SIGBUS instead of raising);
 * the map grows geometrically when full, and adopts a size grown by another process; either
   happens with no transaction of this process open (the write mutex and the gate keep them
-  out), as LMDB requires.
+  out), as LMDB requires;
+* the calls on every write and lookup (``begin``, ``get``, ``put``, ``replace``, ``delete``)
+  pass py-lmdb their arguments by position: it parses keywords slowly (``txn.get(key,
+  db=db)`` 0.45 us against 0.27 for ``txn.get(key, None, db)``; ``env.begin(db=db)`` 0.64
+  against 0.47 for ``env.begin(db)``), and a put makes five such calls.
 """
 
 from __future__ import annotations
@@ -104,7 +108,7 @@ class LmdbEnvironment:
         gate.active.append(None)
         try:
             if not gate.closing:
-                with self.env.begin(db=self.instances) as txn:
+                with self.env.begin(self.instances) as txn:  # (db): see the docstring
                     return txn.get(key)
         except lmdb.MapResizedError:
             pass  # the slow path adopts the new size
@@ -138,7 +142,7 @@ class LmdbEnvironment:
         """Begin a transaction: a write holding :attr:`write_mutex`, a read inside the gate."""
         for _ in range(_OPEN_ATTEMPTS):
             try:
-                return self.env.begin(write=write)
+                return self.env.begin(None, None, write)  # (db, parent, write)
             except lmdb.MapResizedError:  # another process grew the map: adopt its size
                 if write:
                     self.set_map_size(0)

@@ -202,10 +202,11 @@ def entries_of(inst: Instance) -> list[tuple[bytes, bytes]]:
 def add_entries(txn: Any, dbs: dict[bytes, Any], entries: Iterable[tuple[bytes, bytes]]) -> None:
     """Write index *entries* (from :func:`index_entries`) inside *txn*."""
     for db, key in entries:
-        txn.put(key, EMPTY, db=dbs[db])
+        # (key, value, dupdata, overwrite, append, db): positional, see store.env
+        txn.put(key, EMPTY, True, True, False, dbs[db])
 
 
 def remove_entries(txn: Any, dbs: dict[bytes, Any], entries: Iterable[tuple[bytes, bytes]]) -> None:
     """Remove index *entries* inside *txn*."""
     for db, key in entries:
-        txn.delete(key, db=dbs[db])
+        txn.delete(key, b"", dbs[db])

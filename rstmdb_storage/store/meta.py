@@ -67,7 +67,7 @@ class Meta:
         self._checked: dict[bytes, tuple[bytes, bytes]] = {}
 
     def _get(self, txn, key: bytes) -> bytes | None:
-        raw = txn.get(key, db=self.db)
+        raw = txn.get(key, None, self.db)
         if raw is None:
             return None
         known = self._checked.get(key)
@@ -79,7 +79,7 @@ class Meta:
 
     def _put(self, txn, key: bytes, payload: bytes) -> None:
         raw = seal(key, payload)
-        txn.put(key, raw, db=self.db)
+        txn.put(key, raw, True, True, False, self.db)  # by position: see store.env
         self._checked[key] = (raw, payload)
 
     def exists(self, txn) -> bool:

@@ -70,7 +70,7 @@ def section_allocations(bench: Bench) -> list[str]:
     def floor_get() -> list[Any]:
         begin, db, decode, out = env.env.begin, env.instances, floor.decode, []
         for key in keys:
-            with begin(db=db) as txn:
+            with begin(db) as txn:
                 raw = txn.get(key)
             out.append(decode(key, raw))
         return out

@@ -117,12 +117,18 @@ def index_keys(
 def put_value(env: FloorEnv, txn: Any, key: bytes, value: bytes, body: list[Any], now: int) -> None:
     """The floor's apply of one put: the sealed value (``replace``: the old value, if any,
     says which index entries go) and the index entries of ``body`` (the decoded fields)."""
-    old = txn.replace(key, value, db=env.instances)
+    old = txn.replace(key, value, env.instances)  # arguments by position, as the store's
     if old is not None:  # never for the bench's fresh ids; the lookup is the work
         raise RuntimeError(f"floor: {key!r} was already there")
     dbs = (env.state, env.time, env.metadata)
     for which, index_key in index_keys(body[0], body[2], body[4], key, now):
-        txn.put(index_key, INDEX_VALUE, db=dbs[which])
+        txn.put(index_key, INDEX_VALUE, True, True, False, dbs[which])
+
+
+def put_applied(env: FloorEnv, txn: Any, position: bytes) -> None:
+    """Store the applied position (the last sequence number applied, and more) in the meta
+    table, once a transaction, as the store does."""
+    txn.put(APPLIED_KEY, position, True, True, False, env.meta)
 
 
 def put_in_txn(env: FloorEnv, txn: Any, inst: Instance, body: bytes, seq: int, now: int) -> None:
@@ -172,9 +178,9 @@ def durable_put(env: FloorEnv, fd: int, offset: int, inst: Instance, seq: int) -
     frame = wal_frame(seq, cbor2.dumps([[CHANGE_PUT, inst.id, None, None, body]]))
     os.pwrite(fd, frame, offset)
     os.fdatasync(fd)
-    with env.env.begin(write=True) as txn:
+    with env.env.begin(None, None, True) as txn:  # (db, parent, write)
         put_in_txn(env, txn, inst, body, seq, now)
-        txn.put(APPLIED_KEY, seq.to_bytes(8, "little"), db=env.meta)
+        put_applied(env, txn, seq.to_bytes(8, "little"))
     return offset + len(frame)
 
 

@@ -81,11 +81,11 @@ class FloorGroupCommit:
             flock(appends, fcntl.LOCK_UN)
         synced = self._sync_through(seq)
         env = self.env
-        with env.env.begin(write=True) as txn:
-            applied, at = _POSITION.unpack(txn.get(floor.APPLIED_KEY, db=env.meta))
+        with env.env.begin(None, None, True) as txn:  # arguments by position, as the store's
+            applied, at = _POSITION.unpack(txn.get(floor.APPLIED_KEY, None, env.meta))
             if applied < seq:
                 applied, at = self._apply(txn, applied, at, synced)
-                txn.put(floor.APPLIED_KEY, _POSITION.pack(applied, at), db=env.meta)
+                floor.put_applied(env, txn, _POSITION.pack(applied, at))
         return seq
 
     def _sync_through(self, seq: int) -> int:

@@ -84,12 +84,12 @@ def run_floor_gets(env: FloorEnv, ids: list[str], one_txn: bool) -> float:
 
     def per_call() -> None:
         for key in keys:
-            with begin(db=db) as txn:
+            with begin(db) as txn:
                 raw = txn.get(key)
             decode(key, raw)
 
     def in_one() -> None:
-        with begin(db=db) as txn:
+        with begin(db) as txn:
             get = txn.get
             for key in keys:
                 decode(key, get(key))
@@ -104,11 +104,11 @@ def run_ceiling_gets(env: FloorEnv, ids: list[str], one_txn: bool) -> float:
 
     def per_call() -> None:
         for key in keys:
-            with begin(db=db) as txn:
+            with begin(db) as txn:
                 txn.get(key)
 
     def in_one() -> None:
-        with begin(db=db) as txn:
+        with begin(db) as txn:
             get = txn.get
             for key in keys:
                 get(key)

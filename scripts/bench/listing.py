@@ -143,14 +143,14 @@ def floor_list(env: FloorEnv, decode: bool = True) -> list[Any]:
     unpack = floor.decode if decode else (lambda key, raw: raw)
     cut, upper = len(_LOWER), _UPPER
     with env.env.begin() as txn:
-        get, instances, found = txn.get, env.instances, []
+        get, found = txn.cursor(db=env.instances).get, []
         cursor = txn.cursor(db=env.state)
         if cursor.set_range(_LOWER):
             for index_key in cursor.iternext(values=False):
                 if index_key >= upper:
                     break
                 key = index_key[cut:]
-                found.append(unpack(key, get(key, db=instances)))
+                found.append(unpack(key, get(key)))
     return found
 
 

@@ -84,10 +84,10 @@ def floor_side(bench: Bench, name: str, per_rep: int, batch: bool) -> Callable[[
             os.fdatasync(fd)
             offset += len(frame)
             now, put = floor.now_ms(), floor.put_in_txn
-            with env.env.begin(write=True) as txn:
+            with env.env.begin(None, None, True) as txn:
                 for inst, body in zip(part, bodies, strict=True):
                     put(env, txn, inst, body, seq[0], now)
-                txn.put(floor.APPLIED_KEY, seq[0].to_bytes(8, "little"), db=env.meta)
+                floor.put_applied(env, txn, seq[0].to_bytes(8, "little"))
 
     def one_rep() -> float:
         insts = [make_instance(f) for f in fresh_fields(counter, name, per_rep)]

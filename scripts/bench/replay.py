@@ -46,7 +46,7 @@ def replay_floor(frames: Path, directory: Path) -> int:
             view, offset, end = memoryview(m), 0, len(m)
             try:
                 while offset < end:
-                    with env.env.begin(write=True) as txn:
+                    with env.env.begin(None, None, True) as txn:
                         for _ in range(REPLAY_TXN_RECORDS):
                             if offset >= end:
                                 break
@@ -71,7 +71,7 @@ def replay_floor(frames: Path, directory: Path) -> int:
                                 )
                             offset += header + padded(length)
                             count += 1
-                        txn.put(floor.APPLIED_KEY, count.to_bytes(8, "little"), db=env.meta)
+                        floor.put_applied(env, txn, count.to_bytes(8, "little"))
             finally:
                 view.release()
     finally:

@@ -115,11 +115,11 @@ class FloorThreadGroup:
         os.fdatasync(self.fd)
         self.offset += len(frames)
         env, now, put = self.env, floor.now_ms(), floor.put_in_txn
-        with env.env.begin(write=True) as txn:
+        with env.env.begin(None, None, True) as txn:
             for n, request in enumerate(group):
                 put(env, txn, request.inst, request.body, first + n, now)
             self.seq = first + len(group) - 1
-            txn.put(floor.APPLIED_KEY, self.seq.to_bytes(8, "little"), db=env.meta)
+            floor.put_applied(env, txn, self.seq.to_bytes(8, "little"))
 
 
 def run_threads(work: list[Callable[[], None]]) -> None:
