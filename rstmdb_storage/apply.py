@@ -166,11 +166,8 @@ def apply_changes(
         old = txn.replace(key, value, instances_db)
         previous = None if old is None else decode_instance(key, old)
         if previous is not None and created_at is None and previous.created_at != value_created:
-            txn.put(
-                key,
-                encode_instance_value(key, seq, previous.created_at, updated_at, change.body),
-                db=instances_db,
-            )
+            value = encode_instance_value(key, seq, previous.created_at, updated_at, change.body)
+            txn.put(key, value, True, True, False, instances_db)
         machine, state, metadata = change.indexed_fields(seq)
         fresh = index_entries(instance_id, machine, state, metadata, updated_at)
         if previous is not None:  # an update: touch only the entries that change (the time)
