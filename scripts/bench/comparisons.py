@@ -132,7 +132,7 @@ WHY_PUT = (
     "A durable put makes one fdatasync, like SQLite FULL in WAL mode, and the floor itself is "
     "about half the ceiling and below SQLite here (its LMDB commit follows the sync); the rest "
     "is the Python work around it (checks, CBOR, the WAL append, the LMDB transaction, index "
-    "entries): about 279k instructions a put against the floor's 136k (callgrind)."
+    "entries): about 269k instructions a put against the floor's 131k (callgrind)."
 )
 WHY_MANY = (
     "The floor here is SPEC's group-commit prototype with the same libraries (append, sync "
@@ -150,18 +150,18 @@ WHY_THREADS = (
 )
 WHY_BATCH = (
     "Batches spend their time in Python per instance: input checks, CBOR encoding of the body "
-    "and of the WAL record, the instance's two CRCs and about five LMDB puts (about 120k "
-    "instructions a put against the floor's 95k, callgrind)."
+    "and of the WAL record, the instance's two CRCs and about five LMDB puts (about 114k "
+    "instructions a put against the floor's 91k, callgrind)."
 )
 WHY_LIST = (
     "Index entries carry no CRC of their own and a listing reads index keys only, then a get "
     "per instance; the rest is cbor2 decoding and building each Instance, where the floor "
-    "itself costs about 19% more instructions than SQLite's row (38.1k against 32.1k, "
-    "callgrind)."
+    "itself costs about 16% more instructions than SQLite's row (40.2k against 34.8k, "
+    "callgrind; ours 42.2k)."
 )
 WHY_REPLAY = (
-    "A record costs about 129k instructions (callgrind, a 10k-record open): reading 17k "
-    "(chunked reads), decoding 58k and applying 50k with its index entries. Decoding is as "
+    "A record costs about 126k instructions (callgrind, a 10k-record open): reading 17k "
+    "(chunked reads), decoding 58k and applying 47k with its index entries. Decoding is as "
     "strict as the API's checks of a write: cbor2 decoding of the body with safe options 23k, "
     "the instance checks 14k, the check that nothing follows the record's CBOR value 6k; the "
     "floor decodes without the last two. The goal is above the floor itself here."
