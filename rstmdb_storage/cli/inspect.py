@@ -5,6 +5,7 @@ backup."""
 from __future__ import annotations
 
 import dataclasses
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -193,17 +194,27 @@ _WAL_COLUMNS = ["seq", "timestamp_ms", "bytes", "changes"]
 
 
 def _follow(storage: Storage, from_seq: int, limit: int | None) -> Iterator[WalRecord]:
-    """Records as they are applied, in order: a new read of the applied sequence each poll."""
-    next_seq, left = from_seq, limit
-    while left is None or left > 0:
-        batch = list(storage.read_wal(next_seq, left)) if storage.applied_seq >= next_seq else []
-        yield from batch
-        if batch:
-            next_seq = batch[-1].seq + 1
-            left = None if left is None else left - len(batch)
-        else:
-            sys.stdout.flush()
-            time.sleep(_FOLLOW_POLL_SECONDS)
+    """Records as they are applied, in order: a new read of the applied sequence each poll.
+
+    Ctrl-C (SIGINT) ends it between polls: a handler notes it instead of raising, so that no
+    KeyboardInterrupt cuts a call into the store short, where it could leave a lock or the
+    fork gate held and the close after it waiting."""
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: interrupted.append(signum))
+    try:
+        next_seq, left = from_seq, limit
+        while (left is None or left > 0) and not interrupted:
+            fresh = storage.applied_seq >= next_seq
+            batch = list(storage.read_wal(next_seq, left)) if fresh else []
+            yield from batch
+            if batch:
+                next_seq = batch[-1].seq + 1
+                left = None if left is None else left - len(batch)
+            else:
+                sys.stdout.flush()
+                time.sleep(_FOLLOW_POLL_SECONDS)  # a signal's handler runs, the sleep goes on
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _record_json(record: WalRecord) -> dict[str, Any]:
