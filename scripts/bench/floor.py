@@ -80,6 +80,11 @@ class FloorEnv:
             self.env.open_db(name, create=not read_only) for name in DBS
         )
 
+    def begin_write(self) -> Any:
+        """A write transaction, begun with the arguments by position (db, parent, write), as
+        the store begins its own: py-lmdb parses keywords slowly."""
+        return self.env.begin(None, None, True)
+
     def close(self) -> None:
         self.env.close()
 
@@ -178,7 +183,7 @@ def durable_put(env: FloorEnv, fd: int, offset: int, inst: Instance, seq: int) -
     frame = wal_frame(seq, cbor2.dumps([[CHANGE_PUT, inst.id, None, None, body]]))
     os.pwrite(fd, frame, offset)
     os.fdatasync(fd)
-    with env.env.begin(None, None, True) as txn:  # (db, parent, write)
+    with env.begin_write() as txn:
         put_in_txn(env, txn, inst, body, seq, now)
         put_applied(env, txn, seq.to_bytes(8, "little"))
     return offset + len(frame)

@@ -81,7 +81,7 @@ class FloorGroupCommit:
             flock(appends, fcntl.LOCK_UN)
         synced = self._sync_through(seq)
         env = self.env
-        with env.env.begin(None, None, True) as txn:  # arguments by position, as the store's
+        with env.begin_write() as txn:
             applied, at = _POSITION.unpack(txn.get(floor.APPLIED_KEY, None, env.meta))
             if applied < seq:
                 applied, at = self._apply(txn, applied, at, synced)

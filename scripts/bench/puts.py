@@ -84,7 +84,7 @@ def floor_side(bench: Bench, name: str, per_rep: int, batch: bool) -> Callable[[
             os.fdatasync(fd)
             offset += len(frame)
             now, put = floor.now_ms(), floor.put_in_txn
-            with env.env.begin(None, None, True) as txn:
+            with env.begin_write() as txn:
                 for inst, body in zip(part, bodies, strict=True):
                     put(env, txn, inst, body, seq[0], now)
                 floor.put_applied(env, txn, seq[0].to_bytes(8, "little"))

@@ -46,7 +46,7 @@ def replay_floor(frames: Path, directory: Path) -> int:
             view, offset, end = memoryview(m), 0, len(m)
             try:
                 while offset < end:
-                    with env.env.begin(None, None, True) as txn:
+                    with env.begin_write() as txn:
                         for _ in range(REPLAY_TXN_RECORDS):
                             if offset >= end:
                                 break

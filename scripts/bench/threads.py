@@ -115,7 +115,7 @@ class FloorThreadGroup:
         os.fdatasync(self.fd)
         self.offset += len(frames)
         env, now, put = self.env, floor.now_ms(), floor.put_in_txn
-        with env.env.begin(None, None, True) as txn:
+        with env.begin_write() as txn:
             for n, request in enumerate(group):
                 put(env, txn, request.inst, request.body, first + n, now)
             self.seq = first + len(group) - 1
