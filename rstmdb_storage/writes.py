@@ -199,46 +199,67 @@ def _append_group(
 
     The append tail of group commit is stored once, after the last record: nobody reads it
     before the append lock is let go. (A stale one costs only a longer walk: an appender
-    walks from it to the WAL's end.)"""
+    walks from it to the WAL's end.)
+
+    A group's records are written in one write, after the last is judged and before the
+    lock is let go or the log synced (8 threads made about 7% more puts/s than with a write
+    a record, medians of 12 alternating runs). A lone record is written at once, and so are
+    the records of a group that would fill its segment (the seal must follow them)."""
     wal, dbs = engine.wal, engine.env.dbs
     start = tail
     changed: list[Change] = []
-    for n, request in enumerate(group):
-        if outcomes[n] is not None:
-            continue  # appended (and applied again by the catch-up), judged, or refused
-        changes, payload, idempotency_key = request.work
-        seq = tail.next_seq
-        try:
-            first = judge(txn, dbs, seq, changes, idempotency_key, timestamp_ms)
-        except StorageError as exc:  # a failed condition, or damage met judging: this one's
-            outcomes[n] = exc
-            continue
-        if first is not None:
-            outcomes[n] = first  # a retry: the first write's result
-            continue
-        try:
-            after = wal.append(tail, timestamp_ms, payload)
-        except (StorageError, OSError) as exc:
-            # Nothing of this record counts (the tail stays where it was), nor is anything
-            # after it tried: the records before it commit, the rest get this error.
-            error = _typed(engine, exc)
-            for later in range(n, len(group)):
-                if outcomes[later] is None:
-                    outcomes[later] = error
-            break
-        outcomes[n] = seq
-        if tail is start:  # the first record appended
+    frames = [] if len(group) > 1 and wal.fits(tail, [r.work[1] for r in group]) else None
+    #: requests whose records wait in *frames*: until it is written, none of them counts
+    unwritten: list[int] = []
+    try:
+        for n, request in enumerate(group):
+            if outcomes[n] is not None:
+                continue  # appended (and applied again by the catch-up), judged, or refused
+            changes, payload, idempotency_key = request.work
+            seq = tail.next_seq
+            try:
+                first = judge(txn, dbs, seq, changes, idempotency_key, timestamp_ms)
+            except StorageError as exc:  # a failed condition, or damage met judging
+                outcomes[n] = exc
+                continue
+            if first is not None:
+                outcomes[n] = first  # a retry: the first write's result
+                continue
+            try:
+                after = wal.append(tail, timestamp_ms, payload, frames)
+            except (StorageError, OSError) as exc:
+                # Nothing of this record counts (the tail stays where it was), nor is
+                # anything after it tried: the records before it commit, the rest get this.
+                error = _typed(engine, exc)
+                for later in range(n, len(group)):
+                    if outcomes[later] is None:
+                        outcomes[later] = error
+                break
+            outcomes[n] = seq
+            if frames is not None:
+                unwritten.append(n)
+            elif tail is start:  # the first record written
+                failpoint("write.after_append")
+                # A lone record goes to the device while its changes go into the transaction
+                # (visible only with the commit, after the sync). Not a group's: its next
+                # records dirty the page again while it is being written, and the sync must
+                # then wait for that write and make another (8 threads made about 7% more
+                # puts/s without it, medians of 6 alternating runs).
+                if len(group) == 1 and wal.sync_due():
+                    wal.start_sync()
+            apply_changes(txn, dbs, seq, timestamp_ms, changes)
+            changed.extend(changes)
+            tail = after
+        if frames:
+            wal.write_frames(start, frames)
+            unwritten.clear()
             failpoint("write.after_append")
-            # A lone record goes to the device while its changes go into the transaction
-            # (visible only with the commit, after the sync). Not a group's: its next records
-            # dirty the page again while it is being written, and the sync must then wait for
-            # that write and make another (8 threads made about 7% more puts/s without it,
-            # medians of 6 alternating runs).
-            if len(group) == 1 and wal.sync_due():
-                wal.start_sync()
-        apply_changes(txn, dbs, seq, timestamp_ms, changes)
-        changed.extend(changes)
-        tail = after
+    except BaseException:
+        # The transaction aborts. A full map is retried: the records never written are
+        # judged and appended again then (the others wait at the tail for the catch-up).
+        for n in unwritten:
+            outcomes[n] = None
+        raise
     if tail is not start:
         # Should this fail, the transaction is aborted and the whole group gets the error;
         # the records it wrote wait past the applied tail for the next writer's catch-up.

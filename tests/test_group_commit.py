@@ -34,6 +34,7 @@ from rstmdb_storage import (
 from rstmdb_storage.changes import IdempotencyKey, PutInstance
 from rstmdb_storage.engine import boot_id
 from rstmdb_storage.wal import group_commit
+from rstmdb_storage.wal.format import RECORD_HEADER_SIZE, padded
 
 
 @pytest.fixture
@@ -274,19 +275,69 @@ def queue_behind_the_first_write(storage: Storage, writes: list) -> dict[str, ob
     return outcomes
 
 
-def test_threads_queued_behind_a_write_share_one_sync(
+def is_wal(fd: int) -> bool:
+    return os.readlink(f"/proc/self/fd/{fd}").endswith(".wal")
+
+
+def test_threads_queued_behind_a_write_share_one_sync_and_one_write(
     storage: Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     syncs: list[str] = []
-    real = os.fdatasync
+    wal_writes: list[tuple[str, int]] = []
+    real_sync, real_write = os.fdatasync, os.pwrite
+
+    def writing(fd: int, data: bytes, offset: int) -> int:
+        if is_wal(fd):
+            wal_writes.append((threading.current_thread().name, len(data)))
+        return real_write(fd, data, offset)
+
     monkeypatch.setattr(
-        os, "fdatasync", lambda fd: (syncs.append(threading.current_thread().name), real(fd))
+        os, "fdatasync", lambda fd: (syncs.append(threading.current_thread().name), real_sync(fd))
     )
+    monkeypatch.setattr(os, "pwrite", writing)
     writers = [(f"w{n}", lambda s, n=n: s.put_instance(order(f"t{n}"))) for n in range(7)]
     outcomes = queue_behind_the_first_write(storage, writers)
     assert sorted(outcomes.values()) == list(range(2, 9))  # each its own sequence number
     assert outcomes["w0"] == 2 and outcomes["w6"] == 8  # written in the order they queued
     assert [name for name in syncs if name.startswith("w")] == ["w0"]  # the leader's, once
+    # the group's seven records, in one write by its leader
+    group_writes = [size for name, size in wal_writes if name.startswith("w")]
+    assert len(group_writes) == 1
+    frames = [RECORD_HEADER_SIZE + padded(len(r.payload)) for r in storage.read_wal()]
+    assert group_writes[0] == sum(frames[1:])
+    assert storage.count_instances() == 8 and storage.verify() == []
+
+
+def test_a_group_that_fills_the_map_midway_writes_each_record_once(data_dir) -> None:
+    # The map fills while the group's records are applied: the transaction aborts before
+    # they are written, the map grows, and the group is judged and appended again, whole.
+    config = StorageConfig(data_dir=data_dir, map_size=1024 * 1024, snapshot_interval=0)
+    with Storage.open(config) as storage:
+        before = storage.stats()["map_size"]
+        big = {"pad": "x" * 150_000}
+        writers = [
+            (f"w{n}", lambda s, n=n: s.put_instance(order(f"t{n}", ctx=big))) for n in range(7)
+        ]
+        outcomes = queue_behind_the_first_write(storage, writers)
+        assert storage.stats()["map_size"] > before  # it did fill
+        assert sorted(outcomes.values()) == list(range(2, 9))
+        assert [record.seq for record in storage.read_wal()] == list(range(1, 9))
+        assert {inst.id: inst.ctx == big for inst in storage.iter_instances()} == {
+            "o": False,
+            **{f"t{n}": True for n in range(7)},
+        }
+        assert storage.verify() == []
+
+
+def test_a_group_that_fills_its_segment_goes_on_in_the_next(storage: Storage) -> None:
+    # 7 records of 12 kB do not fit in what is left of a 64 kB segment: the records are
+    # written one by one, the segment is sealed where one does not fit, the rest follow it
+    pad = {"pad": "y" * 12_000}
+    writers = [(f"w{n}", lambda s, n=n: s.put_instance(order(f"t{n}", ctx=pad))) for n in range(7)]
+    outcomes = queue_behind_the_first_write(storage, writers)
+    assert sorted(outcomes.values()) == list(range(2, 9))
+    assert len(storage.wal_segments()) >= 2
+    assert [record.seq for record in storage.read_wal()] == list(range(1, 9))
     assert storage.count_instances() == 8 and storage.verify() == []
 
 
@@ -304,7 +355,7 @@ def test_a_leader_gathers_the_writers_of_the_last_group_before_it_writes(
     real = os.fdatasync
 
     def counting(fd: int) -> None:
-        if os.readlink(f"/proc/self/fd/{fd}").endswith(".wal"):
+        if is_wal(fd):
             wal_syncs.append(fd)
         real(fd)
 

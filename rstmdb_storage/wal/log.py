@@ -34,11 +34,13 @@ from .decoder import (
 from .encoder import encode_record, encode_seal
 from .format import (
     RECORD_CHANGES,
+    RECORD_HEADER_SIZE,
     RECORD_SEAL,
     SEAL_PAYLOAD,
     SEAL_RECORD_SIZE,
     SEGMENT_HEADER_SIZE,
     SEGMENT_SUFFIX,
+    padded,
     parse_segment_name,
     segment_name,
 )
@@ -202,12 +204,21 @@ class Wal:
 
     # --- appending ------------------------------------------------------------------------------
 
-    def append(self, tail: WalTail, timestamp_ms: int, payload: bytes) -> WalTail:
+    def append(
+        self, tail: WalTail, timestamp_ms: int, payload: bytes, frames: list[bytes] | None = None
+    ) -> WalTail:
         """Write a CHANGES record with sequence ``tail.next_seq`` at *tail*; return the tail
         after it. Seals the segment and starts a new one first when the record does not fit.
-        The caller must hold the store's write lock and sync according to the policy."""
+        The caller must hold the store's write lock and sync according to the policy.
+
+        With *frames*, the record is not written yet: its frame joins *frames*, which the
+        caller writes with :meth:`write_frames`, and it must fit in the segment (see
+        :meth:`fits`)."""
         self.check_usable()
         frame = encode_record(tail.next_seq, timestamp_ms, RECORD_CHANGES, payload)
+        if frames is not None:
+            frames.append(frame)
+            return WalTail(tail.segment, tail.offset + len(frame), tail.next_seq + 1)
         full = tail.offset + len(frame) + SEAL_RECORD_SIZE > self.segment_size
         if full and tail.offset > SEGMENT_HEADER_SIZE:
             tail = self._rotate(tail, timestamp_ms)
@@ -216,6 +227,19 @@ class Wal:
         self._unsynced.add(segment.first_seq)
         self._writes_since_sync += 1
         return WalTail(tail.segment, tail.offset + len(frame), tail.next_seq + 1)
+
+    def fits(self, tail: WalTail, payloads: list[bytes]) -> bool:
+        """Whether records of *payloads* appended at *tail* leave room for the segment's seal:
+        then none of them makes :meth:`append` start a new segment."""
+        size = sum(RECORD_HEADER_SIZE + padded(len(payload)) for payload in payloads)
+        return tail.offset + size + SEAL_RECORD_SIZE <= self.segment_size
+
+    def write_frames(self, tail: WalTail, frames: list[bytes]) -> None:
+        """Write *frames* (made by :meth:`append`) back to back at *tail*, in one write."""
+        segment = self.segment(tail.segment)
+        segment.write(tail.offset, b"".join(frames))
+        self._unsynced.add(segment.first_seq)
+        self._writes_since_sync += len(frames)
 
     def seal(self, tail: WalTail, timestamp_ms: int) -> WalTail:
         """Seal the segment *tail* is in though it is not full, and start the next; return

@@ -144,9 +144,9 @@ WHY_MANY = (
 WHY_THREADS = (
     "The floor here is group commit with the same libraries and no layers, about 2.4-3x "
     "SQLite: both gather each group from the writers of the last (nearly always eight), with "
-    "one sync and one LMDB transaction. Ours makes 0.7-0.8 of it: a put costs about 85-100 us "
-    "of CPU against the floor's 65-75 (user 40-60 against 28-38), and under the GIL that CPU "
-    "is the rate."
+    "one write of its records, one sync and one LMDB transaction. Ours makes 0.7-0.8 of it: a "
+    "put costs about 110 us of CPU against the floor's 75 (user 75 against 44), and under the "
+    "GIL that CPU is the rate."
 )
 WHY_BATCH = (
     "Batches spend their time in Python per instance: input checks, CBOR encoding of the body "
