@@ -274,6 +274,61 @@ def test_sigkill_writer_keeps_every_acknowledged_write(
     )
 
 
+# --- a process whose threads write in groups, killed at a point of the group's write -------
+
+#: the failpoints a group's write passes once a group, as in WRITE_POINTS
+GROUP_POINTS = ("write.after_append", "write.after_sync", "write.after_commit")
+
+
+def test_sigkill_threads_writing_in_groups_keeps_every_acknowledged_write(
+    tmp_path: Path, crash_trials: int
+) -> None:
+    """Eight threads of one process share each group's write and sync; killed at any point
+    of it, every acknowledged put is found, with its sequence number, and nothing that was
+    never tried."""
+    seed = make_seed()
+    rng = random.Random(seed)
+    data_dir = tmp_path / "data"
+    acked: dict[str, int] = {}
+    tried: set[str] = set()
+    grouped = 0  # trials whose writer wrote groups of several puts
+    for trial in range(max(4, crash_trials // 2)):
+        point = rng.choice(GROUP_POINTS)
+        passes = rng.randint(0, 40)
+        where = f"seed={seed} trial={trial} point={point} passes={passes}"
+        armed = f"{point}={passes}*off->kill" if passes else f"{point}=kill"
+        text = run_killed(
+            tmp_path / f"threads-{trial}.err",
+            armed,
+            ("thread-writer", data_dir, SEGMENT_SIZE, 8, f"r{trial}-"),
+            where,
+        )
+        events = parse_lines(text)
+        assert not [e for e in events if e["event"] == "error"], f"{where}: {events[-3:]}"
+        ready = [e for e in events if e["event"] == "ready"]
+        assert ready and ready[0]["applied_seq"] >= max(acked.values(), default=0), where
+        tried.update(e["id"] for e in events if e["event"] == "try")
+        acks = {e["id"]: e["seq"] for e in events if e["event"] == "ack"}
+        assert len(set(acks.values())) == len(acks), f"{where}: a sequence number acked twice"
+        acked.update(acks)
+        grouped += len(acks) > passes  # more puts acknowledged than the point passed: groups
+        with Storage.open(config_for(data_dir)) as storage:
+            found = {inst.id: inst for inst in storage.iter_instances()}
+            lost = sorted(i for i, seq in acked.items() if i not in found)
+            assert not lost, f"{where}: acknowledged puts lost: {lost[:5]}"
+            moved = sorted(i for i, seq in acked.items() if found[i].last_wal_offset != seq)
+            assert not moved, f"{where}: puts found under other sequence numbers: {moved[:5]}"
+            assert set(found) <= tried, f"{where}: instances nobody put"
+            assert all(inst.ctx == {"n": int(i.rsplit("-", 1)[1])} for i, inst in found.items())
+            applied = storage.applied_seq
+            seqs = [record.seq for record in storage.read_wal(1)]
+            assert seqs == list(range(1, applied + 1)), f"{where}: the WAL has gaps"
+            assert len(found) == applied, f"{where}: a record applied twice, or not at all"
+            assert storage.verify() == [], where
+    assert grouped > 0, f"seed={seed}: the threads never wrote in groups"
+    print(f"seed={seed}: {len(acked)} acknowledged puts, {len(tried)} tried")
+
+
 # --- killed while automatic snapshots and compaction run ------------------------------------
 
 

@@ -16,6 +16,8 @@ Commands::
 
     crash-writer DATA_DIR SEED SEGMENT_SIZE [PREFIX IDS POLICY MAINTENANCE LIMIT START END
                  MAP_SIZE]                             write until killed, or LIMIT writes (stdout)
+    thread-writer DATA_DIR SEGMENT_SIZE THREADS PREFIX THREADS threads put fresh ids until
+                                                       killed, sharing syncs (stdout)
     opener DATA_DIR SEGMENT_SIZE                       open, report, close (stdout)
     call DATA_DIR SEGMENT_SIZE KEPT ACTION [TARGET]    one maintenance call: snapshot, compact,
                                                        checkpoint, repair, restore or backup
@@ -33,10 +35,12 @@ Commands::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import sys
+import threading
 import time
 from typing import Any
 
@@ -202,6 +206,39 @@ def crash_writer(
         emit(out, event="checkpoint", applied_seq=storage.checkpoint())
     storage.close()
     emit(out, event="done")
+
+
+def thread_writer(data_dir: str, segment_size: str, threads: str, prefix: str) -> None:
+    """THREADS threads of one process put fresh ids (``<prefix>t<thread>-<n>``, ctx
+    ``{"n": n}``) until the process is killed, so that their writes share syncs in groups;
+    each announces a put (``try``) before it and acknowledges it (``ack``) after, under one
+    lock so that lines stay whole. Any thread's error ends the process (``error``, exit
+    status 1)."""
+    storage = open_store(data_dir, int(segment_size), 1 << 30)
+    out, lock = sys.stdout, threading.Lock()
+    emit(out, event="ready", applied_seq=storage.applied_seq)
+
+    def writer(t: int) -> None:
+        try:
+            for n in itertools.count(1):
+                inst = Instance(
+                    id=f"{prefix}t{t}-{n}", machine="order", version=1, state="new", ctx={"n": n}
+                )
+                with lock:
+                    emit(out, event="try", id=inst.id)
+                seq = storage.put_instance(inst)
+                with lock:
+                    emit(out, event="ack", id=inst.id, seq=seq)
+        except BaseException as exc:
+            with lock:
+                emit(out, event="error", error=repr(exc))
+            os._exit(1)
+
+    workers = [threading.Thread(target=writer, args=(t,)) for t in range(int(threads))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
 
 
 def opener(data_dir: str, segment_size: str) -> None:
@@ -381,6 +418,7 @@ COMMANDS = {
     "shipping-writer": shipping_writer,
     "follower": follower,
     "crash-writer": crash_writer,
+    "thread-writer": thread_writer,
     "opener": opener,
     "call": call,
     "mp-writer": mp_writer,
