@@ -4,7 +4,7 @@ A durable write spends most of its time in ``fdatasync``, with the GIL released.
 comes to write while another thread's write is in flight queues its request here instead of
 waiting for the write lock on its own; when the write in flight ends, the first queued thread
 becomes the *leader* and writes every queued request at once (in the order they came: one WAL
-write each, one ``fdatasync``, one LMDB transaction, see :mod:`rstmdb_storage.writes`), then
+write of them all, one ``fdatasync``, one LMDB transaction, see :mod:`rstmdb_storage.writes`), then
 wakes each of them with its own result. A thread that finds no write in flight leads at once, a
 group of one: a lone writer pays two uncontended lock round trips for the queue.
 

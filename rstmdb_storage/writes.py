@@ -19,7 +19,8 @@ replays exactly the records LMDB has not seen.
 Threads of one process write through a queue (:mod:`rstmdb_storage.thread_group`): a thread
 that finds another's write in flight waits, and the next leader takes steps 2 to 5 once for
 every queued record, each judged against the records before it (a refused write refuses only
-itself; a failed sync fails them all), so that one ``fdatasync`` serves them all.
+itself; a failed sync fails them all), so that one write of the WAL and one ``fdatasync`` serve
+them all.
 
 Group commit: when writer *processes* contend (another process was found holding the write
 lock, or a sync of another writer covered ours), durable writes take three steps instead, so
