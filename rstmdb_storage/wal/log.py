@@ -218,14 +218,11 @@ class Wal:
         frame = encode_record(tail.next_seq, timestamp_ms, RECORD_CHANGES, payload)
         if frames is not None:
             frames.append(frame)
-            return WalTail(tail.segment, tail.offset + len(frame), tail.next_seq + 1)
-        full = tail.offset + len(frame) + SEAL_RECORD_SIZE > self.segment_size
-        if full and tail.offset > SEGMENT_HEADER_SIZE:
-            tail = self._rotate(tail, timestamp_ms)
-        segment = self.segment(tail.segment)
-        segment.write(tail.offset, frame)
-        self._unsynced.add(segment.first_seq)
-        self._writes_since_sync += 1
+        else:
+            full = tail.offset + len(frame) + SEAL_RECORD_SIZE > self.segment_size
+            if full and tail.offset > SEGMENT_HEADER_SIZE:
+                tail = self._rotate(tail, timestamp_ms)
+            self.write_frames(tail, [frame])
         return WalTail(tail.segment, tail.offset + len(frame), tail.next_seq + 1)
 
     def fits(self, tail: WalTail, payloads: list[bytes]) -> bool:
@@ -235,7 +232,8 @@ class Wal:
         return tail.offset + size + SEAL_RECORD_SIZE <= self.segment_size
 
     def write_frames(self, tail: WalTail, frames: list[bytes]) -> None:
-        """Write *frames* (made by :meth:`append`) back to back at *tail*, in one write."""
+        """Write *frames* (made by :meth:`append`) back to back at *tail*, in one write; the
+        one place that writes records and counts them unsynced."""
         segment = self.segment(tail.segment)
         segment.write(tail.offset, b"".join(frames))
         self._unsynced.add(segment.first_seq)
