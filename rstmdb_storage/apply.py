@@ -32,7 +32,7 @@ def machine_key(name: str, version: int) -> bytes:
 
 def _machine_conflict(txn: Any, machines_db: Any, change: PutMachine) -> str | None:
     key = machine_key(change.name, change.version)
-    raw = txn.get(key, db=machines_db)
+    raw = txn.get(key, None, machines_db)
     if raw is None or unseal(key, raw, "machines") == change.definition:
         return None
     return f"machine {change.name!r} version {change.version} is already defined differently"
@@ -45,7 +45,7 @@ def remembered_write(txn: Any, idempotency_db: Any, key: str, at_ms: int) -> int
     """The sequence number of the write made with idempotency *key*, if it has not expired
     at *at_ms*."""
     raw_key = key.encode()
-    raw = txn.get(raw_key, db=idempotency_db)
+    raw = txn.get(raw_key, None, idempotency_db)
     if raw is None:
         return None
     seq, expires_at = _IDEMPOTENCY_ENTRY.unpack(unseal(raw_key, raw, "idempotency"))
@@ -125,6 +125,7 @@ def apply_changes(
 ) -> None:
     """Apply the changes of record *seq*, written at *timestamp_ms*, inside *txn*: instances
     and their index entries together."""
+    # py-lmdb's arguments by position on this path, every write's and replay's: see store.env
     conditional = False  # whether any change depends on what is stored (is_conditional)
     for change in changes:
         kind = type(change)
@@ -133,20 +134,19 @@ def apply_changes(
                 return  # a retry of a write already applied: it applies nothing
             key = change.key.encode()
             entry = _IDEMPOTENCY_ENTRY.pack(seq, timestamp_ms + change.retention_ms)
-            txn.put(key, seal(key, entry), db=dbs[DB_IDEMPOTENCY])
+            txn.put(key, seal(key, entry), True, True, False, dbs[DB_IDEMPOTENCY])
         elif kind is PutMachine or change.condition is not None:
             conditional = True
     if conditional and first_failure(txn, dbs, seq, changes, deletes_must_find=False):
         return  # deterministic: whoever applies this record finds the same failure
     instances_db = dbs[DB_INSTANCES]
-    # py-lmdb's arguments by position on this path, every write's and replay's: see store.env
     for change in changes:
         kind = type(change)
         if kind is IdempotencyKey:
             continue
         if kind is PutMachine:
             key = machine_key(change.name, change.version)
-            txn.put(key, seal(key, change.definition), db=dbs[DB_MACHINES])
+            txn.put(key, seal(key, change.definition), True, True, False, dbs[DB_MACHINES])
             continue
         instance_id = change.id
         key = instance_id.encode()
