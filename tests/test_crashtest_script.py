@@ -45,3 +45,42 @@ def test_short_form_loses_nothing(tmp_path: Path) -> None:
     assert {"write.after_sync", "snapshot.data.before_rename"} <= set(kills), shown
     random_kills = re.search(r"^kills: \d+ \(\d+ at failpoints, (\d+) at random", proc.stdout, re.M)
     assert random_kills is not None and int(random_kills.group(1)) > 0, shown
+
+
+def test_a_stuck_trial_names_who_holds_the_writer_mutex(tmp_path: Path) -> None:
+    """The report of a stuck trial says whose thread holds LMDB's writer mutex (the lock word
+    in ``lock.mdb``), and which writers hold LMDB's fcntl locks on it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from crashtest.trials import Child, writer_mutex_owner
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    indexes = tmp_path / "data" / "indexes"
+    indexes.mkdir(parents=True)
+    holder = (
+        "import lmdb, sys\n"
+        f"env = lmdb.open({str(indexes)!r}, map_size=1 << 20)\n"
+        "txn = env.begin(write=True)\n"
+        "print('holding', flush=True)\n"
+        "sys.stdin.readline()\n"
+        "txn.abort()\n"
+        "print('released', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        assert proc.stdout.readline() == "holding\n"
+        child = Child(3, "random", None, None, {"data_dir": str(tmp_path / "data")}, proc)
+        held = writer_mutex_owner([child])
+        assert re.search(r"held by thread \d+ of writer 3 ", held), held
+        assert "writer 3 READ 0-0" in held, held  # LMDB's shared lock on its first byte
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline() == "released\n"
+        assert "LMDB writer mutex: free" in writer_mutex_owner([child])
+    finally:
+        proc.kill()
+        proc.wait()

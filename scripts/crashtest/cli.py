@@ -116,7 +116,11 @@ def run(args: argparse.Namespace) -> int:
             if result.stuck:
                 tally.other["stuck trials"] += 1
                 stacks = [f"writer {c.slot}: {c.stderr_text()[-4000:]}" for c in result.children]
-                tally.note(where, "stuck", ["killed every writer after the trial timeout", *stacks])
+                tally.note(
+                    where,
+                    "stuck",
+                    ["killed every writer after the trial timeout", result.mutex_owner, *stacks],
+                )
             outcome = ledger.check_trial(result.transcripts)
             record(tally, where, outcome)
             if outcome.failed_open is not None:

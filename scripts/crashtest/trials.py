@@ -111,6 +111,8 @@ class TrialResult:
     transcripts: list[Transcript]
     children: list[Child]
     stuck: bool = False
+    #: for a stuck trial, who held LMDB's writer mutex when the time was up
+    mutex_owner: str = ""
 
 
 def plan(
@@ -181,6 +183,7 @@ def run_trial(children: list[Child], rng: random.Random, scratch: Path) -> Trial
     waiting = {c.slot for c in children}  # not yet ready (nor ended)
     started = False
     stuck = False
+    owner = ""
     while selector.get_map():
         if not started and not waiting:
             started = True
@@ -189,6 +192,7 @@ def run_trial(children: list[Child], rng: random.Random, scratch: Path) -> Trial
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             stuck = True
+            owner = writer_mutex_owner(children)
             ask_for_stacks(children)
             for child in children:
                 kill(child)
@@ -222,7 +226,7 @@ def run_trial(children: list[Child], rng: random.Random, scratch: Path) -> Trial
         if child.point in ARMED and not child.killed and child.proc.returncode == -signal.SIGKILL:  # type: ignore[union-attr]
             transcript.lands = ARMED[child.point].lands
         transcripts.append(transcript)
-    return TrialResult(transcripts, children, stuck)
+    return TrialResult(transcripts, children, stuck, owner)
 
 
 def go(child: Child) -> None:
@@ -246,6 +250,34 @@ def ask_for_stacks(children: list[Child]) -> None:
     for child in running:  # a stack is a few kB: written as soon as the signal is handled
         while time.monotonic() < deadline and "most recent call first" not in child.stderr_text():
             time.sleep(0.05)
+
+
+def writer_mutex_owner(children: list[Child]) -> str:
+    """Who holds LMDB's writer mutex, for the report of a stuck trial: the thread id in the
+    robust mutex's lock word in ``lock.mdb`` (after the 64-byte first cache line of LMDB's
+    ``MDB_txninfo``), and whose thread that is among the writers still running."""
+    lock_file = Path(children[0].spec["data_dir"]) / "indexes" / "lock.mdb"
+    try:
+        with open(lock_file, "rb") as f:
+            f.seek(64)
+            word = int.from_bytes(f.read(4), "little")
+    except OSError as exc:
+        return f"LMDB writer mutex: {lock_file} unreadable ({exc})"
+    tid = word & 0x3FFFFFFF  # FUTEX_TID_MASK
+    running = {c.proc.pid: f"writer {c.slot}" for c in children if c.proc and c.proc.poll() is None}
+    owner = "no writer still running"
+    for pid, slot in running.items():
+        if os.path.exists(f"/proc/{pid}/task/{tid}"):
+            owner = slot
+    held = f"held by thread {tid} of {owner}" if tid else "free"
+    # LMDB's locks on lock.mdb are fcntl() locks: which processes hold one (/proc/locks)
+    inode = f":{os.stat(lock_file).st_ino} "
+    with open("/proc/locks") as f:
+        holders = [
+            f"{running.get(int(fields[4]), 'pid ' + fields[4])} {fields[3]} {fields[6]}-{fields[7]}"
+            for fields in (line.split() for line in f if inode in line and "POSIX" in line)
+        ]
+    return f"LMDB writer mutex: {held} (lock word {word:#x}); fcntl locks: {holders}"
 
 
 def kill(child: Child) -> None:
