@@ -130,14 +130,14 @@ WHY_GET = (
 )
 WHY_PUT = (
     "A durable put makes one fdatasync, like SQLite FULL in WAL mode, and the floor itself is "
-    "about half the ceiling and below SQLite here (its LMDB commit follows the sync); the rest "
+    "about half the ceiling and 1.0-1.2x SQLite here (its LMDB commit follows the sync); the rest "
     "is the Python work around it (checks, CBOR, the WAL append, the LMDB transaction, index "
     "entries): about 269k instructions a put against the floor's 131k (callgrind)."
 )
 WHY_MANY = (
     "The floor here is SPEC's group-commit prototype with the same libraries (append, sync "
     "unless another's sync covered it, apply every synced record), and even it is far below "
-    "2x SQLite on 2 cores. Ours makes 0.75-0.8 of it: a grouped put costs about 195 us of "
+    "2x SQLite on 2 cores. Ours makes 0.65-0.8 of it: a grouped put costs about 195 us of "
     "CPU (user 115-120, system 76-80) against the floor's 125 (55 and 70): the store's "
     "checks, its lock files' extra reads and the strict decoding of other writers' records."
 )
