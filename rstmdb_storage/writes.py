@@ -127,7 +127,10 @@ def _write_group(engine: Engine, env: LmdbEnvironment, group: list[Request]) -> 
     a retry with a known idempotency key, the first write's) or its error."""
     outcomes: list[int | Exception | None] = [None] * len(group)
     if engine.grouping():
-        _commit_grouped(engine, env, group, outcomes)
+        try:
+            _commit_grouped(engine, env, group, outcomes)
+        except OSError as exc:  # between two steps, outside the rooms that type their own
+            raise engine.typed(exc, "writing") from exc
     else:
         with env.write_mutex:
             engine.wal.check_usable()

@@ -9,10 +9,11 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import internals
 import pytest
 
 import rstmdb_storage
-from rstmdb_storage import ConfigError, Instance, Storage, failpoints
+from rstmdb_storage import ConfigError, Instance, Storage, StorageError, failpoints
 from rstmdb_storage.failpoints import POINTS, FailpointError
 
 PACKAGE = Path(rstmdb_storage.__file__).parent
@@ -126,3 +127,28 @@ def test_the_readme_lists_every_failpoint_with_what_it_places() -> None:
     readme = (PACKAGE.parent / "README.md").read_text()
     listed = dict(re.findall(r"^\| `([a-z_.]+)` \| (.+) \|$", readme, re.M))
     assert {name: listed.get(name) for name in POINTS} == POINTS
+
+
+WRITE_POINTS = [p for p in POINTS if p.split(".")[0] in ("write", "group", "wal")]
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["one transaction", "group commit"])
+@pytest.mark.parametrize("action", ["eio", "enospc"])
+def test_an_os_error_at_any_write_point_reaches_the_caller_typed(
+    tmp_path: Path, grouped: bool, action: str
+) -> None:
+    """Whichever step of a write an I/O error stops (an injected one at each write path's
+    point), the caller gets a StorageError, never a bare OSError."""
+    with Storage.open(tmp_path / "db") as storage:
+        if grouped:
+            internals.force_group_commit(storage)
+        for n, point in enumerate(WRITE_POINTS):
+            failpoints.enable(point, action)
+            try:
+                storage.put_instance(Instance(id=f"i{n}", machine="m", version=1, state="s"))
+            except StorageError:
+                pass
+            except OSError as exc:
+                pytest.fail(f"{point}={action}: a bare {exc!r} reached the caller")
+            finally:
+                failpoints.disable(point)
