@@ -267,3 +267,17 @@ def fail_append_position_writes(monkeypatch: pytest.MonkeyPatch, code: int) -> N
         raise OSError(code, os.strerror(code))
 
     monkeypatch.setattr(group_commit.SharedAppendTail, "write", failing)
+
+
+# --- LMDB's writer lock -----------------------------------------------------------------------
+
+
+def writer_lock_held_here(storage: Storage) -> int | None:
+    """The id of this process's thread that holds LMDB's writer mutex, or None: the thread id
+    in the robust mutex's lock word in ``lock.mdb`` (after the 64-byte first cache line of
+    LMDB's ``MDB_txninfo``), read holding the write mutex, when no write of ours is under way."""
+    env = storage._engine.env
+    with env.write_mutex, open(env.path / "lock.mdb", "rb") as f:
+        f.seek(64)
+        tid = int.from_bytes(f.read(4), "little") & 0x3FFFFFFF  # FUTEX_TID_MASK
+    return tid if os.path.exists(f"/proc/self/task/{tid}") and tid else None

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import internals
 import pytest
@@ -152,3 +154,47 @@ def test_an_os_error_at_any_write_point_reaches_the_caller_typed(
                 pytest.fail(f"{point}={action}: a bare {exc!r} reached the caller")
             finally:
                 failpoints.disable(point)
+
+
+def _every_operation(storage: Storage, root: Path, n: int) -> Iterator[tuple[str, Any]]:
+    def instance(instance_id: str, state: str = "a") -> Instance:
+        return Instance(id=instance_id, machine="m", version=1, state=state)
+
+    def batch() -> None:
+        with storage.batch() as writing:
+            for k in range(3):
+                writing.put_instance(instance(f"b{n}-{k}"))
+
+    yield "put", lambda: storage.put_instance(instance(f"i{n}"))
+    yield "cas", lambda: storage.put_instance(instance(f"i{n}", "b"), expected_seq=1)
+    yield "keyed", lambda: storage.put_instance(instance(f"k{n}"), idempotency_key=f"key{n}")
+    yield "batch", batch
+    yield "delete", lambda: storage.delete_instance(f"b{n}-0")
+    yield "snapshot", storage.create_snapshot
+    yield "checkpoint", storage.checkpoint
+    yield "compact", storage.compact
+    yield "backup", lambda: storage.backup(root / f"backup-{n}")
+    yield "restore", lambda: Storage.restore(storage.config.data_dir, root / f"restore-{n}")
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["one transaction", "group commit"])
+def test_no_failed_operation_leaves_lmdbs_writer_lock_held(tmp_path: Path, grouped: bool) -> None:
+    """Whatever step of an operation an error stops, its LMDB write transaction ends in the
+    thread that began it: a writer mutex left held would make this process's next write wait
+    for ever (and every other process's)."""
+    # Group commit differs from the one-transaction path only at the write path's points.
+    for point in sorted(WRITE_POINTS if grouped else POINTS):
+        root = tmp_path / point
+        with Storage.open(root / "db") as storage:
+            if grouped:
+                internals.force_group_commit(storage)
+            for n, action in enumerate(["eio", "1*off->raise"]):
+                failpoints.enable(point, action)
+                try:
+                    for what, operation in _every_operation(storage, root, n):
+                        with contextlib.suppress(StorageError):
+                            operation()
+                        holder = internals.writer_lock_held_here(storage)
+                        assert holder is None, f"{point}={action}, {what}: thread {holder} holds it"
+                finally:
+                    failpoints.disable(point)
