@@ -13,6 +13,7 @@ from typing import Any
 
 import internals
 import pytest
+from helpers import order
 
 import rstmdb_storage
 from rstmdb_storage import ConfigError, Instance, Storage, StorageError, failpoints
@@ -157,17 +158,14 @@ def test_an_os_error_at_any_write_point_reaches_the_caller_typed(
 
 
 def _every_operation(storage: Storage, root: Path, n: int) -> Iterator[tuple[str, Any]]:
-    def instance(instance_id: str, state: str = "a") -> Instance:
-        return Instance(id=instance_id, machine="m", version=1, state=state)
-
     def batch() -> None:
         with storage.batch() as writing:
             for k in range(3):
-                writing.put_instance(instance(f"b{n}-{k}"))
+                writing.put_instance(order(f"b{n}-{k}"))
 
-    yield "put", lambda: storage.put_instance(instance(f"i{n}"))
-    yield "cas", lambda: storage.put_instance(instance(f"i{n}", "b"), expected_seq=1)
-    yield "keyed", lambda: storage.put_instance(instance(f"k{n}"), idempotency_key=f"key{n}")
+    yield "put", lambda: storage.put_instance(order(f"i{n}"))
+    yield "cas", lambda: storage.put_instance(order(f"i{n}", "paid"), expected_seq=1)
+    yield "keyed", lambda: storage.put_instance(order(f"k{n}"), idempotency_key=f"key{n}")
     yield "batch", batch
     yield "delete", lambda: storage.delete_instance(f"b{n}-0")
     yield "snapshot", storage.create_snapshot
