@@ -20,6 +20,9 @@ from pathlib import Path
 
 import pytest
 
+#: volumes the server may make: one per bucket, and the test run makes about a hundred
+VOLUMES = 1000
+
 #: the ports weed mini opens (each gRPC port is its HTTP port + 10000)
 PORT_OPTIONS = [
     "s3.port", "master.port", "volume.port", "filer.port", "admin.port", "webdav.port",
@@ -69,6 +72,10 @@ def weed_server(directory: Path, ports: dict[str, int] | None = None) -> Iterato
     (``scripts/bench/replication.py``)."""
     ports = ports or free_ports()
     command = [_weed(), "mini", f"-dir={directory}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1"]
+    # Each bucket takes a volume of its own, and by default weed mini allows free disk / 1 GiB
+    # of them: on a machine with 9 GiB free the tenth bucket's writes failed (InternalError).
+    # Small volumes, and a count that does not depend on the disk, keep every bucket writable.
+    command += ["-master.volumeSizeLimitMB=64", f"-volume.max={VOLUMES}"]
     command += [f"-{option}={port}" for option, port in ports.items()]
     endpoint = f"http://127.0.0.1:{ports['s3.port']}"
     with open(directory / "weed.log", "wb") as log:
