@@ -159,17 +159,26 @@ def release(engine: Engine, checkpoint_first: bool) -> None:
 
 def _clear_relaxed(engine: Engine) -> None:
     """Remove ``indexes/relaxed`` when the flush just made covers every commit: no other
-    handle in this process, and no other process (:meth:`alone` makes openers wait)."""
-    marker = engine.config.path / INDEXES_DIR / RELAXED_NAME
-    if not marker.exists() or engine.env.refs > 1 or not engine.env.alone():
+    handle in this process, and no other process (:meth:`alone` makes openers wait).
+
+    Only under the open lock, and only if it is free (the mark can be cleared by a later
+    close): :meth:`alone` converts this process's shared lock on ``users.lock``, and a
+    failed conversion drops it for a moment, when an opener's :func:`locks.in_use` would
+    find nobody using a store this process still has open."""
+    config, env = engine.config, engine.env
+    marker = config.path / INDEXES_DIR / RELAXED_NAME
+    if not marker.exists() or env.refs > 1:
         return
-    try:
-        marker.unlink(missing_ok=True)
-        fsync_dir(marker.parent)
-    except OSError as exc:
-        raise os_error(exc, f"removing {marker}") from exc
-    finally:
-        engine.env.share()
+    with locks.open_lock_if_free(config) as held:
+        if not held or not env.alone():
+            return
+        try:
+            marker.unlink(missing_ok=True)
+            fsync_dir(marker.parent)
+        except OSError as exc:
+            raise os_error(exc, f"removing {marker}") from exc
+        finally:
+            env.share()
 
 
 def _open_read_only(config: StorageConfig) -> Engine:

@@ -27,6 +27,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -436,6 +437,46 @@ def test_after_a_reboot_lmdb_commits_past_a_lost_wal_are_not_trusted(
     assert list((data / "indexes").glob("data.mdb.broken-*")), "the suspect file is kept aside"
     with Storage.open(config) as storage:
         assert storage.applied_seq == 36 and storage.get_instance("after") is not None
+
+
+_HOLD_OPEN_LOCK = """
+import fcntl, sys
+with open(sys.argv[1], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_close_while_another_process_opens_the_store_leaves_the_relaxed_mark(
+    tmp_path: Path,
+) -> None:
+    """Clearing the mark tells whether this process is the store's only user, by converting
+    its shared lock on users.lock, which drops it for a moment: an opener (holding open.lock)
+    would then find nobody using the store. So a close that finds open.lock taken keeps the
+    mark, without waiting, and a later close clears it."""
+    config = StorageConfig(data_dir=tmp_path / "d", fsync_policy=FsyncPolicy.every_ms(50))
+    marker = tmp_path / "d" / "indexes" / "relaxed"
+    storage = Storage.open(config)
+    storage.put_instance(Instance(id="a", machine="m", version=1, state="s"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_OPEN_LOCK, str(tmp_path / "d" / "indexes" / "open.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        closing = threading.Thread(target=storage.close)
+        closing.start()
+        closing.join(60)
+        assert not closing.is_alive(), "the close waited for the opener"
+        assert marker.exists()
+    finally:
+        holder.communicate("")
+    with Storage.open(config) as storage:
+        assert storage.get_instance("a") is not None
+    assert not marker.exists()
 
 
 def test_the_last_handle_to_close_clears_the_relaxed_mark(

@@ -39,6 +39,22 @@ def open_lock(config: StorageConfig) -> Iterator[None]:
         os.close(fd)  # closing releases the flock
 
 
+@contextlib.contextmanager
+def open_lock_if_free(config: StorageConfig) -> Iterator[bool]:
+    """Hold the open lock if no other process does; yields whether it is held. For work that
+    can wait for another time rather than make a closing process wait for an opener."""
+    path = config.path / INDEXES_DIR / OPEN_LOCK_NAME
+    try:
+        fd = _lock_file(path, config.file_mode, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        os.close(fd)
+
+
 def in_use(config: StorageConfig) -> bool:
     """Whether any process (this one included) has the environment of *config* open."""
     path = config.path / INDEXES_DIR / USERS_LOCK_NAME
