@@ -169,16 +169,17 @@ def _clear_relaxed(engine: Engine) -> None:
     marker = config.path / INDEXES_DIR / RELAXED_NAME
     if not marker.exists() or env.refs > 1:
         return
-    with locks.open_lock_if_free(config) as held:
-        if not held or not env.alone():
-            return
-        try:
-            marker.unlink(missing_ok=True)
-            fsync_dir(marker.parent)
-        except OSError as exc:
-            raise os_error(exc, f"removing {marker}") from exc
-        finally:
-            env.share()
+    try:
+        with locks.open_lock_if_free(config) as held:
+            if not held or not env.alone():
+                return
+            try:
+                marker.unlink(missing_ok=True)
+                fsync_dir(marker.parent)
+            finally:
+                env.share()
+    except OSError as exc:
+        raise os_error(exc, f"removing {marker}") from exc
 
 
 def _open_read_only(config: StorageConfig) -> Engine:
