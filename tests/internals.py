@@ -11,9 +11,12 @@ changes, this module is the one to follow it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import lmdb
@@ -277,7 +280,45 @@ def writer_lock_held_here(storage: Storage) -> int | None:
     in the robust mutex's lock word in ``lock.mdb`` (after the 64-byte first cache line of
     LMDB's ``MDB_txninfo``), read holding the write mutex, when no write of ours is under way."""
     env = storage._engine.env
-    with env.write_mutex, open(env.path / "lock.mdb", "rb") as f:
-        f.seek(64)
-        tid = int.from_bytes(f.read(4), "little") & 0x3FFFFFFF  # FUTEX_TID_MASK
+    with env.write_mutex:
+        word = ctypes.string_at(_lock_file_mapping(env.path / "lock.mdb") + 64, 4)
+    tid = int.from_bytes(word, "little") & 0x3FFFFFFF  # FUTEX_TID_MASK
     return tid if os.path.exists(f"/proc/self/task/{tid}") and tid else None
+
+
+@contextlib.contextmanager
+def write_txn_in_another_thread(storage: Storage) -> Iterator[int]:
+    """An LMDB write transaction held open by another thread for the block, which gets that
+    thread's id: what :func:`writer_lock_held_here` must find."""
+    began, done = threading.Event(), threading.Event()
+    tid: list[int] = []
+
+    def hold() -> None:
+        txn = storage._engine.env.env.begin(write=True)
+        tid.append(threading.get_native_id())
+        began.set()
+        done.wait()
+        txn.abort()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert began.wait(30), "the write transaction did not begin"
+        yield tid[0]
+    finally:
+        done.set()
+        thread.join()
+
+
+def _lock_file_mapping(path: Path) -> int:
+    """Where LMDB mapped *path* (its ``lock.mdb``, from offset 0) in this process. Read there,
+    not through a descriptor of our own: closing any descriptor of the file drops every
+    fcntl() lock this process holds on it, LMDB's among them, and a process opening the
+    environment next would take itself for its only user and reset the lock table."""
+    real = os.path.realpath(path)
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].strip() == real and int(fields[2], 16) == 0:
+                return int(fields[0].partition("-")[0], 16)
+    raise AssertionError(f"{real} is not mapped in this process")

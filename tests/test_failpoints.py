@@ -175,6 +175,16 @@ def _every_operation(storage: Storage, root: Path, n: int) -> Iterator[tuple[str
     yield "restore", lambda: Storage.restore(storage.config.data_dir, root / f"restore-{n}")
 
 
+def test_the_writer_lock_reader_finds_a_thread_holding_lmdbs_writer_lock(tmp_path: Path) -> None:
+    """What the test below relies on: the lock word read names the thread that holds it."""
+    with Storage.open(tmp_path / "db") as storage:
+        assert internals.writer_lock_held_here(storage) is None
+        with internals.write_txn_in_another_thread(storage) as holder:
+            assert internals.writer_lock_held_here(storage) == holder
+        assert internals.writer_lock_held_here(storage) is None
+        storage.put_instance(order("after"))  # and the lock was left as it was
+
+
 @pytest.mark.parametrize("grouped", [False, True], ids=["one transaction", "group commit"])
 def test_no_failed_operation_leaves_lmdbs_writer_lock_held(tmp_path: Path, grouped: bool) -> None:
     """Whatever step of an operation an error stops, its LMDB write transaction ends in the
