@@ -170,7 +170,7 @@ def _clear_relaxed(engine: Engine) -> None:
     if not marker.exists() or env.refs > 1:
         return
     try:
-        with locks.open_lock_if_free(config) as held:
+        with locks.open_lock(config, wait=False) as held:
             if not held or not env.alone():
                 return
             try:

@@ -291,11 +291,9 @@ def write_txn_in_another_thread(storage: Storage) -> Iterator[int]:
     """An LMDB write transaction held open by another thread for the block, which gets that
     thread's id: what :func:`writer_lock_held_here` must find."""
     began, done = threading.Event(), threading.Event()
-    tid: list[int] = []
 
     def hold() -> None:
         txn = storage._engine.env.env.begin(write=True)
-        tid.append(threading.get_native_id())
         began.set()
         done.wait()
         txn.abort()
@@ -304,7 +302,8 @@ def write_txn_in_another_thread(storage: Storage) -> Iterator[int]:
     thread.start()
     try:
         assert began.wait(30), "the write transaction did not begin"
-        yield tid[0]
+        assert thread.native_id is not None
+        yield thread.native_id
     finally:
         done.set()
         thread.join()

@@ -27,32 +27,23 @@ USERS_LOCK_NAME = "users.lock"
 
 
 @contextlib.contextmanager
-def open_lock(config: StorageConfig) -> Iterator[None]:
+def open_lock(config: StorageConfig, wait: bool = True) -> Iterator[bool]:
     """Hold the data directory's exclusive open lock: no other process opens, recovers or
-    replaces its LMDB environment meanwhile."""
+    replaces its LMDB environment meanwhile. Yields whether it is held: without *wait*, False
+    at once when another process holds it (for work that can be left for another time
+    rather than make a closing process wait for an opener)."""
     path = config.path / INDEXES_DIR
     make_dir(path, config.file_mode)
-    fd = _lock_file(path / OPEN_LOCK_NAME, config.file_mode, fcntl.LOCK_EX)
+    operation = fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB
     try:
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
-@contextlib.contextmanager
-def open_lock_if_free(config: StorageConfig) -> Iterator[bool]:
-    """Hold the open lock if no other process does; yields whether it is held. For work that
-    can wait for another time rather than make a closing process wait for an opener."""
-    path = config.path / INDEXES_DIR / OPEN_LOCK_NAME
-    try:
-        fd = _lock_file(path, config.file_mode, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = _lock_file(path / OPEN_LOCK_NAME, config.file_mode, operation)
     except BlockingIOError:
         yield False
         return
     try:
         yield True
     finally:
-        os.close(fd)
+        os.close(fd)  # closing releases the flock
 
 
 def in_use(config: StorageConfig) -> bool:
